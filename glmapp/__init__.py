@@ -1,0 +1,48 @@
+"""glmapp: run, compare and serve ChatGLM2/ChatGLM3 models.
+
+    model, tokenizer = glmapp.load("THUDM/chatglm2-6b")
+    response, history = model.chat(tokenizer, "你好", history=[])
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from glmapp.errors import CheckpointError, GlmappError, InputError, InputTooLong, TokenizerError
+from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+
+__all__ = ["load", "ChatGLMConfig", "ChatGLMForConditionalGeneration", "GlmappError", "CheckpointError",
+           "TokenizerError", "InputError", "InputTooLong"]
+__version__ = "0.1.0"
+
+AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
+
+
+def _register_models():
+    from glmapp.chat import ChatModel
+
+    for auto in (AutoModel, AutoModelForCausalLM):
+        try:
+            auto.register(ChatGLMConfig, ChatModel, exist_ok=True)
+        except ValueError:  # already registered in this process
+            pass
+
+
+def load(model: str, device: str | None = None, dtype: str = "auto", family: str | None = None):
+    """Load a ChatGLM2/3 checkpoint (folder, Hugging Face cache or hub id) -> (model, tokenizer).
+
+    The model has the official `chat` and `stream_chat` methods. Raises `CheckpointError` with what was
+    looked for when nothing usable is found.
+    """
+    from glmapp.chat import ChatModel
+    from glmapp.checkpoint import load_model, read_config, resolve
+    from glmapp.tokenizer import ChatGLMTokenizer
+
+    path = resolve(model).path
+    # Tokenizer first: it is cheap, and a bad tokenizer file should fail before gigabytes are read.
+    tokenizer = ChatGLMTokenizer.from_pretrained(path, family=family or read_config(path).family)
+    net = load_model(path, device=device, dtype=dtype, model_cls=ChatModel, family=tokenizer.family)
+    return net, tokenizer
+
+
+_register_models()

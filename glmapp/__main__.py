@@ -1,0 +1,7 @@
+"""`python -m glmapp ...` == `glmapp ...`."""
+
+import sys
+
+from glmapp.cli import main
+
+sys.exit(main())

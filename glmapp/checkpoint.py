@@ -1,0 +1,278 @@
+"""One place that finds a checkpoint and loads it: path / Hugging Face cache / hub id / demo.
+
+Notable choices:
+- The model is built on the meta device, materialised once in the target dtype and device, then
+  filled tensor by tensor. Safetensors are read straight into the destination parameter (no
+  intermediate copy when dtypes match); `.bin` shards are memory-mapped one shard at a time.
+  Peak host memory is about the model's size plus one tensor.
+- Every file is checked before anything is kept: a missing or truncated shard, an unknown
+  `model_type` or a tensor of the wrong shape raises `CheckpointError` naming the file/tensor,
+  and the half-built model is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmapp.errors import CheckpointError
+from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+
+DEFAULT_MODEL = "THUDM/chatglm2-6b"
+SUPPORTED_FAMILIES = ("chatglm2", "chatglm3")
+_ST_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ResolvedCheckpoint:
+    path: Path
+    source: str  # "path", "hf-cache", "hub"
+
+
+def resolve(model: str) -> ResolvedCheckpoint:
+    """A local folder, or a hub id looked up in the Hugging Face cache first, then on the hub."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return ResolvedCheckpoint(p.resolve(), "path")
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or p.exists():
+        raise CheckpointError(
+            f"Model folder not found: {model!r}. Give a folder holding config.json, tokenizer.model and "
+            f"weights, a hub id such as {DEFAULT_MODEL}, or create a demo checkpoint with "
+            f"`glmapp make-demo --out DIR`."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    patterns = ["*.json", "tokenizer.model", "*.safetensors", "*.bin", "*.py"]
+    try:
+        return ResolvedCheckpoint(Path(snapshot_download(model, local_files_only=True, allow_patterns=patterns)),
+                                  "hf-cache")
+    except Exception as cache_miss:  # noqa: BLE001 - any miss means "not cached", reported below
+        reason = f"not in the Hugging Face cache ({HF_HUB_CACHE})"
+        if not HF_HUB_OFFLINE:
+            try:
+                return ResolvedCheckpoint(Path(snapshot_download(model, allow_patterns=patterns)), "hub")
+            except Exception as hub_error:  # noqa: BLE001 - network/auth/unknown id: all reported
+                reason += f", and downloading it failed ({type(hub_error).__name__})"
+        else:
+            reason += " and HF_HUB_OFFLINE is set"
+        raise CheckpointError(
+            f"No weights for {model!r}: looked for a local folder named {model!r} and for the hub id, "
+            f"{reason}. To get real weights run `huggingface-cli download {model}` on a machine with "
+            f"network access (or copy the folder here and pass --model PATH). To try the app without "
+            f"weights, use the demo checkpoint: `glmapp make-demo --out DIR` or `--demo`."
+        ) from cache_miss
+
+
+def read_config(path: Path) -> ChatGLMConfig:
+    """config.json -> ChatGLMConfig with `family` set; unsupported models get a clear error."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"config.json is missing in the model folder {path.name!r}.")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config.json in {path.name!r} is not valid JSON ({e}).") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json in {path.name!r} must hold a JSON object.")
+    model_type = raw.get("model_type")
+    if model_type != "chatglm":
+        raise CheckpointError(
+            f"Unsupported model_type {model_type!r} in config.json: glmapp runs ChatGLM2-6B and ChatGLM3-6B "
+            f"checkpoints (model_type 'chatglm')."
+        )
+    if raw.get("position_encoding_2d") or "inner_hidden_size" in raw:
+        raise CheckpointError("This is a ChatGLM-6B (v1) checkpoint; glmapp supports ChatGLM2-6B and ChatGLM3-6B.")
+    if raw.get("pre_seq_len"):
+        raise CheckpointError("P-tuning checkpoints (pre_seq_len) are not supported; use LoRA adapters.")
+    if raw.get("quantization_bit"):
+        raise CheckpointError(
+            f"Pre-quantized checkpoints (quantization_bit={raw['quantization_bit']}) are not supported yet: "
+            "load the full-precision checkpoint instead."
+        )
+    raw.setdefault("family", detect_family(path, raw))
+    raw.pop("auto_map", None)
+    try:
+        return ChatGLMConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json in {path.name!r} has invalid values: {e}") from None
+
+
+def detect_family(path: Path, raw: dict) -> str:
+    """ChatGLM2 and ChatGLM3 share the network; the tokenizer's role tokens and the name tell them apart."""
+    name = str(raw.get("_name_or_path", "")) + " " + path.name
+    if "chatglm3" in name.lower():
+        return "chatglm3"
+    if "chatglm2" in name.lower():
+        return "chatglm2"
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        text = tok_cfg.read_text(encoding="utf-8", errors="replace")
+        if "<|user|>" in text or "chatglm3" in text.lower():
+            return "chatglm3"
+    return "chatglm3" if raw.get("seq_length") == 8192 else "chatglm2"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """Weight files in preference order: safetensors (index or single), then .bin (index or single)."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index_name} is not a valid shard index (no weight_map).") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"Missing weight shard {missing[0]!r} listed in {index_name} "
+                                      f"({len(missing)} of {len(files)} shards missing); download it again.")
+            return [path / f for f in files]
+        if (path / single).is_file():
+            return [path / single]
+    raise CheckpointError(
+        f"No weights in model folder {path.name!r}: expected model.safetensors(.index.json) or "
+        f"pytorch_model.bin(.index.json) shards."
+    )
+
+
+def _safetensors_entries(file: Path):
+    """Parse a safetensors header; yields (name, dtype, shape, byte offset, byte length)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"Weight file {file.name!r} is truncated (empty header).")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"Weight file {file.name!r} is truncated or not safetensors.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"Weight file {file.name!r} has a corrupt safetensors header.") from None
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(f"Weight file {file.name!r} is truncated: tensor {name!r} ends at byte "
+                                  f"{base + end} but the file has {size} bytes. Download it again.")
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"Tensor {name!r} in {file.name!r} has unsupported dtype {info['dtype']}.")
+        yield name, dtype, tuple(info["shape"]), base + start, end - start
+
+
+def _iter_safetensors(file: Path, targets: dict[str, torch.Tensor]):
+    """Yield (name, tensor); reads bytes directly into the target when dtype and device match."""
+    with open(file, "rb", buffering=0) as f:
+        for name, dtype, shape, offset, length in _safetensors_entries(file):
+            dst = targets.get(name)
+            direct = (dst is not None and dst.dtype == dtype and dst.device.type == "cpu"
+                      and tuple(dst.shape) == shape and dst.is_contiguous())
+            buf = dst if direct else torch.empty(shape, dtype=dtype)
+            f.seek(offset)
+            view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+            if f.readinto(view) != length:
+                raise CheckpointError(f"Weight file {file.name!r} is truncated at tensor {name!r}.")
+            yield name, (None if direct else buf)
+
+
+def _iter_bin(file: Path):
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged zip/pickle
+        raise CheckpointError(f"Weight file {file.name!r} cannot be read (truncated or corrupt: "
+                              f"{type(e).__name__}). Download it again.") from None
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"Unknown device {device!r}: use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"Device {device!r} requested but CUDA is not available here; use --device cpu.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"Unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16.")
+    return _DTYPES[dtype]
+
+
+def build_empty(config: ChatGLMConfig, dtype: torch.dtype, device: torch.device, model_cls=None):
+    """Model skeleton: built on meta (no init cost), then allocated once in dtype on device."""
+    model_cls = model_cls or ChatGLMForConditionalGeneration
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to(dtype).to_empty(device=device)
+    rotary = model.transformer.rotary_pos_emb
+    rotary.inv_freq = rotary.compute_inv_freq(device).to(dtype)
+    return model.eval()
+
+
+def load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None):
+    """Read config and weights of a resolved folder into a ready model (eval mode, no grad)."""
+    config = read_config(path)
+    if family:
+        if family not in SUPPORTED_FAMILIES:
+            raise CheckpointError(f"Unknown family {family!r}: use one of {', '.join(SUPPORTED_FAMILIES)}.")
+        config.family = family
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    files = weight_files(path)
+    model = build_empty(config, dt, dev, model_cls)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    filled: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            reader = _iter_safetensors(file, params) if file.suffix == ".safetensors" else _iter_bin(file)
+            for name, tensor in reader:
+                dst = params.get(name)
+                if dst is None:
+                    continue  # extras such as prefix_encoder or classifier heads are not used
+                if tensor is not None:
+                    if tuple(tensor.shape) != tuple(dst.shape):
+                        raise CheckpointError(
+                            f"Tensor {name!r} in {file.name!r} has shape {tuple(tensor.shape)}, but this "
+                            f"config expects {tuple(dst.shape)}: the weights and config.json disagree."
+                        )
+                    dst.copy_(tensor)
+                filled.add(name)
+    model.transformer.rotary_pos_emb.inv_freq.copy_(model.transformer.rotary_pos_emb.compute_inv_freq(dev))
+    filled.add("transformer.rotary_pos_emb.inv_freq")  # values are recomputed, never read (spec §2.1)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise CheckpointError(f"Weights are missing {len(missing)} tensors, e.g. {missing[0]!r}: "
+                              f"the checkpoint is incomplete or for another model.")
+    model.requires_grad_(False)
+    model.config.name_or_path = str(path)
+    return model

@@ -1,0 +1,140 @@
+"""`glmapp <command>`: one dispatch table of subcommands, each a plain function.
+
+Every `GlmappError` becomes a one-paragraph message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from glmapp.errors import CheckpointError, GlmappError
+
+DEMO_HINT = "Run with --demo to chat with the built-in demo checkpoint (random weights, gibberish replies)."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from glmapp.checkpoint import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (default: %(default)s)")
+    p.add_argument("--demo", action="store_true", help="use the demo checkpoint (random weights)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+
+
+def load_for_cli(args, stdin_is_tty: bool | None = None):
+    """Load --model, or the demo checkpoint with --demo or when the user accepts the offer."""
+    import glmapp
+    from glmapp.demo import ensure_demo
+
+    if args.demo:
+        path = ensure_demo(getattr(args, "family", None) or "chatglm2")
+        print(f"[demo] Using the demo checkpoint at {path} (random weights: replies are gibberish).",
+              file=sys.stderr)
+        return glmapp.load(str(path), device=args.device, dtype=args.dtype)
+    try:
+        return glmapp.load(args.model, device=args.device, dtype=args.dtype)
+    except CheckpointError as e:
+        tty = sys.stdin.isatty() if stdin_is_tty is None else stdin_is_tty
+        if not tty:
+            raise CheckpointError(f"{e}\n{DEMO_HINT}") from None
+        print(f"{e}\n", file=sys.stderr)
+        answer = input("Chat with the demo checkpoint instead? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            raise
+        args.demo = True
+        return load_for_cli(args)
+
+
+def cmd_chat(args) -> int:
+    """Terminal chat with streaming output. Commands: `clear` resets history, `exit` quits."""
+    model, tokenizer = load_for_cli(args)
+    print(f"glmapp chat: {model.config.name_or_path} ({tokenizer.family}, {model.dtype}, "
+          f"{model.device}). Type `clear` to reset, `exit` to quit.", file=sys.stderr)
+    history: list = []
+    sampling = dict(max_length=args.max_length, top_p=args.top_p, temperature=args.temperature, top_k=args.top_k,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                    system=args.system)
+    while True:
+        try:
+            query = input("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        command = query.strip().lower()
+        if command in ("exit", "quit", "stop"):
+            return 0
+        if command == "clear":
+            history = []
+            print("(history cleared)")
+            continue
+        print("ChatGLM: ", end="", flush=True)
+        shown = ""
+        try:
+            for response, new_history in model.stream_chat(tokenizer, query, history, **sampling):
+                text = response if isinstance(response, str) else str(response)
+                if text.startswith(shown):
+                    print(text[len(shown):], end="", flush=True)
+                else:  # post-processing rewrote earlier text (e.g. strip): show the final form
+                    print("\n" + text, end="", flush=True)
+                shown = text
+                history = new_history
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+            continue
+        except GlmappError as e:
+            print(f"\n[error] {e}")
+            continue
+        stats = model.last_stats
+        print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
+              f"{stats.reused_tokens} prompt tokens reused]", file=sys.stderr)
+
+
+def cmd_make_demo(args) -> int:
+    from glmapp.demo import make_demo
+
+    t0 = time.perf_counter()
+    out = make_demo(args.out, family=args.family, size=args.size, fmt=args.format, seed=args.seed)
+    print(f"Wrote {args.family} demo checkpoint ({args.size}, {args.format}) to {out} "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glmapp.demo import FORMATS, SIZES
+
+    parser = argparse.ArgumentParser(prog="glmapp", description="Run and chat with ChatGLM2/ChatGLM3 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat in the terminal with streaming output")
+    _add_model_args(chat)
+    chat.add_argument("--max-length", type=int, default=8192, help="prompt + reply tokens")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=0.8)
+    chat.add_argument("--top-p", type=float, default=0.8)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
+    chat.set_defaults(func=cmd_chat)
+    demo = sub.add_parser("make-demo", help="write a small random checkpoint in the official format")
+    demo.add_argument("--family", choices=["chatglm2", "chatglm3"], default="chatglm2")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--size", choices=list(SIZES), default="tiny")
+    demo.add_argument("--format", choices=list(FORMATS), default="safetensors-sharded")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_make_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmappError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

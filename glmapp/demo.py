@@ -1,0 +1,162 @@
+"""Builds small ChatGLM checkpoints in exactly the official on-disk layout (random weights).
+
+What is written: config.json (official keys), tokenizer.model (SentencePiece trained on the
+corpus in assets/corpus with the official special-token layout), tokenizer_config.json, and
+weights as safetensors shards + index (default), one safetensors file, or pytorch_model .bin
+shards + index. Same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from glmapp.errors import CheckpointError
+from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glmapp.tokenizer import train_demo_tokenizer
+
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
+FORMATS = ("safetensors-sharded", "safetensors", "bin-sharded")
+# name -> network shape; the tokenizer decides the vocabulary.
+SIZES = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=160),
+    "small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, kv_channels=32, ffn_hidden_size=688),
+    "mid": dict(num_layers=12, hidden_size=1024, num_attention_heads=16, kv_channels=64, ffn_hidden_size=2816),
+}
+TOKENIZER_VOCAB = 4000
+
+
+def demo_config(family: str, size: str, sp_vocab: int) -> dict:
+    """config.json content with the official keys (spec §1) around a small network."""
+    if family not in ("chatglm2", "chatglm3"):
+        raise CheckpointError(f"Unknown family {family!r}: use chatglm2 or chatglm3.")
+    if size not in SIZES:
+        raise CheckpointError(f"Unknown demo size {size!r}: use one of {', '.join(SIZES)}.")
+    padded = (sp_vocab + 9 + 63) // 64 * 64  # room for the 5 (v2) / 9 (v3) special tokens
+    return {
+        "_name_or_path": f"glmapp/{family}-demo-{size}",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "eos_token_id": 2,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "layernorm_epsilon": 1e-05,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "original_rope": True,
+        "pad_token_id": 0,
+        "padded_vocab_size": padded,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": 8192 if family == "chatglm3" else 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.30.2",
+        "use_cache": True,
+        "glmapp_demo": True,
+        **SIZES[size],
+    }
+
+
+def random_state_dict(config: ChatGLMConfig, seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """Deterministic random weights with the official names and shapes (norms 1, biases small)."""
+    with torch.device("meta"):
+        skeleton = ChatGLMForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, meta in skeleton.state_dict().items():
+        if name.endswith("inv_freq"):
+            t = skeleton.transformer.rotary_pos_emb.compute_inv_freq(torch.device("cpu"))
+        elif "layernorm" in name:
+            t = torch.ones(meta.shape)
+        else:
+            std = 0.02 if name.endswith("weight") else 0.01
+            t = torch.randn(meta.shape, generator=gen) * std
+        state[name] = t.to(dtype).contiguous()
+    return state
+
+
+def _shards(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    target, shards, current, size = total / n, [], {}, 0
+    for name, t in state.items():
+        current[name] = t
+        size += t.numel() * t.element_size()
+        if size >= target * (len(shards) + 1) and len(shards) < n - 1:
+            shards.append(current)
+            current = {}
+    shards.append(current)
+    return [s for s in shards if s]
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, fmt: str, num_shards: int = 2) -> None:
+    """Write `state` in one of the official layouts."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"Unknown weight format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    if fmt == "safetensors":
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards = _shards(state, num_shards)
+    stem, ext, index = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors-sharded"
+                        else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        if ext == "safetensors":
+            save_file(shard, out / fname, metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def make_demo(out: str | os.PathLike, family: str = "chatglm2", size: str = "tiny",
+              fmt: str = "safetensors-sharded", seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a demo checkpoint to `out` and return its path."""
+    out = Path(out)
+    config_dict = demo_config(family, size, TOKENIZER_VOCAB)  # validates family/size before any work
+    out.mkdir(parents=True, exist_ok=True)
+    train_demo_tokenizer(CORPUS_DIR, out / "tokenizer.model", vocab_size=TOKENIZER_VOCAB)
+    import sentencepiece as spm
+
+    sp_vocab = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).vocab_size()
+    config_dict = demo_config(family, size, sp_vocab)
+    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n")
+    tok_cfg = {
+        "name_or_path": config_dict["_name_or_path"],
+        "remove_space": False,
+        "do_lower_case": False,
+        "padding_side": "left",
+        "tokenizer_class": "ChatGLMTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    cfg = ChatGLMConfig(**{**config_dict, "family": family})
+    write_weights(random_state_dict(cfg, seed, dtype), out, fmt)
+    return out
+
+
+def default_demo_dir(family: str = "chatglm2") -> Path:
+    base = Path(os.environ.get("GLMAPP_CACHE", Path.home() / ".cache" / "glmapp"))
+    return base / f"{family}-demo-tiny"
+
+
+def ensure_demo(family: str = "chatglm2") -> Path:
+    """The demo checkpoint the app falls back to, built once into the glmapp cache folder."""
+    path = default_demo_dir(family)
+    if not (path / "model.safetensors.index.json").is_file():
+        make_demo(path, family=family)
+    return path

@@ -1,0 +1,1 @@
+"""Generation engine: KV memory, sampling, scheduling (one thread owns the model)."""

@@ -1,0 +1,24 @@
+"""Exceptions a user can cause. Each says what was expected, what was found and what to do.
+
+The CLI and UI catch `GlmappError` and show its message; anything else is a bug.
+"""
+
+
+class GlmappError(Exception):
+    """Base class of every user-facing error in glmapp."""
+
+
+class CheckpointError(GlmappError):
+    """A model path, hub id, config or weight file cannot be used."""
+
+
+class TokenizerError(CheckpointError):
+    """A tokenizer file is missing or is not a SentencePiece model."""
+
+
+class InputError(GlmappError):
+    """A query or request the model cannot take (empty, malformed)."""
+
+
+class InputTooLong(InputError):
+    """A prompt that does not fit the context even after dropping history."""

@@ -1,0 +1,208 @@
+"""Chat formats for ChatGLM2 ("chatglm2") and ChatGLM3 ("chatglm3"): prompt ids, history, post-processing.
+
+Notable choices:
+- v2 history is a list of (query, response) tuples; v3 history is a list of {role, content[, metadata][, tools]}
+  dicts (spec §6). Functions return new lists and never mutate the caller's history.
+- `fit_prompt` drops the oldest rounds (keeping a v3 system message) until the prompt fits, else `InputTooLong`.
+- v3 tool calls are parsed with `ast` (literal values only); nothing from the model is ever evaluated.
+- KV-cache continuation: v2 follows the official encoding; v3 does not re-insert `[gMASK] sop` mid-stream
+  (see `V3_CONTINUATION_REINSERTS_PREFIX`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import unicodedata
+
+from glmapp.errors import InputError, InputTooLong
+
+CHAT_DEFAULTS = {
+    "chatglm2": dict(max_length=8192, top_p=0.8, temperature=0.8),
+    "chatglm3": dict(max_length=8192, top_p=0.8, temperature=0.8),
+}
+
+# The official v3 stream_chat re-encodes the new turn with build_chat_input, which puts `[gMASK] sop` in the
+# middle of the cached sequence (spec §6, §10.12). A full re-encode of the same conversation has the prefix only
+# once, so we leave it out: cached and uncached turns then see identical ids.
+V3_CONTINUATION_REINSERTS_PREFIX = False
+
+TRAINING_TIME_PLACEHOLDER = "[[训练时间]]"
+TRAINING_TIME_VALUE = "2023年"
+_KEEP_FORMAT_CHARS = {"\u200c", "\u200d"}  # ZWNJ/ZWJ: needed by emoji sequences and some scripts
+
+
+def normalize_text(s: str) -> str:
+    """Clean user input: unify newlines and odd spaces, drop control/format chars and lone surrogates."""
+    s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\u3000", " ").replace("\xa0", " ")
+    out = []
+    for ch in s:
+        if ch in "\n\t" or ch in _KEEP_FORMAT_CHARS:
+            out.append(ch)
+        elif unicodedata.category(ch) not in ("Cc", "Cf", "Cs"):
+            out.append(ch)
+    return "".join(out)
+
+
+# ---- prompt ids -------------------------------------------------------------------------------------
+def _v2_round_text(i: int, query: str, response: str | None = None) -> str:
+    if response is None:
+        return f"[Round {i}]\n\n问：{query}\n\n答："
+    return f"[Round {i}]\n\n问：{query}\n\n答：{response}\n\n"
+
+
+def _v3_message_ids(tokenizer, message: dict) -> list[int]:
+    content = message.get("content", "")
+    if message["role"] == "system" and message.get("tools"):
+        content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+    return tokenizer.build_single_message(message["role"], message.get("metadata", ""), content)
+
+
+def _with_system(history: list, system: str | None) -> list:
+    if system and not (history and history[0].get("role") == "system"):
+        return [{"role": "system", "content": system}, *history]
+    return list(history)
+
+
+def build_prompt_ids(tokenizer, query: str, history, system: str | None = None, role: str = "user") -> list[int]:
+    """Ids of the whole prompt for `query` after `history`, ending where the model starts answering."""
+    if tokenizer.family == "chatglm2":
+        text = "".join(_v2_round_text(i, q, r) for i, (q, r) in enumerate(history, start=1))
+        return tokenizer.encode(text + _v2_round_text(len(history) + 1, query))
+    ids = list(tokenizer.prefix_ids)
+    for message in _with_system(history, system):
+        ids += _v3_message_ids(tokenizer, message)
+    ids += tokenizer.build_single_message(role, "", query)
+    return ids + [tokenizer.get_command("<|assistant|>")]
+
+
+def build_continuation_ids(tokenizer, query: str, history, role: str = "user") -> list[int]:
+    """Ids of a new turn appended to a KV cache holding the previous prompt + response (no stop token)."""
+    if not history:
+        return build_prompt_ids(tokenizer, query, history, role=role)
+    if tokenizer.family == "chatglm2":
+        text = "\n\n" + _v2_round_text(len(history) + 1, query)
+        # Spec §6 "v2 KV reuse": the dummy "▁" SentencePiece adds at the start is dropped.
+        return tokenizer.encode(text, add_special_tokens=False)[1:]
+    ids = list(tokenizer.prefix_ids) if V3_CONTINUATION_REINSERTS_PREFIX else []
+    return ids + tokenizer.build_single_message(role, "", query) + [tokenizer.get_command("<|assistant|>")]
+
+
+# ---- history ----------------------------------------------------------------------------------------
+def history_rounds(family: str, history) -> tuple[list, list[list]]:
+    """Split history into (kept head, rounds): v2 rounds are tuples; v3 rounds start at each user message."""
+    if family == "chatglm2":
+        return [], [[turn] for turn in history]
+    head, rounds = [], []
+    for message in history:
+        if message.get("role") == "system" and not rounds:
+            head.append(message)
+        elif message.get("role") == "user" or not rounds:
+            rounds.append([message])
+        else:
+            rounds[-1].append(message)
+    return head, rounds
+
+
+def fit_prompt(tokenizer, query: str, history, system: str | None = None,
+               max_input_tokens: int = 8192, role: str = "user") -> tuple[list[int], list]:
+    """Prompt ids and the history actually used, dropping the oldest rounds until the prompt fits."""
+    query = normalize_text(query)
+    if not query.strip():
+        raise InputError("Empty message: type something to send.")
+    head, rounds = history_rounds(tokenizer.family, history)
+    if tokenizer.family == "chatglm3":
+        head = _with_system(head, system)
+    for start in range(len(rounds) + 1):
+        kept = head + [turn for r in rounds[start:] for turn in r]
+        ids = build_prompt_ids(tokenizer, query, kept, role=role)
+        if len(ids) <= max_input_tokens:
+            return ids, kept
+    raise InputTooLong(
+        f"Message too long: the prompt is {len(ids)} tokens even with no earlier turns, over the limit of "
+        f"{max_input_tokens} tokens. Shorten the message or raise max_length."
+    )
+
+
+def append_history(family: str, history, query: str, response, raw: str | None = None, role: str = "user") -> list:
+    """A new history with this turn added; `raw` (decoded v3 output) keeps tool-call text exact when given."""
+    if family == "chatglm2":
+        return [*history, (query, response)]
+    new = [*history, {"role": role, "content": query}]
+    if raw is not None:
+        for metadata, content in _v3_segments(raw):
+            if not metadata.strip():
+                content = _clean_v2_text(content)
+            new.append({"role": "assistant", "metadata": metadata, "content": content})
+    elif isinstance(response, dict) and "parameters" in response:
+        args = ", ".join(f"{k}={v!r}" for k, v in response["parameters"].items())
+        content = f"```python\ntool_call({args})\n```"
+        new.append({"role": "assistant", "metadata": response["name"], "content": content})
+    elif isinstance(response, dict):
+        new.append({"role": "assistant", "metadata": response["name"], "content": response["content"]})
+    else:
+        new.append({"role": "assistant", "metadata": "", "content": response})
+    return new
+
+
+# ---- post-processing --------------------------------------------------------------------------------
+def _clean_v2_text(text: str) -> str:
+    return text.strip().replace(TRAINING_TIME_PLACEHOLDER, TRAINING_TIME_VALUE)
+
+
+def _v3_segments(text: str) -> list[tuple[str, str]]:
+    segments = []
+    for part in text.split("<|assistant|>"):
+        if not part.strip():
+            continue
+        # No newline means the model never wrote a metadata line: all of it is plain content.
+        metadata, content = part.split("\n", 1) if "\n" in part else ("", part)
+        segments.append((metadata.strip(), content))
+    return segments
+
+
+def parse_tool_call(code: str) -> dict | None:
+    """Keyword arguments of a `tool_call(k=v, ...)` expression with literal values, else None."""
+    try:
+        node = ast.parse(code.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tool_call"):
+        return None
+    if node.args or any(kw.arg is None for kw in node.keywords):
+        return None
+    try:
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _strip_code_fence(content: str) -> str:
+    lines = content.strip().split("\n")
+    if lines and lines[0].lstrip().startswith("```"):
+        lines = lines[1:]
+    if lines and lines[-1].strip().startswith("```"):
+        lines = lines[:-1]
+    return "\n".join(lines)
+
+
+def _has_tools(history) -> bool:
+    return bool(history) and history[0].get("role") == "system" and bool(history[0].get("tools"))
+
+
+def process_response(family: str, text: str, history=None):
+    """Final reply from decoded text: a string, or for v3 tool/metadata turns a dict (spec §6)."""
+    if family == "chatglm2":
+        return _clean_v2_text(text)
+    response: str | dict = ""
+    for metadata, content in _v3_segments(text):
+        if not metadata:
+            response = _clean_v2_text(content)
+            continue
+        parameters = parse_tool_call(_strip_code_fence(content)) if _has_tools(history) else None
+        if parameters is not None:
+            response = {"name": metadata, "parameters": parameters}
+        else:
+            # Unparseable tool calls fall back to the metadata form instead of raising mid-chat.
+            response = {"name": metadata, "content": content}
+    return response

@@ -1,0 +1,261 @@
+"""ChatGLM2/3 tokenizer: a SentencePiece model plus special ids appended after its vocab (spec §5.1, §5.2).
+
+Notable choices:
+- No transformers base class; the familiar methods (`encode`, `decode`, `__call__`, ...) are provided directly.
+- Every encode with special tokens prepends `[gMASK] sop`; no bos is ever used; padding is on the left.
+- v3 role-token strings typed by a user are plain text unless `encode_special_tokens=True` (injection guard).
+  Only the four role tokens are recognised then, so words like "sop" in text stay text.
+- `StreamDecoder` turns generated ids into text deltas that never split a UTF-8 character.
+- `train_demo_tokenizer` builds a small model with the same layout as the official tokenizer.model
+  (BPE, byte fallback at ids 3..258 so "\\n" is 13, identity normalisation) for tests and the demo checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+
+from glmapp.errors import TokenizerError
+
+FAMILIES = ("chatglm2", "chatglm3")
+COMMON_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
+
+
+def train_demo_tokenizer(corpus_dir: Path, out_file: Path, vocab_size: int = 4000) -> None:
+    """Train a deterministic demo SentencePiece model from every *.txt file in `corpus_dir`."""
+    files = sorted(Path(corpus_dir).glob("*.txt"))
+    if not files:
+        raise TokenizerError(f"expected *.txt corpus files in '{Path(corpus_dir).name}', found none")
+    lines = [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(0)  # trainer sampling is seeded globally, not via TrainerSpec
+    with open(out_file, "wb") as model_writer:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model_writer,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            max_sentence_length=1 << 20,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+
+
+class ChatGLMTokenizer:
+    """SentencePiece tokenizer with ChatGLM2/3 special ids, left padding and `[gMASK] sop` prefix."""
+
+    def __init__(self, vocab_file, family: str = "chatglm2", encode_special_tokens: bool = False):
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        path = Path(vocab_file)
+        if not path.is_file():
+            raise TokenizerError(
+                f"expected tokenizer.model in the model folder '{path.parent.name}', found no '{path.name}'; "
+                "copy tokenizer.model from the original checkpoint next to config.json"
+            )
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as exc:
+            # sentencepiece's message holds the absolute path; keep only the file name.
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(path), path.name)
+            raise TokenizerError(
+                f"'{path.name}' is not a SentencePiece model ({reason}); re-download tokenizer.model"
+            ) from None
+        self.vocab_file = str(path)
+        self.family = family
+        self.encode_special_tokens = encode_special_tokens
+        n = self.sp.vocab_size()
+        self.sp_vocab_size = n
+        names = COMMON_SPECIAL_TOKENS + (ROLE_TOKENS if family == "chatglm3" else ())
+        self.special_tokens = {name: n + i for i, name in enumerate(names)}
+        self.id_to_special = {i: name for name, i in self.special_tokens.items()}
+        self.vocab_size = n + len(names)
+        self.pad_token_id, self.eos_token_id, self.unk_token_id = PAD_ID, EOS_ID, UNK_ID
+        self.prefix_ids = [self.special_tokens["[gMASK]"], self.special_tokens["sop"]]
+        if family == "chatglm3":
+            self.stop_ids = [EOS_ID, self.special_tokens["<|user|>"], self.special_tokens["<|observation|>"]]
+            self._role_pattern = re.compile("(" + "|".join(re.escape(t) for t in ROLE_TOKENS) + ")")
+        else:
+            self.stop_ids = [EOS_ID]
+            self._role_pattern = None
+
+    @classmethod
+    def from_pretrained(cls, directory, family: str | None = None, **kwargs) -> "ChatGLMTokenizer":
+        """Load `directory/tokenizer.model`; detect the family from tokenizer_config.json when not given."""
+        directory = Path(directory)
+        if family is None:
+            family = detect_family(directory)
+        return cls(directory / "tokenizer.model", family=family, **kwargs)
+
+    # ---- ids and pieces -------------------------------------------------------------------------
+    def get_command(self, token: str) -> int:
+        """Id of a special token such as "[gMASK]" or "<|user|>" (or of an sp control piece)."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        piece_id = self.sp.piece_to_id(token)
+        if piece_id == UNK_ID and token != self.sp.id_to_piece(UNK_ID):
+            raise KeyError(f"{token!r} is not a special token of {self.family}")
+        return piece_id
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self._id_to_token(i) for i in self._encode_text(text)]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.special_tokens.get(tokens, self.sp.piece_to_id(tokens))
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._id_to_token(ids)
+        return [self._id_to_token(int(i)) for i in ids]
+
+    def _id_to_token(self, i: int) -> str:
+        if i in self.id_to_special:
+            return self.id_to_special[i]
+        if 0 <= i < self.sp_vocab_size:
+            return self.sp.id_to_piece(i)
+        return self.sp.id_to_piece(UNK_ID)
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    def sp_encode(self, text: str) -> list[int]:
+        """Plain SentencePiece ids (with the dummy "▁" prefix, no special tokens)."""
+        return self.sp.encode(text) if text else []
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self._role_pattern is None or not self.encode_special_tokens:
+            return self.sp_encode(text)
+        ids: list[int] = []
+        for part in self._role_pattern.split(text):
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.sp_encode(part))
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._encode_text(text)
+        return self.prefix_ids + ids if add_special_tokens else ids
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """v3 message: role token + sp(metadata + "\\n") + sp(message), spec §5.2."""
+        if self.family != "chatglm3":
+            raise ValueError("role messages exist only in chatglm3")
+        role_id = self.special_tokens.get(f"<|{role}|>")
+        if role_id is None:
+            raise ValueError(f"unknown role {role!r}; expected system, user, assistant or observation")
+        return [role_id, *self.sp_encode(metadata + "\n"), *self.sp_encode(message)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; runs of sp ids decode together so byte-fallback pieces form real characters."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        keep_specials = self.family == "chatglm3" and not skip_special_tokens
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if 2 < i < self.sp_vocab_size:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.sp.decode(run))
+                run = []
+            if keep_specials and i in self.id_to_special:
+                out.append(self.id_to_special[i])
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def __call__(self, texts, return_tensors: str | None = None, padding: bool = True):
+        """Encode one text or a batch, left-padded with pad 0; also returns position_ids (spec §5.1)."""
+        single = isinstance(texts, str)
+        rows = [self.encode(t) for t in ([texts] if single else texts)]
+        width = max(len(r) for r in rows) if padding else None
+        batch = {"input_ids": [], "attention_mask": [], "position_ids": []}
+        for r in rows:
+            pad = (width - len(r)) if padding else 0
+            batch["input_ids"].append([PAD_ID] * pad + r)
+            batch["attention_mask"].append([0] * pad + [1] * len(r))
+            batch["position_ids"].append([0] * pad + list(range(len(r))))
+        if return_tensors == "pt":
+            import torch
+
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        return {k: v[0] for k, v in batch.items()} if single else batch
+
+
+def detect_family(directory: Path) -> str:
+    """'chatglm3' when tokenizer_config.json names chatglm3 or has a role-token chat_template, else 'chatglm2'."""
+    config_file = Path(directory) / "tokenizer_config.json"
+    if not config_file.is_file():
+        return "chatglm2"
+    text = config_file.read_text(encoding="utf-8", errors="replace")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(
+            f"'{config_file.name}' is not valid JSON (line {exc.lineno}); fix or delete it"
+        ) from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if "chatglm3" in text.lower() or (isinstance(template, str) and "<|user|>" in template):
+        return "chatglm3"
+    return "chatglm2"
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns newly final text, holding back incomplete UTF-8.
+
+    Decodes only the window from the last stable offset, so the cost per token stays small; since both
+    texts compared start at the same id, SentencePiece's leading-space stripping cancels out.
+    """
+
+    def __init__(self, tokenizer: ChatGLMTokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0  # window start
+        self._read_offset = 0  # ids before this are already emitted
+
+    def _decode(self, start: int, stop: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self._decode(self._prefix_offset, self._read_offset)
+        full = self._decode(self._prefix_offset)
+        if len(full) <= len(done) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(done):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back (an invalid byte tail decodes to U+FFFD here)."""
+        done = self._decode(self._prefix_offset, self._read_offset)
+        delta = self._decode(self._prefix_offset)[len(done):]
+        self._prefix_offset = self._read_offset = len(self.ids)
+        self.text += delta
+        return delta
