@@ -17,7 +17,8 @@ DEMO_HINT = "Run with --demo to chat with the built-in demo checkpoint (random w
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from glmapp.checkpoint import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help=f"folder or hub id (default: {DEFAULT_MODEL}, or the demo checkpoint when it is not found)")
     p.add_argument("--demo", action="store_true", help="use the demo checkpoint (random weights)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
@@ -33,9 +34,15 @@ def load_for_cli(args, stdin_is_tty: bool | None = None):
         print(f"[demo] Using the demo checkpoint at {path} (random weights: replies are gibberish).",
               file=sys.stderr)
         return glmapp.load(str(path), device=args.device, dtype=args.dtype)
+    from glmapp.checkpoint import DEFAULT_MODEL
+
     try:
-        return glmapp.load(args.model, device=args.device, dtype=args.dtype)
+        return glmapp.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
     except CheckpointError as e:
+        if args.model is None:  # the default model is simply not installed: fall back, clearly labelled
+            print(f"{e}\n", file=sys.stderr)
+            args.demo = True
+            return load_for_cli(args)
         tty = sys.stdin.isatty() if stdin_is_tty is None else stdin_is_tty
         if not tty:
             raise CheckpointError(f"{e}\n{DEMO_HINT}") from None

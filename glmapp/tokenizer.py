@@ -197,6 +197,8 @@ class ChatGLMTokenizer:
             batch["attention_mask"].append([0] * pad + [1] * len(r))
             batch["position_ids"].append([0] * pad + list(range(len(r))))
         if return_tensors == "pt":
+            if len({len(r) for r in batch["input_ids"]}) > 1:
+                raise ValueError("rows of different lengths need padding=True to become one tensor")
             import torch
 
             return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
