@@ -1,0 +1,159 @@
+"""Backends: what the UI, CLI and API talk to. `submit(request) -> stream of deltas`, `cancel(id)`.
+
+`LocalBackend` runs our engine in this process. The chat-level helper `chat_stream` turns a
+query + history into prompt ids (one template per family), submits them and yields the growing,
+post-processed response with the history the official API would return.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from glmapp import prompts
+from glmapp.engine.sampling import SamplingParams
+from glmapp.errors import GlmappError, InputError
+from glmapp.tokenizer import StreamDecoder
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused instead of prefilled
+    seconds: float = 0.0  # from submit to the last token
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Delta:
+    """One event of a request stream: new text (finalised, never a broken character) and/or the end."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 512
+    stop_ids: list[int] | None = None  # None: the tokenizer's family stop ids
+    adapter: str | None = None  # LoRA adapter name, None = base model
+
+
+class RequestHandle:
+    """Iterate to read `Delta`s until one has `finish_reason`; `cancel()` stops it at the next step."""
+
+    def __init__(self, request_id: str, canceller):
+        self.id = request_id
+        self._queue: queue.Queue[Delta] = queue.Queue()
+        self._cancel = canceller
+        self.done = False
+        self.usage: Usage | None = None
+
+    def put(self, delta: Delta) -> None:
+        self._queue.put(delta)
+
+    def cancel(self) -> None:
+        self._cancel(self.id)
+
+    def __iter__(self):
+        while not self.done:
+            delta = self._queue.get()
+            if delta.finish_reason is not None:
+                self.done = True
+                self.usage = delta.usage
+            yield delta
+
+    def text(self) -> str:
+        """Block until the end and return the whole text (raises on error)."""
+        parts = []
+        for delta in self:
+            parts.append(delta.text)
+            if delta.error:
+                raise GlmappError(delta.error)
+        return "".join(parts)
+
+
+@dataclass
+class ChatUpdate:
+    response: str | dict
+    history: list
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class LocalBackend:
+    """Runs requests on a local model in one background thread (the engine owns the model)."""
+
+    def __init__(self, model, tokenizer, max_input_tokens: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = tokenizer.family
+        self.context_length = int(model.config.seq_length)
+        self.max_input_tokens = max_input_tokens or self.context_length
+        self._ids = itertools.count(1)
+        self._engine = _make_engine(model, tokenizer)
+
+    # ---- token level ----------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        handle = RequestHandle(f"req-{next(self._ids)}", self.cancel)
+        self._engine.submit(handle, request)
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        self._engine.cancel(request_id)
+
+    def close(self) -> None:
+        self._engine.shutdown()
+
+    # ---- chat level -----------------------------------------------------------------------------
+    def prepare_chat(self, query: str, history, system: str | None = None, max_length: int | None = None):
+        """-> (prompt ids, kept history, normalised query); raises InputError / InputTooLong."""
+        query = prompts.normalize_text(query if isinstance(query, str) else "")
+        if not query.strip():
+            raise InputError("Empty message: type something to send.")
+        limit = min(max_length or self.context_length, self.context_length)
+        budget = min(self.max_input_tokens, limit - 1)
+        ids, kept = prompts.fit_prompt(self.tokenizer, query, list(history or []), system, budget)
+        return ids, kept, query
+
+    def chat_stream(self, query: str, history=None, system: str | None = None, *, max_length: int | None = None,
+                    max_new_tokens: int | None = None, params: SamplingParams | None = None,
+                    adapter: str | None = None, on_handle=None):
+        """Yield `ChatUpdate`s with the growing response; the last one has `finish_reason`."""
+        prompt_ids, kept, query = self.prepare_chat(query, history, system, max_length)
+        limit = min(max_length or self.context_length, self.context_length)
+        budget = limit - len(prompt_ids)
+        if max_new_tokens is not None:
+            budget = min(budget, max_new_tokens)
+        handle = self.submit(GenerationRequest(prompt_ids, params or SamplingParams(), budget, adapter=adapter))
+        if on_handle is not None:
+            on_handle(handle)
+        text = ""
+        try:
+            for delta in handle:
+                text += delta.text
+                response = prompts.process_response(self.family, text, kept)
+                yield ChatUpdate(response, prompts.append_history(self.family, kept, query, response),
+                                 delta.usage, delta.finish_reason, delta.error)
+        finally:
+            if not handle.done:  # the consumer went away (closed tab, generator dropped): free the slot
+                handle.cancel()
+
+
+def _make_engine(model, tokenizer):
+    from glmapp.engine.serial import SerialEngine
+
+    return SerialEngine(model, tokenizer)
