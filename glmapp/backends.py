@@ -11,44 +11,13 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from glmapp import prompts
+from glmapp.engine.request import Delta, GenerationRequest, Usage
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import GlmappError, InputError
 from glmapp.tokenizer import StreamDecoder
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV was reused instead of prefilled
-    seconds: float = 0.0  # from submit to the last token
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class Delta:
-    """One event of a request stream: new text (finalised, never a broken character) and/or the end."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    usage: Usage | None = None
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 512
-    stop_ids: list[int] | None = None  # None: the tokenizer's family stop ids
-    adapter: str | None = None  # LoRA adapter name, None = base model
 
 
 class RequestHandle:
@@ -97,14 +66,18 @@ class ChatUpdate:
 class LocalBackend:
     """Runs requests on a local model in one background thread (the engine owns the model)."""
 
-    def __init__(self, model, tokenizer, max_input_tokens: int | None = None):
+    def __init__(self, model, tokenizer, max_input_tokens: int | None = None, engine_config=None):
         self.model = model
         self.tokenizer = tokenizer
         self.family = tokenizer.family
         self.context_length = int(model.config.seq_length)
         self.max_input_tokens = max_input_tokens or self.context_length
         self._ids = itertools.count(1)
-        self._engine = _make_engine(model, tokenizer)
+        self._engine = _make_engine(model, tokenizer, engine_config)
+
+    @property
+    def engine(self):
+        return self._engine
 
     # ---- token level ----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -153,7 +126,7 @@ class LocalBackend:
                 handle.cancel()
 
 
-def _make_engine(model, tokenizer):
-    from glmapp.engine.serial import SerialEngine
+def _make_engine(model, tokenizer, config=None):
+    from glmapp.engine.engine import Engine
 
-    return SerialEngine(model, tokenizer)
+    return Engine(model, tokenizer, config)

@@ -51,3 +51,108 @@ class DenseKVCache:
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (prefix reuse keeps the common prefix)."""
         self.length = min(self.length, length)
+
+
+class BlockAllocator:
+    """Bookkeeping of fixed-size KV blocks: reference counts, an LRU free list, and prefix keys.
+
+    A block whose last user finished keeps its contents and key while it sits in the free list, so a
+    later request with the same prefix (the next turn of a chat, another comparison column) reuses it.
+    Full blocks are shared read-only; an unused cached block can also be taken over by a request that
+    matches only its first tokens (it then owns the block and overwrites the rest).
+    Taking a block out of the free list for new content forgets its key.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref = [0] * num_blocks
+        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order = LRU order
+        self.full: dict[tuple, int] = {}  # (parent hash, tokens) -> block holding exactly these tokens
+        self.key_of: dict[int, tuple] = {}  # block -> (parent hash, tokens) of what it holds
+        self.children: dict[int, set[int]] = {}  # parent hash -> blocks that continue it
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        block = next(iter(self.free))
+        self.take(block)
+        self.forget(block)
+        return block
+
+    def take(self, block: int) -> None:
+        """Add a reference (reusing a cached block removes it from the free list)."""
+        if self.ref[block] == 0:
+            del self.free[block]
+        self.ref[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            self.free[block] = None
+
+    def forget(self, block: int) -> None:
+        key = self.key_of.pop(block, None)
+        if key is None:
+            return
+        if self.full.get(key) == block:
+            del self.full[key]
+        siblings = self.children.get(key[0])
+        if siblings is not None:
+            siblings.discard(block)
+            if not siblings:
+                del self.children[key[0]]
+
+    def register(self, block: int, parent: int, tokens: tuple) -> None:
+        """Record that `block` holds the KV of `tokens` following the prefix hashed as `parent`."""
+        key = (parent, tokens)
+        if self.key_of.get(block) == key:
+            return
+        if len(tokens) == self.block_size and key in self.full:
+            return  # an identical block is already cached; keep the first
+        self.forget(block)
+        if len(tokens) == self.block_size:
+            self.full[key] = block
+        self.key_of[block] = key
+        self.children.setdefault(parent, set()).add(block)
+
+    def lookup_full(self, parent: int, tokens: tuple) -> int | None:
+        return self.full.get((parent, tokens))
+
+    def lookup_partial(self, parent: int, tokens: list[int]) -> tuple[int, int] | None:
+        """Unused cached block after `parent` sharing the longest run of leading `tokens`: (block, length)."""
+        best = None
+        for block in self.children.get(parent, ()):
+            if self.ref[block]:
+                continue  # in use: its tail may not be overwritten
+            cached = self.key_of[block][1]
+            n = 0
+            for a, b in zip(cached, tokens):
+                if a != b:
+                    break
+                n += 1
+            if n and (best is None or n > best[1]):
+                best = (block, n)
+        return best
+
+
+def chain_hash(parent: int, tokens: tuple) -> int:
+    return hash((parent, tokens))
+
+
+class PagedKVCache:
+    """KV memory for the engine, allocated once:
+        k, v: [num_layers, num_blocks * block_size, groups, head_dim]   (slot = block * block_size + offset)
+    """
+
+    def __init__(self, num_layers, num_blocks, block_size, groups, head_dim, dtype, device):
+        shape = (num_layers, num_blocks * block_size, groups, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_groups * config.kv_channels * elem

@@ -1,0 +1,122 @@
+"""How one step runs: flatten the scheduled chunks into one token batch, run the model once over the
+paged KV cache, sample one token for every sequence that reached its end. Knows nothing of requests.
+
+The batch is "varlen": all new tokens of all sequences in one [1, N] row with explicit positions.
+Attention writes the step's keys/values into their slots first, then decode rows attend together
+(keys gathered through their block tables, masked by length) and prefill chunks attend one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmapp.engine.kv_cache import PagedKVCache
+from glmapp.engine.sampling import sample
+from glmapp.models.chatglm import attention
+
+
+@dataclass
+class StepContext:
+    """The KV-cache handle the model sees for one step (implements `KVCache.attend`)."""
+
+    cache: PagedKVCache
+    slots: torch.Tensor  # [N] cache slot of every new token
+    decode_index: torch.Tensor | None  # [B] token index of each decode row
+    decode_slots: torch.Tensor | None  # [B, L] slots of each decode row's context (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot belongs to the row
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first token index, n, context slots, offset)
+    adapter_index: torch.Tensor | None = None  # [N] adapter slot per token (-1 = base), for LoRA layers
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.slots] = k[0]
+        vc[self.slots] = v[0]
+        if self.decode_index is not None and not self.prefills:
+            out = attention(q[0, self.decode_index, None], kc[self.decode_slots], vc[self.decode_slots],
+                            self.decode_mask)
+            return out[:, 0][None]  # decode-only steps: rows are already in token order
+        out = torch.empty_like(q[0])
+        if self.decode_index is not None:
+            rows = attention(q[0, self.decode_index, None], kc[self.decode_slots], vc[self.decode_slots],
+                             self.decode_mask)
+            out[self.decode_index] = rows[:, 0]
+        for start, n, ctx_slots, offset in self.prefills:
+            mask = None
+            if offset:
+                ctx = torch.arange(offset + n, device=q.device)
+                mask = (ctx[None, :] <= (offset + torch.arange(n, device=q.device))[:, None])[None, None]
+            out[start:start + n] = attention(q[:, start:start + n], kc[ctx_slots][None], vc[ctx_slots][None],
+                                             mask, is_causal=True)[0]
+        return out[None]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+        self.device = model.transformer.output_layer.weight.device
+        self.vocab = model.config.padded_vocab_size
+        self._block_offsets = torch.arange(cache.block_size, device=self.device)
+
+    def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
+        bs = self.cache.block_size
+        blocks = torch.tensor(block_table[start // bs: (stop - 1) // bs + 1], device=self.device)
+        slots = (blocks[:, None] * bs + self._block_offsets).flatten()
+        first = start - (start // bs) * bs
+        return slots[first:first + stop - start]
+
+    @torch.inference_mode()
+    def step(self, work) -> list[int]:
+        """Run scheduled work (list of ScheduledWork); returns the new token of each sampling sequence,
+        in the order of `work` entries whose `samples` is True."""
+        ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
+        n_tokens = 0
+        for w in work:
+            seq, start = w.seq, w.seq.num_computed
+            stop = start + w.num_tokens
+            ids.extend(seq.tokens[start:stop])
+            positions.extend(range(start, stop))
+            slots.append(self._slots(seq.block_table, start, stop))
+            if w.num_tokens == 1 and start > 0:
+                decode_rows.append((n_tokens, seq.block_table, stop))
+            else:
+                prefills.append((n_tokens, w.num_tokens, self._slots(seq.block_table, 0, stop), start))
+            n_tokens += w.num_tokens
+            if w.samples:
+                logits_index.append(n_tokens - 1)
+        ctx = StepContext(self.cache, torch.cat(slots), None, None, None, prefills)
+        if decode_rows:
+            bs = self.cache.block_size
+            width = max(len(bt) for _, bt, _ in decode_rows)
+            table = torch.tensor([bt + [0] * (width - len(bt)) for _, bt, _ in decode_rows], device=self.device)
+            lengths = torch.tensor([n for _, _, n in decode_rows], device=self.device)
+            ctx.decode_index = torch.tensor([i for i, _, _ in decode_rows], device=self.device)
+            ctx.decode_slots = (table[:, :, None] * bs + self._block_offsets).flatten(1)
+            ctx.decode_mask = (torch.arange(width * bs, device=self.device)[None] < lengths[:, None])[:, None, None]
+        input_ids = torch.tensor([ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        if not logits_index:
+            self.model.forward_cached(input_ids, pos, ctx, torch.empty(0, dtype=torch.long, device=self.device))
+            return []
+        logits = self.model.forward_cached(input_ids, pos, ctx, torch.tensor(logits_index, device=self.device))
+        return self._sample(logits, [w.seq for w in work if w.samples])
+
+    def _sample(self, logits: torch.Tensor, seqs) -> list[int]:
+        states = [s.payload.sampling for s in seqs]
+        if all(st.greedy and not st.penalised for st in states):
+            return logits.argmax(-1).tolist()
+        dev = self.device
+        seen = torch.stack([st.seen_mask(self.vocab, dev) for st in states])
+        f = lambda vals, dt: torch.tensor(vals, dtype=dt, device=dev)  # noqa: E731
+        out = sample(
+            logits,
+            f([st.params.temperature for st in states], torch.float32),
+            f([st.params.top_p for st in states], torch.float32),
+            f([st.params.top_k for st in states], torch.int64),
+            f([st.params.repetition_penalty for st in states], torch.float32),
+            seen,
+            f([st.seed for st in states], torch.int64),
+            f([len(s.output_ids) for s in seqs], torch.int64),
+        )
+        return out.tolist()

@@ -1,0 +1,220 @@
+"""What runs next: request state, admission, chunked prefill, prefix reuse, preemption.
+
+Knows token counts and blocks, never tensors. Each `schedule()` returns the work of one model step:
+running sequences decode one token each; prompts are prefilled in chunks within a token budget so
+streams already running keep flowing; a waiting request is admitted when its blocks fit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from glmapp.engine.kv_cache import BlockAllocator, chain_hash
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass
+class Sequence:
+    """One request's tokens and cache position. `tokens[:num_computed]` have KV in `block_table`."""
+
+    id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    adapter: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: str = WAITING
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at (last) admission
+    prefilled_tokens: int = 0  # tokens run through the model before the first new token
+    num_registered: int = 0  # leading full blocks already published to the prefix cache
+    last_hash: int = 0
+    payload: object = None  # the engine's per-request state (handle, sampling tensors, decoder)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def root_hash(self) -> int:
+        return hash(("glmapp-root", self.adapter))  # KV depends on the adapter: never share across adapters
+
+
+@dataclass
+class ScheduledWork:
+    seq: Sequence
+    num_tokens: int  # tokens[num_computed : num_computed + num_tokens] are fed this step
+    samples: bool = field(init=False)  # the chunk reaches the end of the sequence: its last logits pick a token
+
+    def __post_init__(self):
+        self.samples = self.seq.num_computed + self.num_tokens == self.seq.length
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_seqs: int = 32, max_batch_tokens: int = 512):
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- queue -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Leave the scheduler and give the blocks back (they stay cached for prefix reuse)."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._publish_partial(seq)
+        self._free(seq)
+        seq.status = FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # tail blocks first: they are the least likely to be reused
+            self.allocator.release(block)
+        seq.block_table = []
+
+    def preempt(self, seq: Sequence) -> None:
+        """Give a running sequence's blocks back and queue it first; it resumes by re-prefilling."""
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed, seq.num_registered, seq.last_hash = 0, 0, 0
+        seq.status = WAITING
+        self.waiting.appendleft(seq)
+
+    # ---- prefix cache -----------------------------------------------------------------------------
+    def publish(self, seq: Sequence) -> None:
+        """After a step: make newly completed full blocks of `seq` findable by later requests."""
+        bs = self.block_size
+        tokens = None
+        while (seq.num_registered + 1) * bs <= seq.num_computed:
+            tokens = tokens or seq.tokens
+            i = seq.num_registered
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            parent = seq.last_hash if i else seq.root_hash()
+            self.allocator.register(seq.block_table[i], parent, chunk)
+            seq.last_hash = chain_hash(parent, chunk)
+            seq.num_registered += 1
+
+    def _publish_partial(self, seq: Sequence) -> None:
+        """A finished conversation's last, partly filled block can be continued by its next turn."""
+        self.publish(seq)
+        i, bs = seq.num_registered, self.block_size
+        if seq.num_computed > i * bs and i < len(seq.block_table):
+            parent = seq.last_hash if i else seq.root_hash()
+            self.allocator.register(seq.block_table[i], parent, tuple(seq.tokens[i * bs:seq.num_computed]))
+
+    def _match_prefix(self, seq: Sequence, pending: set[int]) -> tuple[list[int], int, int, bool]:
+        """Cached blocks for the start of `seq`: (blocks, tokens covered, last hash, blocked by pending)."""
+        bs, tokens, alloc = self.block_size, seq.tokens, self.allocator
+        limit = seq.length - 1  # the last token must run to produce logits
+        parent, blocks = seq.root_hash(), []
+        while (len(blocks) + 1) * bs <= limit:
+            chunk = tuple(tokens[len(blocks) * bs:(len(blocks) + 1) * bs])
+            block = alloc.lookup_full(parent, chunk)
+            h = chain_hash(parent, chunk)
+            if block is None:
+                if h in pending:
+                    return blocks, len(blocks) * bs, parent, True
+                break
+            blocks.append(block)
+            parent = h
+        covered = len(blocks) * bs
+        partial = alloc.lookup_partial(parent, tokens[covered:limit])
+        if partial is not None:
+            blocks.append(partial[0])
+            covered += partial[1]
+        return blocks, covered, parent, False
+
+    def _pending_hashes(self) -> set[int]:
+        """Hashes of full prompt blocks that running sequences are about to compute."""
+        pending = set()
+        bs = self.block_size
+        for seq in self.running:
+            if seq.num_computed >= len(seq.prompt_ids):
+                continue
+            parent = seq.last_hash if seq.num_registered else seq.root_hash()
+            for i in range(seq.num_registered, len(seq.prompt_ids) // bs):
+                parent = chain_hash(parent, tuple(seq.prompt_ids[i * bs:(i + 1) * bs]))
+                pending.add(parent)
+        return pending
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def _ensure_blocks(self, seq: Sequence, upto: int) -> bool:
+        need = -(-upto // self.block_size) - len(seq.block_table)
+        if need > self.allocator.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self.allocator.allocate())
+        return True
+
+    def schedule(self) -> list[ScheduledWork]:
+        work: list[ScheduledWork] = []
+        budget = self.max_batch_tokens
+        # 1. Decode: one token for every running sequence that finished its prompt (oldest first).
+        for seq in list(self.running):
+            if seq.status != RUNNING or seq.num_computed < seq.length - 1:
+                continue
+            while not self._ensure_blocks(seq, seq.length):
+                victim = self.running[-1]
+                self.preempt(victim)
+                work = [w for w in work if w.seq is not victim]
+                if victim is seq:
+                    break
+            if seq.status == RUNNING:
+                work.append(ScheduledWork(seq, 1))
+                budget -= 1
+        # 2. Continue chunked prefills of running sequences.
+        for seq in self.running:
+            remaining = seq.length - seq.num_computed
+            if remaining > 1:  # (remaining == 1 is a decode, handled above)
+                n = min(remaining, budget)
+                if n > 0 and self._ensure_blocks(seq, seq.num_computed + n):
+                    work.append(ScheduledWork(seq, n))
+                    budget -= n
+        # 3. Admit waiting requests while blocks, slots and budget allow (FIFO; a request waiting for a
+        #    prefix that another is computing right now lets later ones pass and joins next step).
+        pending = self._pending_hashes()
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_seqs:
+                break
+            blocks, covered, _, blocked = self._match_prefix(seq, pending)
+            if blocked:
+                continue
+            n = min(seq.length - covered, budget)
+            need = -(-(covered + n) // self.block_size) - len(blocks)
+            reusable_free = sum(1 for b in blocks if self.allocator.ref[b] == 0)
+            if need + reusable_free > self.allocator.num_free:
+                break  # wait for memory; keep FIFO order
+            for b in blocks:
+                self.allocator.take(b)
+            if covered % self.block_size:  # continuing a partial block: it is ours now, forget its old key
+                self.allocator.forget(blocks[-1])
+            seq.block_table = blocks
+            seq.num_computed = seq.cached_tokens = covered
+            seq.num_registered = covered // self.block_size
+            seq.last_hash = self._hash_upto(seq, seq.num_registered)
+            self._ensure_blocks(seq, covered + n)
+            self.waiting.remove(seq)
+            seq.status = RUNNING
+            self.running.append(seq)
+            work.append(ScheduledWork(seq, n))
+            budget -= n
+        return work
+
+    def _hash_upto(self, seq: Sequence, num_blocks: int) -> int:
+        h, bs, tokens = seq.root_hash(), self.block_size, seq.tokens
+        for i in range(num_blocks):
+            h = chain_hash(h, tuple(tokens[i * bs:(i + 1) * bs]))
+        return h if num_blocks else 0

@@ -1,0 +1,47 @@
+"""glmapp web app: `build_ui(manager)` makes the Gradio Blocks, `launch(config)` serves them."""
+
+from __future__ import annotations
+
+import sys
+
+from glmapp.ui.config import AppConfig, ConfigError, load_config
+from glmapp.ui.layout import CSS, build_ui
+
+__all__ = ["AppConfig", "ConfigError", "build_ui", "launch", "load_config"]
+
+
+def launch(config: AppConfig, *, block: bool = True):
+    """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
+    import gradio as gr
+
+    from glmapp.model_manager import BackendManager
+
+    credentials = config.credentials()  # a bad --auth-file fails before the model is loaded
+    manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
+                                  max_input_tokens=config.max_input_tokens)
+    if manager.demo:
+        print(f"[demo] Serving the demo checkpoint ({manager.name}): random weights, replies are gibberish. "
+              f"For real weights: huggingface-cli download THUDM/chatglm2-6b, or python app.py --model PATH.",
+              file=sys.stderr)
+    demo = build_ui(manager, config)
+    demo.queue(default_concurrency_limit=config.max_concurrency)
+    _app, local_url, share_url = demo.launch(
+        server_name=config.host, server_port=config.port, share=config.share, auth=credentials or None,
+        auth_message="glmapp: log in with the user name and password you were given." if credentials else None,
+        prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
+        footer_links=["api", "settings"],
+    )
+    print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
+    if config.share:
+        if share_url:
+            print(f"Public link: {share_url}" + ("" if credentials else
+                  "  (anyone with the link can chat: consider --auth USER:PASS)"), flush=True)
+        else:
+            print("Could not create a public link (it needs network access to Gradio's share servers; see the "
+                  "message above). The app keeps running locally at " + local_url, flush=True)
+    if block:
+        try:
+            demo.block_thread()
+        finally:
+            manager.close()
+    return demo

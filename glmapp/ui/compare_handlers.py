@@ -1,0 +1,152 @@
+"""Compare tab handlers: one prompt, 2-4 columns with their own sampling, streamed side by side; votes.
+
+All columns are submitted to the backend at once (one `chat_stream` per column, each read by its own
+thread), so the engine sees them together and decodes them as one batch; the handler merges their
+updates and yields all columns together. Votes are appended, one JSON object per line, to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from glmapp.errors import GlmappError
+from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, clean_input
+from glmapp.ui.export import write_json
+from glmapp.ui.render import response_text, safe_markdown
+from glmapp.ui.sessions import ActiveRequests, session_id
+
+MAX_COLUMNS = 4
+LABELS = "ABCD"
+VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie"}
+
+
+def column_stats(usage, finish_reason=None) -> str:
+    if usage is None:
+        return "waiting…"
+    text = f"{usage.tokens_per_second:.1f} tokens/s · {usage.completion_tokens} tokens"
+    return text + (f" · {finish_reason}" if finish_reason else "")
+
+
+class CompareHandlers:
+    def __init__(self, manager, comparisons_file: str | Path, active: ActiveRequests | None = None):
+        self.manager = manager
+        self.comparisons_file = Path(comparisons_file)
+        self.active = active or ActiveRequests()
+        self._file_lock = threading.Lock()
+
+    def run(self, prompt, n_columns, max_new_tokens, *column_settings, request: gr.Request = None):
+        """column_settings: (temperature, top_p, seed) for each of the 4 columns.
+
+        Yields 4 outputs, 4 stats lines and the comparison record (None until all columns finish)."""
+        prompt = clean_input(prompt)
+        if not prompt.strip():
+            raise gr.Error("Empty prompt: type something to compare.")
+        n = max(2, min(MAX_COLUMNS, int(n_columns)))
+        backend, sid = self.manager.backend, session_id(request)
+        settings = []
+        for i in range(n):
+            temperature, top_p, seed = column_settings[3 * i: 3 * i + 3]
+            s = ChatSettings(max_length=backend.context_length, max_new_tokens=int(max_new_tokens),
+                             temperature=temperature, top_p=top_p,
+                             seed=None if seed in (None, "") or int(seed) < 0 else int(seed))
+            try:
+                s.sampling()
+                backend.prepare_chat(prompt, [])  # input errors are reported before anything starts
+            except GlmappError as e:
+                raise gr.Error(f"Column {LABELS[i]}: {e}") from None
+            settings.append(s)
+
+        updates: queue.Queue = queue.Queue()
+        handles: list = []
+        stop = threading.Event()
+        track = self.active.track(sid)
+
+        def on_handle(h):
+            handles.append(h)
+            track(h)
+            if stop.is_set():
+                h.cancel()
+
+        def consume(i: int, s: ChatSettings):
+            try:
+                for update in backend.chat_stream(prompt, [], max_new_tokens=s.max_new_tokens, params=s.sampling(),
+                                                  on_handle=on_handle):
+                    updates.put((i, update))
+                    if stop.is_set():
+                        break
+            except Exception as e:  # noqa: BLE001 - reported in that column, the others go on
+                updates.put((i, e))
+            finally:
+                updates.put((i, None))
+
+        threads = [threading.Thread(target=consume, args=(i, s), daemon=True, name=f"compare-{LABELS[i]}")
+                   for i, s in enumerate(settings)]
+        for t in threads:
+            t.start()
+        outputs, stats, finished = [""] * n, ["waiting…"] * n, 0
+        results: list[dict] = [{} for _ in range(n)]
+        last_yield = 0.0
+        try:
+            while finished < n:
+                i, item = updates.get()
+                if item is None:
+                    finished += 1
+                elif isinstance(item, Exception):
+                    stats[i] = f"failed: {item}"
+                else:
+                    outputs[i] = response_text(item.response)
+                    stats[i] = column_stats(item.usage, item.finish_reason)
+                    if item.error:
+                        stats[i] = f"failed: {item.error}"
+                    results[i] = {"finish_reason": item.finish_reason,
+                                  "completion_tokens": item.usage.completion_tokens if item.usage else 0,
+                                  "tokens_per_second": round(item.usage.tokens_per_second, 2) if item.usage else 0}
+                now = time.monotonic()
+                if finished < n and now - last_yield >= STREAM_INTERVAL_S:
+                    last_yield = now
+                    yield self._outputs(outputs, stats, None)
+        finally:
+            stop.set()
+            for h in handles:
+                h.cancel() if not h.done else None
+                self.active.done(sid, h)
+        record = {
+            "prompt": prompt, "model": self.manager.info().name,
+            "columns": [{"label": LABELS[i], "settings": {"temperature": s.temperature, "top_p": s.top_p,
+                                                          "seed": s.seed, "max_new_tokens": s.max_new_tokens},
+                         "output": outputs[i], **results[i]} for i, s in enumerate(settings)],
+        }
+        yield self._outputs(outputs, stats, record)
+
+    @staticmethod
+    def _outputs(outputs, stats, record):
+        padded = [safe_markdown(o) for o in outputs] + [""] * (MAX_COLUMNS - len(outputs))
+        padded_stats = list(stats) + [""] * (MAX_COLUMNS - len(stats))
+        return (*padded, *padded_stats, record)
+
+    def vote(self, choice: str, note, record):
+        """Append the finished comparison with the vote and note to the JSONL file -> status text."""
+        if not record:
+            raise gr.Error("Run a comparison first, then vote.")
+        if choice not in VOTES:
+            raise gr.Error(f"Unknown vote {choice!r}: use one of {', '.join(VOTES)}.")
+        labels = [c["label"] for c in record["columns"]]
+        if choice != "tie" and choice not in labels:
+            raise gr.Error(f"There is no column {choice} in this comparison.")
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "vote": choice,
+                 "note": clean_input(note or "").strip()}
+        self.comparisons_file.parent.mkdir(parents=True, exist_ok=True)
+        with self._file_lock, self.comparisons_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        return f"Saved: **{VOTES[choice]}** → `{self.comparisons_file}`"
+
+    def export(self, record):
+        if not record:
+            raise gr.Error("Run a comparison first, then export it.")
+        return write_json({"format": "glmapp.comparison/1", **record}, "comparison")

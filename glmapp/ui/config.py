@@ -1,0 +1,134 @@
+"""AppConfig: every setting of the web app, defined once. CLI flags and environment variables map onto it.
+
+Precedence: command-line flag > environment variable (for Hugging Face Spaces) > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from glmapp.errors import GlmappError
+
+
+class ConfigError(GlmappError):
+    """A flag or environment variable of the app has a value that cannot be used."""
+
+
+def _opt(default, help: str, env: str, **argparse_kwargs):
+    return field(default=default, metadata=dict(help=help, env=env, **argparse_kwargs))
+
+
+@dataclass
+class AppConfig:
+    model: str | None = _opt(None, "model folder or hub id (default: THUDM/chatglm2-6b from the Hugging Face "
+                                   "cache, else the demo checkpoint with a banner)", "GLMAPP_MODEL")
+    demo: bool = _opt(False, "use the bundled demo checkpoint (tiny, random weights: replies are gibberish)",
+                      "GLMAPP_DEMO")
+    dtype: str = _opt("auto", "auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16", "GLMAPP_DTYPE")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N", "GLMAPP_DEVICE")
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 to reach it from other machines)", "GLMAPP_HOST")
+    port: int = _opt(7860, "port to listen on", "GLMAPP_PORT")
+    share: bool = _opt(False, "create a temporary public gradio.live link (combine with --auth)", "GLMAPP_SHARE")
+    auth: list[str] = _opt(None, "USER:PASS allowed to log in; repeat for more users "
+                                 "(env: comma-separated list)", "GLMAPP_AUTH", action="append")
+    auth_file: str | None = _opt(None, "file with one USER:PASS per line (# comments allowed)", "GLMAPP_AUTH_FILE")
+    max_concurrency: int = _opt(4, "generations running at the same time (more users wait in the queue)",
+                                "GLMAPP_MAX_CONCURRENCY")
+    max_input_tokens: int | None = _opt(None, "longest prompt accepted, in tokens (default: the model's context)",
+                                        "GLMAPP_MAX_INPUT_TOKENS")
+    max_new_tokens: int = _opt(2048, "upper limit of the max-new-tokens slider", "GLMAPP_MAX_NEW_TOKENS")
+    comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
+                                 "GLMAPP_COMPARISONS_FILE")
+
+    def __post_init__(self):
+        if self.auth is None:
+            self.auth = []
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r}).")
+        for name in ("max_concurrency", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if self.max_input_tokens is not None and self.max_input_tokens < 1:
+            raise ConfigError(f"--max-input-tokens must be at least 1 (got {self.max_input_tokens}).")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 1 and 65535 (got {self.port}).")
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """(user, password) pairs from --auth and --auth-file; empty means no login."""
+        entries = list(self.auth)
+        if self.auth_file:
+            path = Path(self.auth_file).expanduser()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise ConfigError(f"Cannot read --auth-file {str(path)!r}: {e.strerror}.") from None
+            entries += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        pairs = []
+        for entry in entries:
+            user, sep, password = entry.partition(":")
+            if not sep or not user or not password:
+                raise ConfigError(f"Login {entry.split(':')[0]!r}...: expected USER:PASS with both parts non-empty.")
+            pairs.append((user, password))
+        return pairs
+
+
+def _base_type(f) -> type:
+    text = str(f.type)
+    return int if text.startswith("int") else bool if text == "bool" else str
+
+
+def _from_env(f, raw: str):
+    kind = _base_type(f)
+    if f.metadata.get("action") == "append":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{f.metadata['env']} must be an integer (got {raw!r}).") from None
+    return raw
+
+
+_GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="glmapp web app: chat with and compare ChatGLM2/ChatGLM3 models in the browser. "
+                    "Every flag can also be set by the environment variable shown (for Hugging Face Spaces).",
+    )
+    for f in fields(AppConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {f.metadata['env']}]"
+        kind = _base_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.metadata.get("action") == "append":
+            parser.add_argument(flag, action="append", default=None, metavar="USER:PASS", help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> AppConfig:
+    """Flags > environment > defaults, validated by AppConfig."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    for f in fields(AppConfig):
+        if args.get(f.name) is not None:
+            values[f.name] = args[f.name]
+        elif environ.get(f.metadata["env"], "") != "":
+            values[f.name] = _from_env(f, environ[f.metadata["env"]])
+        elif f.name in ("host", "port") and environ.get(_GRADIO_ENV[f.name], "") != "":
+            # Hugging Face Spaces tell Gradio where to listen (0.0.0.0:7860) through these variables.
+            values[f.name] = _from_env(f, environ[_GRADIO_ENV[f.name]])
+        elif f.default is not MISSING:
+            values[f.name] = f.default
+    return AppConfig(**values)

@@ -1,0 +1,207 @@
+"""The Gradio Blocks: one `create_*` function per panel builds its widgets and wires them to handlers.
+
+No model code and no handler logic here: handlers live in *_handlers.py as plain functions.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from glmapp.ui import model_handlers
+from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings
+from glmapp.ui.compare_handlers import LABELS, MAX_COLUMNS, VOTES, CompareHandlers
+from glmapp.ui.config import AppConfig
+from glmapp.ui.export import conversation_record, write_html, write_json
+from glmapp.ui.render import LATEX_DELIMITERS
+from glmapp.ui.sessions import ActiveRequests
+
+CSS = """
+#demo-banner { border: 2px solid #f0b429; background: #fff8e1; border-radius: 8px; padding: 4px 12px; }
+#demo-banner * { color: #5c4400 !important; }
+.stats-line { font-size: 0.85em; opacity: 0.8; min-height: 1.5em; }
+"""
+
+
+def gpu_decorator():
+    """`spaces.GPU` on Hugging Face ZeroGPU Spaces; a no-op everywhere else."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU
+
+
+def build_ui(manager, config: AppConfig | None = None) -> gr.Blocks:
+    config = config or AppConfig()
+    active = ActiveRequests()
+    chat = ChatHandlers(manager, active)
+    compare = CompareHandlers(manager, config.comparisons_file, active)
+    with gr.Blocks(title="glmapp · ChatGLM chat") as demo:
+        gr.Markdown("## glmapp · chat with ChatGLM on your machine")
+        gr.Markdown(model_handlers.demo_banner(manager), elem_id="demo-banner", visible=manager.demo)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                create_chat_tab(chat, manager, config)
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                create_compare_tab(compare, manager, config)
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                create_model_panel(manager)
+        demo.unload(chat.closed)
+    return demo
+
+
+def create_settings_panel(manager, config: AppConfig) -> dict:
+    backend = manager.backend
+    d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
+    w = {}
+    w["system"] = gr.Textbox(label="System prompt (ChatGLM3)", lines=2, elem_id="system-prompt",
+                             placeholder="e.g. You are a helpful assistant.",
+                             visible=backend.family == "chatglm3")
+    with gr.Accordion("Generation settings", open=True):
+        w["max_length"] = gr.Slider(16, backend.context_length, value=d.max_length, step=1, label="Max length",
+                                    info="prompt + reply, in tokens", elem_id="max-length")
+        w["max_new_tokens"] = gr.Slider(1, config.max_new_tokens, value=d.max_new_tokens, step=1,
+                                        label="Max new tokens", elem_id="max-new-tokens")
+        w["temperature"] = gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
+                                     info="0 = greedy (always the same reply)", elem_id="temperature")
+        w["top_p"] = gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id="top-p")
+        w["top_k"] = gr.Slider(0, 200, value=d.top_k, step=1, label="Top k", info="0 = off", elem_id="top-k")
+        w["repetition_penalty"] = gr.Slider(0.5, 2, value=d.repetition_penalty, step=0.01,
+                                            label="Repetition penalty", elem_id="repetition-penalty")
+        w["seed"] = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="seed")
+    return w
+
+
+def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig) -> dict:
+    gpu = gpu_decorator()
+    with gr.Row():
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=480, editable="user",
+                                 latex_delimiters=LATEX_DELIMITERS, sanitize_html=True, render_markdown=True,
+                                 buttons=["copy", "copy_all"], feedback_options=None, allow_tags=False)
+            textbox = gr.Textbox(show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True,
+                                 placeholder="Type a message · Enter sends · Shift+Enter adds a line")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send-btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                regenerate = gr.Button("Regenerate", elem_id="regenerate-btn")
+                undo = gr.Button("Undo", elem_id="undo-btn")
+                clear = gr.Button("Clear", elem_id="clear-btn")
+            stats = gr.Markdown("", elem_id="chat-stats", elem_classes="stats-line")
+            with gr.Row():
+                export_json = gr.Button("Export JSON", size="sm", elem_id="export-json-btn")
+                export_html = gr.Button("Export HTML", size="sm", elem_id="export-html-btn")
+            export_file = gr.File(label="Download", elem_id="export-file", interactive=False)
+        with gr.Column(scale=2):
+            settings = create_settings_panel(manager, config)
+    messages = gr.State([])
+    setting_inputs = [settings[k] for k in ("system", "max_length", "max_new_tokens", "temperature", "top_p",
+                                            "top_k", "repetition_penalty", "seed")]
+    outputs = [chatbot, messages, textbox, stats]
+    generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden")
+    send_event = dict(fn=gpu(chat.send), inputs=[textbox, messages, *setting_inputs], outputs=outputs, **generate)
+    textbox.submit(api_name="chat", **send_event)
+    send.click(api_visibility="private", **send_event)
+    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs], outputs, api_visibility="private",
+                     **generate)
+    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs], outputs, api_visibility="private", **generate)
+    stop.click(chat.stop, None, None, concurrency_limit=None, api_visibility="private", show_progress="hidden")
+    undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
+               api_visibility="private")
+    clear.click(chat.clear, None, outputs, concurrency_limit=None, api_visibility="private")
+
+    def export(kind: str):
+        def handler(history, system, *values):
+            record = conversation_record(history, system or "", vars(manager.info()),
+                                         dict(zip(["max_length", "max_new_tokens", "temperature", "top_p",
+                                                   "top_k", "repetition_penalty", "seed"], values)))
+            return write_json(record, "conversation") if kind == "json" else write_html(record)
+        return handler
+
+    export_json.click(export("json"), [messages, *setting_inputs], export_file, concurrency_limit=None,
+                      api_visibility="private")
+    export_html.click(export("html"), [messages, *setting_inputs], export_file, concurrency_limit=None,
+                      api_visibility="private")
+    return dict(chatbot=chatbot, textbox=textbox, messages=messages, stats=stats, **settings)
+
+
+def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig) -> dict:
+    gpu = gpu_decorator()
+    d = ChatSettings.defaults(manager.backend.family, manager.backend.context_length, config.max_new_tokens)
+    gr.Markdown("One prompt, several columns with their own sampling settings. All columns are submitted "
+                "together and the engine decodes them **as one batched generation**, so they stream at the "
+                "same time; each column shows its own tokens/s.")
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, scale=4, elem_id="compare-prompt",
+                            placeholder="Type a prompt · Enter runs all columns · Shift+Enter adds a line")
+        with gr.Column(scale=1):
+            n_columns = gr.Radio([2, 3, 4], value=2, label="Columns", elem_id="compare-n")
+            max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(256, config.max_new_tokens), step=1,
+                                       label="Max new tokens", elem_id="compare-max-new-tokens")
+    run = gr.Button("Run all columns", variant="primary", elem_id="compare-run")
+    columns, column_inputs, outputs, stats = [], [], [], []
+    with gr.Row(equal_height=False):
+        for i, label in enumerate(LABELS[:MAX_COLUMNS]):
+            with gr.Column(visible=i < 2, min_width=220) as col:
+                gr.Markdown(f"### {label}")
+                with gr.Accordion(f"{label} settings", open=False):
+                    column_inputs += [
+                        gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
+                                  elem_id=f"compare-temperature-{label}"),
+                        gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id=f"compare-top-p-{label}"),
+                        gr.Number(value=i + 1, precision=0, label="Seed (empty = random)",
+                                  elem_id=f"compare-seed-{label}"),
+                    ]
+                stats.append(gr.Markdown("", elem_id=f"compare-stats-{label}", elem_classes="stats-line"))
+                outputs.append(gr.Markdown("", elem_id=f"compare-out-{label}", sanitize_html=True,
+                                           latex_delimiters=LATEX_DELIMITERS, container=True, min_height=120))
+            columns.append(col)
+    record = gr.State(None)
+    with gr.Row():
+        vote_buttons = {c: gr.Button(VOTES[c], elem_id=f"vote-{c}", visible=c in ("A", "B", "tie"))
+                        for c in ("A", "B", "C", "D", "tie")}
+    note = gr.Textbox(label="Note (saved with the vote)", elem_id="compare-note")
+    vote_status = gr.Markdown("", elem_id="vote-status")
+    with gr.Row():
+        export = gr.Button("Export comparison (JSON)", size="sm", elem_id="compare-export-btn")
+        export_file = gr.File(label="Download", elem_id="compare-export-file", interactive=False)
+
+    def show_columns(n):
+        n = int(n)
+        return ([gr.update(visible=i < n) for i in range(MAX_COLUMNS)]
+                + [gr.update(visible=c == "tie" or LABELS.index(c) < n) for c in ("A", "B", "C", "D")])
+
+    n_columns.change(show_columns, n_columns, [*columns, *(vote_buttons[c] for c in "ABCD")],
+                     api_visibility="private")
+    run_event = dict(fn=gpu(compare.run), inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
+                     outputs=[*outputs, *stats, record], concurrency_id="generate",
+                     concurrency_limit=config.max_concurrency, show_progress="hidden")
+    run.click(api_name="compare", **run_event)
+    prompt.submit(api_visibility="private", **run_event)
+    for choice, button in vote_buttons.items():
+        button.click(lambda n, r, c=choice: compare.vote(c, n, r), [note, record], vote_status,
+                     concurrency_limit=None, api_visibility="private")
+    export.click(compare.export, record, export_file, concurrency_limit=None, api_visibility="private")
+    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record)
+
+
+def create_model_panel(manager) -> dict:
+    with gr.Row():
+        with gr.Column(scale=3):
+            info = gr.Markdown(model_handlers.model_info_markdown(manager), elem_id="model-info")
+        with gr.Column(scale=2, elem_id="model-options"):
+            # The quantization selector and the adapter picker join this column (issue 6, next step).
+            dtype = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=manager.dtype_choice,
+                             label="Precision (dtype)", elem_id="dtype-choice",
+                             info="Reloads the model; chat histories are kept, and the current model stays "
+                                  "if the reload fails.")
+            reload = gr.Button("Reload model", variant="primary", elem_id="reload-btn")
+            refresh = gr.Button("Refresh info", size="sm", elem_id="refresh-info-btn")
+
+    def do_reload(choice, progress=gr.Progress()):
+        return model_handlers.reload_model(manager, choice, progress)
+
+    reload.click(do_reload, dtype, info, concurrency_id="reload", concurrency_limit=1, api_visibility="private")
+    refresh.click(lambda: model_handlers.model_info_markdown(manager), None, info, concurrency_limit=None,
+                  api_visibility="private")
+    return dict(info=info, dtype=dtype)
