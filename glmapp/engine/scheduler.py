@@ -62,6 +62,7 @@ class Scheduler:
         self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     # ---- queue -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -88,7 +89,9 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's blocks back and queue it first; it resumes by re-prefilling."""
         self.running.remove(seq)
+        self._publish_partial(seq)  # its blocks stay cached: resuming may find most of them again
         self._free(seq)
+        self.preemptions += 1
         seq.num_computed, seq.num_registered, seq.last_hash = 0, 0, 0
         seq.status = WAITING
         self.waiting.appendleft(seq)
@@ -137,17 +140,15 @@ class Scheduler:
             covered += partial[1]
         return blocks, covered, parent, False
 
-    def _pending_hashes(self) -> set[int]:
-        """Hashes of full prompt blocks that running sequences are about to compute."""
-        pending = set()
-        bs = self.block_size
-        for seq in self.running:
-            if seq.num_computed >= len(seq.prompt_ids):
-                continue
-            parent = seq.last_hash if seq.num_registered else seq.root_hash()
-            for i in range(seq.num_registered, len(seq.prompt_ids) // bs):
-                parent = chain_hash(parent, tuple(seq.prompt_ids[i * bs:(i + 1) * bs]))
-                pending.add(parent)
+    def _future_hashes(self, seq: Sequence) -> set[int]:
+        """Hashes of the full prompt blocks `seq` has yet to compute."""
+        pending, bs = set(), self.block_size
+        if seq.num_computed >= len(seq.prompt_ids):
+            return pending
+        parent = seq.last_hash if seq.num_registered else seq.root_hash()
+        for i in range(seq.num_registered, len(seq.prompt_ids) // bs):
+            parent = chain_hash(parent, tuple(seq.prompt_ids[i * bs:(i + 1) * bs]))
+            pending.add(parent)
         return pending
 
     # ---- one step -----------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ class Scheduler:
                     budget -= n
         # 3. Admit waiting requests while blocks, slots and budget allow (FIFO; a request waiting for a
         #    prefix that another is computing right now lets later ones pass and joins next step).
-        pending = self._pending_hashes()
+        pending = set().union(*(self._future_hashes(seq) for seq in self.running))
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_seqs:
                 break
@@ -211,6 +212,7 @@ class Scheduler:
             self.running.append(seq)
             work.append(ScheduledWork(seq, n))
             budget -= n
+            pending |= self._future_hashes(seq)
         return work
 
     def _hash_upto(self, seq: Sequence, num_blocks: int) -> int:
