@@ -5,7 +5,7 @@ import torch
 
 from glmapp.engine.kv_cache import DenseKVCache
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-from reference_glm import glm_reference
+from glmapp.models.glm_convert import to_transformers_glm
 
 
 def small_model(family="chatglm2", rope_ratio=1.0, seed=0, layers=2):
@@ -26,7 +26,7 @@ def small_model(family="chatglm2", rope_ratio=1.0, seed=0, layers=2):
 @pytest.mark.parametrize("length", [1, 7, 64, 300])
 def test_logits_match_transformers_glm(family, rope_ratio, length):
     model = small_model(family, rope_ratio)
-    reference = glm_reference(model)
+    reference = to_transformers_glm(model)
     ids = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
     # Positions far from 0 exercise the rotary angles (and the 32k position interpolation).
     positions = torch.arange(length).expand(2, length) + 1000

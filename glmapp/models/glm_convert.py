@@ -1,10 +1,14 @@
-"""Independent reference: the same weights in transformers' own `GlmForCausalLM` (same family)."""
+"""Our ChatGLM weights as transformers' own `GlmForCausalLM` (the same architecture family).
+
+Used as the independent reference in tests and as the baseline in `bench/engine.py`: q/k/v are split
+out of `query_key_value`, names are mapped, nothing else changes.
+"""
 
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 
-def glm_reference(model) -> GlmForCausalLM:
+def to_transformers_glm(model, attn_implementation: str = "eager") -> GlmForCausalLM:
     """Build a GlmForCausalLM holding our model's weights (qkv split, names mapped)."""
     c = model.config
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
@@ -20,9 +24,10 @@ def glm_reference(model) -> GlmForCausalLM:
         rms_norm_eps=c.layernorm_epsilon, attention_bias=c.add_qkv_bias, tie_word_embeddings=False,
         rope_parameters=rope, pad_token_id=0, eos_token_id=2,
     )
-    ref_cfg._attn_implementation = "eager"
-    ref = GlmForCausalLM(ref_cfg).eval().float()
-    src = {k: v.float() for k, v in model.state_dict().items()}
+    ref_cfg._attn_implementation = attn_implementation
+    dtype = model.transformer.output_layer.weight.dtype
+    ref = GlmForCausalLM(ref_cfg).to(dtype=dtype, device=model.transformer.output_layer.weight.device).eval()
+    src = dict(model.state_dict())
     q_size = c.num_attention_heads * c.kv_channels
     kv_size = c.num_kv_groups * c.kv_channels
     dst = {
@@ -46,6 +51,6 @@ def glm_reference(model) -> GlmForCausalLM:
         dst[o + "mlp.gate_up_proj.weight"] = src[p + "mlp.dense_h_to_4h.weight"]
         dst[o + "mlp.down_proj.weight"] = src[p + "mlp.dense_4h_to_h.weight"]
     missing, unexpected = ref.load_state_dict(dst, strict=False)
-    assert not unexpected, unexpected
-    assert all("rotary" in m for m in missing), missing
+    if unexpected or any("rotary" not in m for m in missing):
+        raise ValueError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
     return ref

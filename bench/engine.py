@@ -1,0 +1,144 @@
+"""Our engine vs transformers' own `GlmForCausalLM.generate` on the same weights, side by side in one run.
+
+    python bench/engine.py                       # CPU: generated mid-size checkpoint (hidden 1024, 12 layers)
+    python bench/engine.py --size 6b --device cuda --dtype bfloat16   # GPU: 6B-shaped random weights
+
+Prints decode tokens/s at batch 1, prefill tokens/s for a 1k-token prompt, aggregate tokens/s with 8
+and 32 concurrent streams, each as ours / transformers' (its best of the dynamic and static cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import glmapp
+from glmapp.backends import RequestHandle
+from glmapp.demo import SIZES, make_demo
+from glmapp.engine.engine import Engine, EngineConfig
+from glmapp.engine.request import GenerationRequest
+from glmapp.engine.sampling import SamplingParams
+from glmapp.models.glm_convert import to_transformers_glm
+
+SIZES_6B = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, kv_channels=128, ffn_hidden_size=13696)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompt_ids(tok, n: int, salt: int = 0) -> list[int]:
+    base = tok.encode(f"第{salt}个问题：请详细介绍一下中国的历史、文化和科学。Tell me everything. ", add_special_tokens=False)
+    ids = (base * (n // len(base) + 1))[: n - 2]
+    return tok.prefix_ids + ids
+
+
+def ours_run(engine, tok, prompts, new_tokens):
+    """Submit all prompts at once; -> (wall seconds, tokens generated, seconds to first token of request 0)."""
+    handles = []
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        h = RequestHandle(f"b{time.perf_counter_ns()}-{i}", engine.cancel)
+        engine.submit(h, GenerationRequest(p, SamplingParams(temperature=0), new_tokens, stop_ids=[-1]))
+        handles.append(h)
+    first, total = None, 0
+    for i, h in enumerate(handles):
+        for delta in h:
+            if first is None and i == 0:
+                first = time.perf_counter() - t0
+            total += len(delta.token_ids)
+            if delta.error:
+                raise RuntimeError(delta.error)
+    return time.perf_counter() - t0, total, first
+
+
+def hf_run(ref, prompts, new_tokens, cache, device):
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    sync(device)
+    return time.perf_counter() - t0, (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+def best_hf(ref, prompts, new_tokens, device):
+    results = {}
+    for cache in ("dynamic", "static"):
+        try:
+            results[cache] = hf_run(ref, prompts, new_tokens, cache, device)
+        except Exception as e:  # noqa: BLE001 - report, use the other setting
+            print(f"  (transformers {cache} cache failed: {type(e).__name__}: {e})")
+    cache = min(results, key=lambda c: results[c][0])
+    return results[cache], cache
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="mid", choices=[*SIZES, "6b"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--streams", default="8,32")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.size == "6b":
+            SIZES["6b"] = SIZES_6B
+        path = make_demo(Path(tmp) / args.size, size=args.size, fmt="safetensors")
+        model, tok = glmapp.load(str(path), device=args.device, dtype=args.dtype)
+    device, dtype = model.device, model.dtype
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.size}: {params / 1e6:.1f}M params, {dtype}, {device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    ref = to_transformers_glm(model, attn_implementation="sdpa")
+    engine = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64))
+    n_new, n_prompt = args.new_tokens, args.prompt_tokens
+    rows = []
+
+    # warm up both
+    ours_run(engine, tok, [prompt_ids(tok, 16)], 4)
+    hf_run(ref, [prompt_ids(tok, 16)], 4, "dynamic", device)
+
+    # batch-1 decode: (time for N tokens - time for 1 token) / (N - 1)
+    p1 = [prompt_ids(tok, n_prompt, 1)]
+    o_full, _, o_first = ours_run(engine, tok, p1, n_new)
+    ours_decode = (n_new - 1) / (o_full - o_first)
+    (h_full, _), cache = best_hf(ref, p1, n_new, device)
+    (h_one, _) = hf_run(ref, p1, 1, cache, device)
+    hf_decode = (n_new - 1) / (h_full - h_one)
+    rows.append(("decode tok/s, batch 1", ours_decode, hf_decode, cache))
+
+    # prefill of a 1k-token prompt (time to first token)
+    p1k = [prompt_ids(tok, 1024, 2)]
+    _, _, ttft = ours_run(engine, tok, p1k, 1)
+    (h_ttft, _), cache = best_hf(ref, p1k, 1, device)
+    rows.append(("prefill tok/s, 1k prompt", 1024 / ttft, 1024 / h_ttft, cache))
+
+    for n in [int(s) for s in args.streams.split(",")]:
+        prompts = [prompt_ids(tok, n_prompt, 10 + i) for i in range(n)]
+        o_wall, o_tokens, _ = ours_run(engine, tok, prompts, n_new)
+        (h_wall, h_tokens), cache = best_hf(ref, prompts, n_new, device)
+        rows.append((f"aggregate tok/s, {n} streams", o_tokens / o_wall, h_tokens / h_wall, cache))
+    engine.shutdown()
+
+    print(f"\n{'measure':32s} {'glmapp':>10s} {'transformers':>13s} {'ratio':>7s}  (transformers cache)")
+    for name, ours, theirs, cache in rows:
+        print(f"{name:32s} {ours:10.1f} {theirs:13.1f} {ours / theirs:7.2f}x  ({cache})")
+    batch1 = rows[0][1]
+    for name, ours, _, _ in rows[2:]:
+        print(f"{name}: {ours / batch1:.2f}x our batch-1 decode rate")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
