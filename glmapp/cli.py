@@ -108,6 +108,14 @@ def cmd_make_demo(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from glmapp.adapters import export_merged
+
+    out = export_merged(args.base, args.adapter, args.out, args.adapters_dir, args.dtype)
+    print(f"Merged {args.adapter} into {args.base}: wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmapp.demo import FORMATS, SIZES
 
@@ -131,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=list(FORMATS), default="safetensors-sharded")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_make_demo)
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base and write the official layout")
+    merge.add_argument("base", help="base model folder or hub id")
+    merge.add_argument("adapter", help="adapter folder name inside --adapters-dir, or a hub id")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--adapters-dir", default="adapters")
+    merge.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: the base's dtype)")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -22,3 +22,7 @@ class InputError(GlmappError):
 
 class InputTooLong(InputError):
     """A prompt that does not fit the context even after dropping history."""
+
+
+class AdapterError(GlmappError):
+    """A LoRA adapter cannot be listed, loaded, applied or merged."""

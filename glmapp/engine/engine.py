@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmapp.adapters import AdapterManager
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
 from glmapp.engine.request import Delta, Usage
 from glmapp.engine.runner import ModelRunner
@@ -112,6 +113,8 @@ class Engine:
         max_new = min(request.max_new_tokens, self.context_length - len(request.prompt_ids),
                       self.capacity_tokens - len(request.prompt_ids))
         seq = Sequence(handle.id, list(request.prompt_ids), max_new, request.adapter)
+        if request.adapter is not None:
+            seq.adapter_uid = AdapterManager.of(self.model).uid(request.adapter)
         seq.payload = RequestState(handle, state, frozenset(request.stop_ids or self.tokenizer.stop_ids),
                                    StreamDecoder(self.tokenizer))
         with self._wake:
@@ -132,12 +135,12 @@ class Engine:
         if request.max_new_tokens < 1:
             return "max_new_tokens must be at least 1."
         if request.adapter is not None and not self._has_adapter(request.adapter):
-            return f"Adapter {request.adapter!r} is not loaded."
+            loaded = ", ".join(AdapterManager.of(self.model).names()) or "none"
+            return f"Adapter {request.adapter!r} is not loaded (loaded: {loaded})."
         return None
 
     def _has_adapter(self, name: str) -> bool:
-        has = getattr(self.model, "has_adapter", None)
-        return bool(has and has(name))
+        return AdapterManager.of(self.model).uid(name) is not None
 
     def cancel(self, request_id: str) -> None:
         with self._wake:

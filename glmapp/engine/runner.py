@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmapp.adapters import AdapterManager
 from glmapp.engine.kv_cache import PagedKVCache
 from glmapp.engine.sampling import sample
 from glmapp.models.chatglm import attention
@@ -27,7 +28,6 @@ class StepContext:
     decode_slots: torch.Tensor | None  # [B, L] slots of each decode row's context (padded)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot belongs to the row
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first token index, n, context slots, offset)
-    adapter_index: torch.Tensor | None = None  # [N] adapter slot per token (-1 = base), for LoRA layers
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -58,6 +58,7 @@ class ModelRunner:
         self.device = model.transformer.output_layer.weight.device
         self.vocab = model.config.padded_vocab_size
         self._block_offsets = torch.arange(cache.block_size, device=self.device)
+        self.adapters = AdapterManager.of(model)
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
         bs = self.cache.block_size
@@ -71,6 +72,7 @@ class ModelRunner:
         """Run scheduled work (list of ScheduledWork); returns the new token of each sampling sequence,
         in the order of `work` entries whose `samples` is True."""
         ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
+        adapter_rows: dict[str, list[int]] = {}
         n_tokens = 0
         for w in work:
             seq, start = w.seq, w.seq.num_computed
@@ -82,6 +84,8 @@ class ModelRunner:
                 decode_rows.append((n_tokens, seq.block_table, stop))
             else:
                 prefills.append((n_tokens, w.num_tokens, self._slots(seq.block_table, 0, stop), start))
+            if seq.adapter is not None:
+                adapter_rows.setdefault(seq.adapter, []).extend(range(n_tokens, n_tokens + w.num_tokens))
             n_tokens += w.num_tokens
             if w.samples:
                 logits_index.append(n_tokens - 1)
@@ -96,10 +100,12 @@ class ModelRunner:
             ctx.decode_mask = (torch.arange(width * bs, device=self.device)[None] < lengths[:, None])[:, None, None]
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
+        groups = [(name, torch.tensor(rows, device=self.device)) for name, rows in adapter_rows.items()]
+        with self.adapters.rows(groups):  # also keeps adapters from changing mid-step
+            logits = self.model.forward_cached(input_ids, pos, ctx, torch.tensor(logits_index, dtype=torch.long,
+                                                                                  device=self.device))
         if not logits_index:
-            self.model.forward_cached(input_ids, pos, ctx, torch.empty(0, dtype=torch.long, device=self.device))
             return []
-        logits = self.model.forward_cached(input_ids, pos, ctx, torch.tensor(logits_index, device=self.device))
         return self._sample(logits, [w.seq for w in work if w.samples])
 
     def _sample(self, logits: torch.Tensor, seqs) -> list[int]:

@@ -23,6 +23,7 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     adapter: str | None = None
+    adapter_uid: str | None = None  # changes when an adapter of the same name is reloaded
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -42,7 +43,7 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def root_hash(self) -> int:
-        return hash(("glmapp-root", self.adapter))  # KV depends on the adapter: never share across adapters
+        return hash(("glmapp-root", self.adapter_uid))  # KV depends on the adapter: never share across adapters
 
 
 @dataclass

@@ -1,0 +1,396 @@
+"""LoRA adapters at runtime: discover, validate, load side by side, mix in one batch, merge.
+
+Notable choices:
+- PEFT's on-disk format (`adapter_config.json` + `adapter_model.safetensors|.bin`) is read directly.
+  Everything is validated into CPU tensors before anything touches the model, so a failing load
+  never leaves a half-applied adapter.
+- Target modules are wrapped once in `LoraLinear`, which keeps the base module (full precision or
+  quantized) and adds `scale * B(A(x))` per adapter. One batch may mix adapters: the engine tells
+  the manager which token rows use which adapter for the current step (`AdapterManager.rows`).
+- Adapter names and paths are confined to the adapters folder; hub ids resolve through the
+  Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glmapp.errors import AdapterError
+
+TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_NAME = re.compile(r"^[\w][\w.\-]{0,127}$")
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    base_model: str = ""
+    r: int = 0
+    alpha: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    error: str | None = None  # why it cannot be loaded, if known from its metadata
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: per module path, (A [r, in], B [out, r]) with the scale folded into B."""
+
+    name: str
+    uid: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    info: AdapterInfo
+
+
+class LoraLinear(nn.Module):
+    """A base linear (any module with in/out features) plus any number of LoRA deltas."""
+
+    def __init__(self, base: nn.Module, manager: "AdapterManager", path: str):
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.in_features = getattr(base, "in_features", None)
+        self.out_features = getattr(base, "out_features", None)
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._manager = [manager]  # a list keeps it out of the module tree
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        groups = self._manager[0].groups
+        if not groups or not self.deltas:
+            return y
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        for name, index in groups:
+            delta = self.deltas.get(name)
+            if delta is None:
+                continue
+            a, b = delta
+            rows = flat_x if index is None else flat_x[index]
+            d = (rows.to(a.dtype) @ a.T) @ b.T
+            if index is None:
+                flat_y += d.to(y.dtype)
+            else:
+                flat_y.index_add_(0, index, d.to(y.dtype))
+        return y
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise AdapterError(f"Adapter {folder.name!r} has no adapter_config.json: expected a PEFT LoRA folder "
+                           f"(adapter_config.json + adapter_model.safetensors).")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter_config.json of {folder.name!r} is not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter_config.json of {folder.name!r} must hold a JSON object.")
+    return cfg
+
+
+def _check_config(name: str, cfg: dict) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"Adapter {name!r} is {peft_type}; glmapp supports LoRA adapters (peft_type LORA) "
+                           f"on {', '.join(TARGETS)}.")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"Adapter {name!r} uses DoRA, which is not supported; use a plain LoRA adapter.")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"Adapter {name!r} also trains full modules ({cfg['modules_to_save']}); only LoRA "
+                           f"deltas are supported.")
+
+
+def _weight_file(folder: Path) -> Path:
+    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / fname).is_file():
+            return folder / fname
+    raise AdapterError(f"Adapter {folder.name!r} has no adapter_model.safetensors or adapter_model.bin.")
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader error means the same thing to the user
+        raise AdapterError(f"Adapter weight file {file.name!r} of {file.parent.name!r} cannot be read "
+                           f"(truncated or corrupt: {type(e).__name__}).") from None
+
+
+def describe(folder: Path, name: str | None = None) -> AdapterInfo:
+    """Metadata of an adapter folder, without loading its weights."""
+    name = name or folder.name
+    info = AdapterInfo(name=name, path=str(folder))
+    try:
+        cfg = _read_config(folder)
+        _check_config(name, cfg)
+        targets = cfg.get("target_modules") or ["query_key_value"]
+        info.base_model = str(cfg.get("base_model_name_or_path") or "")
+        info.r = int(cfg.get("r", 8))
+        info.alpha = float(cfg.get("lora_alpha", info.r))
+        info.target_modules = [targets] if isinstance(targets, str) else list(targets)
+        info.size_bytes = _weight_file(folder).stat().st_size
+    except AdapterError as e:
+        info.error = str(e)
+    return info
+
+
+def list_adapters(adapters_dir: str | Path) -> list[AdapterInfo]:
+    """Every adapter folder directly inside `adapters_dir` (sorted by name), with metadata."""
+    root = Path(adapters_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and (child / "adapter_config.json").is_file() and _inside(root, child):
+            found.append(describe(child))
+    return found
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
+def resolve_adapter(spec: str, adapters_dir: str | Path) -> tuple[str, Path]:
+    """An adapter name or relative path inside `adapters_dir`, or a hub id -> (display name, folder)."""
+    root = Path(adapters_dir)
+    spec = (spec or "").strip()
+    if not spec:
+        raise AdapterError("No adapter given.")
+    p = Path(spec)
+    if p.is_absolute() or spec.startswith("~") or ".." in p.parts:
+        raise AdapterError(f"Adapter path {spec!r} is outside the adapters folder; put the adapter inside "
+                           f"{root.name!r}/ and use its folder name.")
+    candidate = root / p
+    if candidate.exists() or candidate.is_symlink():
+        if not _inside(root, candidate):
+            raise AdapterError(f"Adapter {spec!r} points outside the adapters folder (symlink); copy it in.")
+        if not candidate.is_dir():
+            raise AdapterError(f"Adapter {spec!r} is not a folder.")
+        return spec, candidate
+    if spec.count("/") == 1 and all(_NAME.match(part) for part in spec.split("/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return spec, Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached; try the network unless offline
+            from huggingface_hub.constants import HF_HUB_OFFLINE
+
+            if not HF_HUB_OFFLINE:
+                try:
+                    return spec, Path(snapshot_download(spec))
+                except Exception as e:  # noqa: BLE001 - network/auth/unknown id
+                    raise AdapterError(f"Adapter {spec!r} is not in the adapters folder, and downloading it "
+                                       f"from the hub failed ({type(e).__name__}).") from None
+            raise AdapterError(f"Adapter {spec!r} is not in the adapters folder nor in the Hugging Face "
+                               f"cache (offline).") from None
+    raise AdapterError(f"No adapter named {spec!r} in the adapters folder {root.name!r}/.")
+
+
+class AdapterManager:
+    """Adapters resident on one model. Attach with `AdapterManager.of(model)`."""
+
+    _uids = itertools.count(1)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapters: dict[str, LoraWeights] = {}
+        self.groups: list[tuple[str, torch.Tensor | None]] = []  # (adapter name, token rows) this step
+        self.lock = threading.RLock()  # held by the engine while a step runs
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "AdapterManager":
+        manager = model.__dict__.get("_glmapp_adapters")
+        if manager is None:
+            manager = cls(model)
+            model.__dict__["_glmapp_adapters"] = manager
+        return manager
+
+    def names(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def uid(self, name: str) -> str | None:
+        w = self.adapters.get(name)
+        return w.uid if w else None
+
+    def _targets(self) -> dict[str, nn.Module]:
+        out = {}
+        for path, module in self.model.named_modules():
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in TARGETS and ".encoder.layers." in f".{path}":
+                out[path] = module
+        return out
+
+    def validate(self, name: str, folder: Path) -> LoraWeights:
+        """Read and check everything on CPU; raises AdapterError naming what is wrong."""
+        cfg = _read_config(folder)
+        _check_config(name, cfg)
+        state = _read_weights(_weight_file(folder))
+        targets = self._targets()
+        r_default = int(cfg.get("r", 8))
+        alpha_default = float(cfg.get("lora_alpha", r_default))
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            m = _KEY.match(key)
+            if m is None:
+                raise AdapterError(f"Adapter {name!r} has a tensor {key!r} that is not a LoRA A/B weight.")
+            pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+        if not pairs:
+            raise AdapterError(f"Adapter {name!r} holds no LoRA weights.")
+        modules = {}
+        for path, ab in sorted(pairs.items()):
+            base_path = path.removeprefix("model.") if path not in targets else path
+            module = targets.get(base_path)
+            if module is None:
+                leaf = path.rsplit(".", 1)[-1]
+                raise AdapterError(f"Adapter {name!r} targets module {path!r}, which this model does not have "
+                                   f"({'not a supported target: use ' + ', '.join(TARGETS) if leaf not in TARGETS else 'wrong layer count or base model'}).")
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"Adapter {name!r} has an incomplete LoRA pair for {path!r}.")
+            a, b = ab["A"], ab["B"]
+            base = module.base if isinstance(module, LoraLinear) else module
+            in_f, out_f = base.in_features, base.out_features
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"Adapter {name!r} does not fit this model at {base_path!r}: lora_A {tuple(a.shape)} and "
+                    f"lora_B {tuple(b.shape)}, but the module needs A [r, {in_f}] and B [{out_f}, r]. "
+                    f"It was probably trained for another base model.")
+            r = a.shape[0]
+            short = base_path.split(".")[-1]
+            alpha = float(cfg.get("alpha_pattern", {}).get(short, alpha_default))
+            scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"Adapter {name!r} has NaN/Inf values at {base_path!r}.")
+            modules[base_path] = (a.float(), b.float() * scale)
+        return LoraWeights(name, f"{name}#{next(self._uids)}", modules, describe(folder, name))
+
+    def load(self, spec: str, adapters_dir: str | Path, name: str | None = None) -> LoraWeights:
+        """Load (or replace) an adapter by name/path inside `adapters_dir` or hub id."""
+        display, folder = resolve_adapter(spec, adapters_dir)
+        weights = self.validate(name or display, folder)
+        self.install(weights)
+        return weights
+
+    def install(self, weights: LoraWeights) -> None:
+        device = self.model.transformer.output_layer.weight.device
+        dtype = self.model.transformer.output_layer.weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        placed = {p: (a.to(device, dtype), b.to(device, dtype)) for p, (a, b) in weights.modules.items()}
+        with self.lock:
+            if weights.name in self.adapters:
+                self._remove(weights.name)
+            targets = self._targets()
+            for path, delta in placed.items():
+                module = targets[path]
+                if not isinstance(module, LoraLinear):
+                    module = self._wrap(path, module)
+                module.deltas[weights.name] = delta
+            self.adapters[weights.name] = weights
+
+    def _wrap(self, path: str, module: nn.Module) -> LoraLinear:
+        parent_path, leaf = path.rsplit(".", 1)
+        wrapper = LoraLinear(module, self, path)
+        setattr(self.model.get_submodule(parent_path), leaf, wrapper)
+        return wrapper
+
+    def _remove(self, name: str) -> None:
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                module.deltas.pop(name, None)
+        del self.adapters[name]
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise AdapterError(f"Adapter {name!r} is not loaded.")
+            self._remove(name)
+
+    @contextlib.contextmanager
+    def rows(self, groups: list[tuple[str, torch.Tensor | None]]):
+        """Within the block, flattened token rows in each group get that adapter (None = every row)."""
+        with self.lock:
+            for name, _ in groups:
+                if name not in self.adapters:
+                    raise AdapterError(f"Adapter {name!r} is not loaded (it was unloaded meanwhile?).")
+            self.groups = list(groups)
+            try:
+                yield
+            finally:
+                self.groups = []
+
+    @contextlib.contextmanager
+    def active(self, name: str | None):
+        """Apply one adapter to every row (training-style forward, reference checks)."""
+        with self.rows([] if name is None else [(name, None)]):
+            yield
+
+    def merge(self, name: str) -> None:
+        """Fold an adapter into the base weights (W += scale·B·A) and drop every LoRA wrapper."""
+        with self.lock:
+            if name not in self.adapters:
+                raise AdapterError(f"Adapter {name!r} is not loaded.")
+            for module in list(self.model.modules()):
+                if not isinstance(module, LoraLinear):
+                    continue
+                base = module.base
+                if not isinstance(base, nn.Linear):
+                    raise AdapterError("Merging needs a full-precision base model; reload with --quant none.")
+                if name in module.deltas:
+                    a, b = module.deltas[name]
+                    base.weight.data += (b.float() @ a.float()).to(base.weight.dtype)
+            for path, module in list(self.model.named_modules()):
+                if isinstance(module, LoraLinear):
+                    parent_path, leaf = path.rsplit(".", 1)
+                    setattr(self.model.get_submodule(parent_path), leaf, module.base)
+            self.adapters.clear()
+
+
+def export_merged(base: str, adapter: str, out: str | Path, adapters_dir: str | Path = "adapters",
+                  dtype: str | None = None, num_shards: int = 2) -> Path:
+    """`glmapp merge`: base checkpoint + adapter -> a merged checkpoint in the official layout."""
+    import shutil
+
+    from glmapp.checkpoint import load_model, read_config, resolve
+    from glmapp.demo import write_weights
+
+    out = Path(out)
+    src = resolve(base).path
+    raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    model = load_model(src, device="cpu", dtype="float32")  # merge in fp32, store in the base's dtype
+    manager = AdapterManager.of(model)
+    weights = manager.load(adapter, adapters_dir)
+    manager.merge(weights.name)
+    store = dtype or raw_config.get("torch_dtype") or "float16"
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(store)
+    if store_dtype is None:
+        raise AdapterError(f"Unknown dtype {store!r} for the merged checkpoint: use float16, bfloat16 or float32.")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(store_dtype).contiguous() for k, v in model.state_dict().items()}
+    write_weights(state, out, "safetensors-sharded", num_shards)
+    raw_config["torch_dtype"] = store
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2, ensure_ascii=False) + "\n")
+    for fname in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / fname).is_file():
+            shutil.copyfile(src / fname, out / fname)
+    read_config(out)  # the result must load
+    return out
