@@ -70,12 +70,12 @@ class ChatModel(ChatGLMForConditionalGeneration):
                     do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
                     repetition_penalty: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None,
                     seed: int | None = None, system: str | None = None, return_past_key_values: bool = False,
-                    **kwargs):
+                    adapter: str | None = None, **kwargs):
         """Yield (response, history) after each new token, as the official stream_chat does.
 
         `max_length` counts prompt + reply and is capped by the model's `seq_length`. If the prompt does
         not fit, the oldest rounds of history are dropped; if the query alone does not fit,
-        `InputTooLong` says the limit.
+        `InputTooLong` says the limit. `adapter` names a loaded LoRA adapter (None: the base model).
         """
         backend = self.backend(tokenizer)
         family = tokenizer.family
@@ -103,7 +103,7 @@ class ChatModel(ChatGLMForConditionalGeneration):
             budget = min(budget, int(max_new_tokens))
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.__dict__["last_stats"] = stats
-        handle = backend.submit(GenerationRequest(prompt_ids, params, budget))
+        handle = backend.submit(GenerationRequest(prompt_ids, params, budget, adapter=adapter))
         text, response, output = "", "", []
         try:
             for delta in handle:

@@ -60,7 +60,13 @@ def cmd_chat(args) -> int:
     print(f"glmapp chat: {model.config.name_or_path} ({tokenizer.family}, {model.dtype}, "
           f"{model.device}). Type `clear` to reset, `exit` to quit.", file=sys.stderr)
     history: list = []
-    sampling = dict(max_length=args.max_length, top_p=args.top_p, temperature=args.temperature, top_k=args.top_k,
+    adapter = None
+    if args.adapter:
+        from glmapp.adapters import AdapterManager
+
+        adapter = AdapterManager.of(model).load(args.adapter, args.adapters_dir).name
+        print(f"LoRA adapter {adapter!r} applied.", file=sys.stderr)
+    sampling = dict(adapter=adapter, max_length=args.max_length, top_p=args.top_p, temperature=args.temperature, top_k=args.top_k,
                     repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
                     system=args.system)
     while True:
@@ -131,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
+    chat.add_argument("--adapters-dir", default="adapters", help="folder of LoRA adapters (default: %(default)s)")
+    chat.add_argument("--adapter", default=None, help="LoRA adapter: folder name in --adapters-dir, or a hub id")
     chat.set_defaults(func=cmd_chat)
     demo = sub.add_parser("make-demo", help="write a small random checkpoint in the official format")
     demo.add_argument("--family", choices=["chatglm2", "chatglm3"], default="chatglm2")

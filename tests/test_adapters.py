@@ -249,3 +249,23 @@ def test_unknown_adapter_name_offline(model_tok, adapters_dir):
         manager.load("missing", adapters_dir)
     with pytest.raises(AdapterError, match="Hugging Face cache"):
         manager.load("someone/some-adapter", adapters_dir)
+
+
+def test_chat_api_and_cli_take_an_adapter(model_tok, adapters_dir, demo_v2):
+    import subprocess
+    import sys
+
+    model, tok = model_tok
+    AdapterManager.of(model).load("all", adapters_dir)
+    base = model.chat(tok, "你好", [], do_sample=False, max_new_tokens=12)[0]
+    tuned = model.chat(tok, "你好", [], do_sample=False, max_new_tokens=12, adapter="all")[0]
+    assert base != tuned
+    proc = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--model", str(demo_v2), "--adapters-dir",
+                           str(adapters_dir), "--adapter", "all", "--temperature", "0", "--max-new-tokens", "12"],
+                          input="你好\n", capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "LoRA adapter 'all' applied" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--model", str(demo_v2), "--adapters-dir",
+                          str(adapters_dir), "--adapter", "../x"], input="", capture_output=True, text=True,
+                         timeout=180)
+    assert bad.returncode == 2 and "outside the adapters folder" in bad.stderr and "Traceback" not in bad.stderr
