@@ -79,7 +79,7 @@ def clean_input(text) -> str:
 
 def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = None) -> str:
     if usage is None:
-        return f"… waiting for the model · memory {memory}"
+        return f"failed · memory {memory}" if finish_reason == "error" else f"… waiting for the model · memory {memory}"
     used = usage.prompt_tokens + usage.completion_tokens
     line = (f"{usage.tokens_per_second:.1f} tokens/s · {used:,} / {max_length:,} tokens of context "
             f"({usage.completion_tokens} new) · memory {memory}")
@@ -122,7 +122,7 @@ class ChatHandlers:
                     continue
                 last_yield = now
                 if update.finish_reason is None:
-                    yield chatbot_messages(messages), messages, "", self._stats(update, settings)
+                    yield chatbot_messages(messages), messages, "", "generating… · " + self._stats(update, settings)
         finally:
             stream.close()  # a closed tab stops here: chat_stream's own finally cancels the request
             for h in handles:
@@ -133,7 +133,8 @@ class ChatHandlers:
                 messages = messages[:-2]
                 yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings)
                 return
-        yield chatbot_messages(messages), messages, "", self._stats(update, settings)
+        done = self._stats(update, settings) + (f" · {handles[0].id}" if handles else "")
+        yield chatbot_messages(messages), messages, "", done
 
     def _stats(self, update, settings: ChatSettings) -> str:
         return stats_line(update.usage, int(settings.max_length), self.manager.memory(), update.finish_reason)
@@ -200,7 +201,7 @@ def _seed(value) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"Seed must be a whole number (got {value!r}); leave it empty for a random seed.") from None
+        raise gr.Error(f"Seed must be a whole number (got {value!r}); use -1 for a random seed.") from None
 
 
 def _chain(first, rest):

@@ -68,7 +68,7 @@ def create_settings_panel(manager, config: AppConfig) -> dict:
         w["top_k"] = gr.Slider(0, 200, value=d.top_k, step=1, label="Top k", info="0 = off", elem_id="top-k")
         w["repetition_penalty"] = gr.Slider(0.5, 2, value=d.repetition_penalty, step=0.01,
                                             label="Repetition penalty", elem_id="repetition-penalty")
-        w["seed"] = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="seed")
+        w["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
     return w
 
 
@@ -109,6 +109,7 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig) -> dict:
     undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
                api_visibility="private")
     clear.click(chat.clear, None, outputs, concurrency_limit=None, api_visibility="private")
+    chatbot.clear(chat.clear, None, outputs, concurrency_limit=None, api_visibility="private")  # its trash icon
 
     def export(kind: str):
         def handler(history, system, *values):
@@ -149,7 +150,7 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig) -> 
                         gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
                                   elem_id=f"compare-temperature-{label}"),
                         gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id=f"compare-top-p-{label}"),
-                        gr.Number(value=i + 1, precision=0, label="Seed (empty = random)",
+                        gr.Number(value=i + 1, precision=0, label="Seed (-1 = random)",
                                   elem_id=f"compare-seed-{label}"),
                     ]
                 stats.append(gr.Markdown("", elem_id=f"compare-stats-{label}", elem_classes="stats-line"))

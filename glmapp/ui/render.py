@@ -46,8 +46,9 @@ def strip_control(text: str) -> str:
 
 def _inert_text(text: str) -> str:
     text = html.escape(text, quote=False).replace("&gt;", ">")  # `>` cannot open a tag; keeps blockquotes
-    text = _BAD_LINK.sub(lambda m: f"\\[{m.group(1)}\\]({m.group(2)}{_ZWSP}:", text)
-    text = _BAD_REF.sub(lambda m: f"{m.group(1)}\\[{m.group(2)}\\]: {m.group(3)}{_ZWSP}:", text)
+    # Brackets as entities: shown as `[x]`, never parsed as a link (a backslash escape would clash with `\[` math).
+    text = _BAD_LINK.sub(lambda m: f"&#91;{m.group(1)}&#93;({m.group(2)}{_ZWSP}:", text)
+    text = _BAD_REF.sub(lambda m: f"{m.group(1)}&#91;{m.group(2)}&#93;: {m.group(3)}{_ZWSP}:", text)
     return _SCHEME.sub(lambda m: f"{m.group(1)}{_ZWSP}{m.group(2)}:", text)
 
 

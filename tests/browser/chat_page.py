@@ -1,0 +1,49 @@
+"""Small helpers that drive the chat tab the way a person does (type, press keys, read what is shown)."""
+
+from __future__ import annotations
+
+STATS = "#chat-stats"
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into the number box of a slider / number field and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def stats_text(page) -> str:
+    return page.locator(STATS).inner_text()
+
+
+def request_id(stats: str) -> str:
+    return stats.rsplit("req-", 1)[1].strip() if "req-" in stats else ""
+
+
+def wait_finished(page, previous: str = "", timeout: float = 30_000) -> str:
+    """Wait until the stats line shows a finished request other than the one in `previous`; return it."""
+    page.wait_for_function(
+        """([sel, prev]) => { const t = (document.querySelector(sel) || {}).innerText || "";
+            const m = t.match(/req-(\\S+)/);
+            return t.includes("tokens/s") && !t.includes("generating") && m && m[1] !== prev; }""",
+        arg=[STATS, request_id(previous)], timeout=timeout)
+    return stats_text(page)
+
+
+def send(page, text: str) -> None:
+    box = page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def bot_messages(page) -> list[str]:
+    return page.locator('#chatbot [data-testid="bot"]').all_inner_texts()
+
+
+def user_messages(page) -> list[str]:
+    return page.locator('#chatbot [data-testid="user"]').all_inner_texts()
+
+
+def new_tokens(stats: str) -> int:
+    return int(stats.split("(")[1].split(" new")[0])

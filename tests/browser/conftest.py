@@ -1,0 +1,116 @@
+"""Real app in a subprocess (demo checkpoint, free port) + Debian's chromium driven by Playwright (sync API)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+START_TIMEOUT_S = 120
+MAX_NEW_TOKENS = 3000  # long enough to press Stop mid-stream; tests lower the slider where they need short replies
+MAX_INPUT_TOKENS = 200
+
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian chromium is not installed (bash scripts/test.sh installs it)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    def __init__(self, tmp: Path, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.comparisons = tmp / "comparisons.jsonl"
+        self.log = tmp / "app.log"
+        cmd = [sys.executable, "app.py", "--demo", "--port", str(self.port), "--max-new-tokens", str(MAX_NEW_TOKENS),
+               "--max-input-tokens", str(MAX_INPUT_TOKENS), "--comparisons-file", str(self.comparisons), *extra]
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                return  # the server answers (e.g. 401 behind --auth): it is up
+            except OSError:
+                time.sleep(0.2)  # polling the port of a starting process; bounded by the deadline
+        self.stop()
+        raise TimeoutError(f"app did not start within {START_TIMEOUT_S}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log_file.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    server = AppServer(tmp_path_factory.mktemp("app"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory):
+    server = AppServer(tmp_path_factory.mktemp("auth-app"), "--auth", "alice:s3cret")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def dialogs() -> list[str]:
+    return []
+
+
+@pytest.fixture()
+def page(browser, app_server, dialogs):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(app_server.url)
+    page.locator("#chat-input textarea").wait_for()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

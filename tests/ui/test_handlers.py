@@ -1,0 +1,192 @@
+"""UI handlers as plain functions on the real LocalBackend with the demo checkpoint (no browser)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from glmapp.model_manager import BackendManager
+from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, to_family_history
+from glmapp.ui.compare_handlers import CompareHandlers
+from glmapp.ui.config import AppConfig, ConfigError, load_config
+from glmapp.ui.export import conversation_record, render_html_page
+from glmapp.ui.render import safe_markdown
+
+GREEDY = dict(system="", max_length=8192, max_new_tokens=12, temperature=0, top_p=0.8, top_k=0,
+              repetition_penalty=1.0, seed=None)
+EVIL = "<script>alert(1)</script> <img src=x onerror=alert(1)> [x](javascript:alert(1))"
+
+
+@pytest.fixture(scope="module")
+def manager(demo_v2):
+    m = BackendManager.load(str(demo_v2), max_input_tokens=64)
+    yield m
+    m.close()
+
+
+@pytest.fixture()
+def chat(manager):
+    return ChatHandlers(manager)
+
+
+def run(gen):
+    *_, last = gen
+    return last
+
+
+def test_send_streams_and_returns_history_textbox_and_stats(chat):
+    updates = list(chat.send("hello", [], **GREEDY))
+    chatbot, messages, textbox, stats = updates[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]
+    assert chatbot[1]["content"] == safe_markdown(messages[1]["content"])
+    assert textbox == "" and "tokens/s" in stats and "(12 new)" in stats and "req-" in stats
+
+
+def test_greedy_regenerate_gives_the_same_reply_and_max_new_tokens_caps(chat):
+    _, messages, _, _ = run(chat.send("hello", [], **GREEDY))
+    _, again, _, _ = run(chat.regenerate(messages, **GREEDY))
+    assert again == messages
+    _, short, _, stats = run(chat.regenerate(messages, **{**GREEDY, "max_new_tokens": 3}))
+    assert "(3 new)" in stats and len(short[1]["content"]) <= len(messages[1]["content"])
+
+
+def test_undo_removes_the_last_round_and_returns_its_text(chat):
+    _, messages, _, _ = run(chat.send("one", [], **GREEDY))
+    _, messages, _, _ = run(chat.send("two", messages, **GREEDY))
+    chatbot, kept, text = chat.undo(messages)
+    assert text == "two" and [m["content"] for m in kept if m["role"] == "user"] == ["one"] and len(chatbot) == 2
+    assert chat.clear() == ([], [], "", "")
+
+
+def test_editing_a_past_message_continues_from_there(chat):
+    _, messages, _, _ = run(chat.send("one", [], **GREEDY))
+    _, messages, _, _ = run(chat.send("two", messages, **GREEDY))
+    edit = SimpleNamespace(index=0, value="uno &lt;b>")
+    _, edited, _, _ = run(chat.edit(messages, **GREEDY, edit=edit))
+    assert [m["content"] for m in edited if m["role"] == "user"] == ["uno <b>"]
+
+
+def test_stop_cancels_only_that_session(chat):
+    session_a, session_b = SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
+    long = {**GREEDY, "max_new_tokens": 2000}
+    gen_a, gen_b = chat.send("story", [], **long, request=session_a), chat.send("story", [], **long, request=session_b)
+    next(gen_a), next(gen_b)
+    chat.stop(session_a)
+    *_, stats_a = run(gen_a)
+    *_, stats_b = run(gen_b)
+    assert "stopped" in stats_a and "(2000 new)" in stats_b
+
+
+def test_closing_the_stream_cancels_the_generation(chat):
+    gen = chat.send("story", [], **{**GREEDY, "max_new_tokens": 2000}, request=SimpleNamespace(session_hash="tab"))
+    next(gen)
+    assert chat.active.running("tab") == 1
+    gen.close()  # what Gradio does when the tab goes away
+    assert chat.active.running("tab") == 0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\x00\x01\x7f\u200b"])
+def test_empty_or_control_only_message_is_refused(chat, text):
+    with pytest.raises(gr.Error, match="Empty message"):
+        run(chat.send(text, [], **GREEDY))
+
+
+def test_control_characters_are_removed_from_pasted_text(chat):
+    _, messages, _, _ = run(chat.send("he\x00l\x1blo\ufeff", [], **GREEDY))
+    assert messages[0]["content"] == "hello"
+
+
+def test_too_long_message_names_the_limit(chat):
+    with pytest.raises(gr.Error, match="limit of 64 tokens"):
+        run(chat.send("word " * 200, [], **GREEDY))
+
+
+def test_engine_error_in_one_request_is_reported_and_the_next_works(chat, monkeypatch):
+    backend = chat.manager.backend
+    real = backend.chat_stream
+
+    def broken(*args, **kwargs):
+        from glmapp.backends import ChatUpdate
+
+        yield ChatUpdate("", [], None, "error", "Generation failed: CUDA out of memory")
+
+    monkeypatch.setattr(backend, "chat_stream", broken)
+    _, messages, textbox, stats = run(chat.send("hello", [], **GREEDY))
+    assert messages == [] and textbox == "hello" and "failed" in stats
+    monkeypatch.setattr(backend, "chat_stream", real)
+    _, messages, _, _ = run(chat.send("hello", [], **GREEDY))
+    assert len(messages) == 2
+
+
+def test_family_history_formats():
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "x"}]
+    assert to_family_history("chatglm2", messages) == [("q", "a")]
+    assert to_family_history("chatglm3", messages)[1] == {"role": "assistant", "metadata": "", "content": "a"}
+
+
+def test_system_prompt_is_used_for_chatglm3(demo_v3):
+    manager = BackendManager.load(str(demo_v3))
+    try:
+        _, messages, _, _ = run(ChatHandlers(manager).send("hi", [], **{**GREEDY, "system": "Be brief."}))
+        assert len(messages) == 2
+    finally:
+        manager.close()
+
+
+def test_rendering_makes_markup_and_script_links_inert():
+    out = safe_markdown(EVIL + "\n```html\n<b>code</b>\n```\n$a<b$")
+    assert "<script" not in out and "<img" not in out and "](javascript:" not in out
+    assert "```html\n<b>code</b>\n```" in out  # code blocks are escaped by the Markdown renderer itself
+    assert safe_markdown("bell\x07") == "bell"
+
+
+def test_exported_html_is_standalone_inert_and_renders_formulas():
+    record = conversation_record([{"role": "user", "content": EVIL},
+                                  {"role": "assistant", "content": "$$\\frac{1}{2}$$"}], model={"name": "demo"})
+    page = render_html_page(record)
+    assert "<script" not in page and "<img" not in page and 'href="javascript' not in page
+    assert "<math" in page and "Content-Security-Policy" in page and "<link" not in page
+
+
+def test_compare_runs_columns_together_and_votes_append_jsonl(manager, tmp_path):
+    compare = CompareHandlers(manager, tmp_path / "votes.jsonl")
+    columns = [0, 0.8, 1, 0.95, 0.8, 7, 0.8, 0.8, 1, 0.8, 0.8, 1]
+    updates = list(compare.run("hello", 2, 10, *columns))
+    *outputs, record = updates[-1]
+    assert record and [c["label"] for c in record["columns"]] == ["A", "B"]
+    assert all(c["output"] and c["completion_tokens"] == 10 for c in record["columns"])
+    assert "tokens/s" in outputs[4] and "tokens/s" in outputs[5] and outputs[2] == outputs[3] == ""
+    assert "Saved" in compare.vote("B", "b wins", record)
+    assert "Saved" in compare.vote("tie", "", record)
+    lines = [json.loads(x) for x in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    assert [x["vote"] for x in lines] == ["B", "tie"] and lines[0]["note"] == "b wins"
+    with pytest.raises(gr.Error):
+        compare.vote("C", "", record)
+    assert json.loads(open(compare.export(record)).read())["prompt"] == "hello"
+
+
+def test_reload_failure_keeps_the_previous_model(manager, monkeypatch):
+    from glmapp.ui.model_handlers import reload_model
+
+    before = manager.backend
+    monkeypatch.setattr("glmapp.load", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(gr.Error, match="still serving the previous model"):
+        reload_model(manager, "float16")
+    assert manager.backend is before
+
+
+def test_config_from_flags_env_and_auth_file(tmp_path):
+    auth_file = tmp_path / "users"
+    auth_file.write_text("# team\nbob:pw2\n")
+    cfg = load_config(["--auth", "al:pw", "--auth-file", str(auth_file), "--port", "9000"],
+                      {"GLMAPP_PORT": "1234", "GLMAPP_MAX_CONCURRENCY": "8", "GLMAPP_SHARE": "true"})
+    assert cfg.port == 9000 and cfg.max_concurrency == 8 and cfg.share and cfg.host == "127.0.0.1"
+    assert cfg.credentials() == [("al", "pw"), ("bob", "pw2")]
+    assert load_config([], {"GRADIO_SERVER_NAME": "0.0.0.0"}).host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="USER:PASS"):
+        AppConfig(auth=["nopassword"]).credentials()
+    with pytest.raises(ConfigError):
+        load_config(["--dtype", "int3"], {})
