@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from glmapp.cpu_threads import single_threaded
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
@@ -239,7 +240,16 @@ def build_empty(config: ChatGLMConfig, dtype: torch.dtype, device: torch.device,
 
 
 def load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None):
-    """Read config and weights of a resolved folder into a ready model (eval mode, no grad)."""
+    """Read config and weights of a resolved folder into a ready model (eval mode, no grad).
+
+    Runs single-threaded on CPU (copying is memory-bound anyway) so that the calling thread never owns
+    an OpenMP team that would slow down the engine thread (see glmapp.cpu_threads).
+    """
+    with single_threaded():
+        return _load_model(path, device, dtype, model_cls, family)
+
+
+def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None):
     config = read_config(path)
     if family:
         if family not in SUPPORTED_FAMILIES:

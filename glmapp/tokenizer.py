@@ -230,6 +230,8 @@ class StreamDecoder:
 
     Decodes only the window from the last stable offset, so the cost per token stays small; since both
     texts compared start at the same id, SentencePiece's leading-space stripping cancels out.
+    Byte sequences that can never become valid UTF-8 (only a broken or random model makes them) are
+    dropped instead of being shown as U+FFFD.
     """
 
     def __init__(self, tokenizer: ChatGLMTokenizer, skip_special_tokens: bool = False):
@@ -249,7 +251,7 @@ class StreamDecoder:
         full = self._decode(self._prefix_offset)
         if len(full) <= len(done) or full.endswith("\ufffd"):
             return ""
-        delta = full[len(done):]
+        delta = full[len(done):].replace("\ufffd", "")
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         self.text += delta
         return delta
@@ -257,7 +259,7 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is still held back (an invalid byte tail decodes to U+FFFD here)."""
         done = self._decode(self._prefix_offset, self._read_offset)
-        delta = self._decode(self._prefix_offset)[len(done):]
+        delta = self._decode(self._prefix_offset)[len(done):].replace("\ufffd", "")
         self._prefix_offset = self._read_offset = len(self.ids)
         self.text += delta
         return delta

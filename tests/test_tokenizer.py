@@ -178,7 +178,16 @@ def test_stream_decoder_holds_incomplete_bytes_until_flush(tokenizer):
     stream = StreamDecoder(tokenizer)
     text = "".join(stream.push(i) for i in ids)
     assert text == "ok "
-    assert stream.flush().endswith("\ufffd")
+    assert stream.flush() == ""  # the incomplete emoji is dropped, never shown as U+FFFD
+
+
+def test_stream_decoder_drops_invalid_bytes_mid_stream(tokenizer):
+    lone = tokenizer.sp.piece_to_id("<0x80>")  # a continuation byte with no lead byte: never valid
+    ids = tokenizer.sp.encode("a", add_bos=False) + [lone] + tokenizer.sp.encode("b 好", add_bos=False)
+    stream = StreamDecoder(tokenizer)
+    deltas = [stream.push(i) for i in ids] + [stream.flush()]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas).replace(" ", "") == "ab好"
 
 
 def test_stream_decoder_window_stays_small(tokenizer):

@@ -8,13 +8,17 @@ engine goes on; an out-of-memory error ends the newest request and shrinks the b
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from glmapp.adapters import AdapterManager
+from glmapp.cpu_threads import claim_compute_threads, single_threaded
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
 from glmapp.engine.request import Delta, Usage
 from glmapp.engine.runner import ModelRunner
@@ -57,6 +61,7 @@ class EngineConfig:
     block_size: int = 16
     max_seqs: int = 32
     max_batch_tokens: int = 512  # prefill chunk budget per step
+    num_threads: int | None = None  # CPU intra-op threads of the engine thread (None: the process's count)
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_seqs < 1 or self.max_batch_tokens < 1:
@@ -81,8 +86,9 @@ class Engine:
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float16
         per_block = PagedKVCache.bytes_per_block(model.config, self.config.block_size, dtype)
         num_blocks = max(1, _kv_budget_bytes(self.config, device) // per_block)
-        self.cache = PagedKVCache(model.config.num_layers, num_blocks, self.config.block_size,
-                                  model.config.num_kv_groups, model.config.kv_channels, dtype, device)
+        with single_threaded():  # filling the cache must not give this thread an OpenMP team
+            self.cache = PagedKVCache(model.config.num_layers, num_blocks, self.config.block_size,
+                                      model.config.num_kv_groups, model.config.kv_channels, dtype, device)
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.allocator, self.config.max_seqs, self.config.max_batch_tokens)
         self.runner = ModelRunner(model, self.cache)
@@ -90,6 +96,7 @@ class Engine:
         self.context_length = int(model.config.seq_length)
         self.vocab = int(model.config.padded_vocab_size)
         self._inbox: list[Sequence] = []
+        self._calls: list[tuple[object, Future]] = []
         self._cancels: set[str] = set()
         self._wake = threading.Condition()
         self._alive = True
@@ -97,6 +104,9 @@ class Engine:
         self.error_count = 0
         self._thread = threading.Thread(target=self._loop, name="glmapp-engine", daemon=True)
         self._thread.start()
+        # A daemon thread killed inside a torch op at interpreter exit aborts the process: stop cleanly.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (engine := ref()) is not None and engine.shutdown())
 
     # ---- client side (any thread) --------------------------------------------------------------------
     def submit(self, handle, request) -> None:
@@ -147,11 +157,27 @@ class Engine:
             self._cancels.add(request_id)
             self._wake.notify()
 
+    def call(self, fn, timeout: float | None = None):
+        """Run `fn()` on the engine thread between steps and return its result (or raise its error).
+
+        For work that must not overlap a step (swapping weights) or that should share the engine
+        thread's CPU thread pool (benchmark baselines): on CPU, a second thread running torch code
+        makes both slower, because each thread that runs parallel regions gets its own OpenMP team.
+        """
+        future: Future = Future()
+        with self._wake:
+            if not self._alive:
+                raise RuntimeError("the engine is shut down")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future.result(timeout)
+
     def shutdown(self) -> None:
         with self._wake:
             self._alive = False
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     def stats(self) -> dict:
         return {"free_blocks": self.allocator.num_free, "num_blocks": self.allocator.num_blocks,
@@ -160,22 +186,31 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        claim_compute_threads(self.config.num_threads)
         while True:
             with self._wake:
-                while self._alive and not (self._inbox or self._cancels or self.scheduler.has_work()):
+                while self._alive and not (self._inbox or self._cancels or self._calls or self.scheduler.has_work()):
                     self._wake.wait()
                 if not self._alive:
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
+                calls, self._calls = self._calls, []
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
             for seq in inbox:
                 self.scheduler.add(seq)
             if cancels:
                 self._cancel_now(cancels)
             if self.scheduler.has_work():
                 self._step()
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
             self._finish(seq, "cancelled", "The engine was shut down.")
+        for _, future in self._calls:
+            future.set_exception(RuntimeError("the engine was shut down"))
 
     def _cancel_now(self, ids: set[str]) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):

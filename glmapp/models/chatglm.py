@@ -90,9 +90,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Spec §3.4: the whole computation runs in fp32 and is cast back once.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -112,8 +110,8 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
         return 1.0 / (base**exponents)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [b, t] -> (cos, sin) each [b, t, 1, rotary_dim/2] in `dtype`."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """positions [b, t] -> rotations e^(i·angle) as complex64 [b, t, 1, rotary_dim/2]."""
         inv_freq = self.compute_inv_freq(positions.device)
         if self.family == "chatglm3":
             pos = positions.float()
@@ -124,17 +122,17 @@ class RotaryEmbedding(nn.Module):
             table_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
             pos = positions.to(table_dtype) / self.rope_ratio  # chatglm2-32k interpolates positions
             angles = pos[..., None] * inv_freq.to(table_dtype)
-        return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
+        angles = angles.float()
+        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, t, n, d]: rotate interleaved pairs (2i, 2i+1) of dims [0, rotary_dim); the rest pass through."""
-    rot_dim = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    pairs = x_rot.unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """x [b, t, n, d]: rotate interleaved pairs (2i, 2i+1) of dims [0, rotary_dim) by complex multiplication
+    (out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin); the other dims pass through."""
+    rot_dim = rotations.shape[-1] * 2
+    pairs = torch.view_as_complex(x[..., :rot_dim].float().unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -149,17 +147,17 @@ class SelfAttention(nn.Module):
         )
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        # Spec §3.5: rows are [all q heads | all k groups | all v groups], not per-head interleaved.
-        b, t, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_groups * self.head_dim
-        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(b, t, self.num_groups, self.head_dim), cos, sin)
-        return q, k, v.view(b, t, self.num_groups, self.head_dim)
+    def project_qkv(self, x: torch.Tensor, rotations: torch.Tensor):
+        # Spec §3.5: rows are [all q heads | all k groups | all v groups], not per-head interleaved,
+        # so q and k are adjacent and get their rotary embedding in one go.
+        heads, groups, d = self.num_heads, self.num_groups, self.head_dim
+        qkv = self.query_key_value(x)
+        qk = apply_rotary(qkv[..., : (heads + groups) * d].unflatten(-1, (heads + groups, d)), rotations)
+        q, k = qk.split([heads, groups], dim=2)
+        return q, k, qkv[..., (heads + groups) * d:].unflatten(-1, (groups, d))
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
-        q, k, v = self.project_qkv(x, cos, sin)
+    def forward(self, x, rotations, attn_mask=None, cache: KVCache | None = None):
+        q, k, v = self.project_qkv(x, rotations)
         if cache is not None:
             out = cache.attend(self.layer_number, q, k, v)
         else:
@@ -199,8 +197,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        h = x + self.self_attention(self.input_layernorm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, rotations, attn_mask=None, cache=None):
+        h = x + self.self_attention(self.input_layernorm(x), rotations, attn_mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -233,13 +231,13 @@ class ChatGLMModel(nn.Module):
 
     def hidden_states(self, input_ids, positions, attn_mask=None, cache=None) -> torch.Tensor:
         x = self.embedding(input_ids)
-        cos, sin = self.rotary_pos_emb(positions, x.dtype)
+        rotations = self.rotary_pos_emb(positions, x.dtype)
         encoder = self.encoder
         for layer in encoder.layers:
             if encoder.gradient_checkpointing and self.training:
-                x = encoder._gradient_checkpointing_func(layer.__call__, x, cos, sin, attn_mask)
+                x = encoder._gradient_checkpointing_func(layer.__call__, x, rotations, attn_mask)
             else:
-                x = layer(x, cos, sin, attn_mask, cache)
+                x = layer(x, rotations, attn_mask, cache)
         return encoder.final_layernorm(x)
 
 
