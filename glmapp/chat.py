@@ -39,12 +39,14 @@ class GenerationStats:
     reused_tokens: int = 0
     prefilled_tokens: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # submit -> last token
+    first_token_seconds: float = 0.0  # submit -> first token (prefill)
     finish_reason: str = ""
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        span = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / span if self.new_tokens > 1 and span > 0 else 0.0
 
 
 class ChatModel(ChatGLMForConditionalGeneration):
@@ -112,6 +114,7 @@ class ChatModel(ChatGLMForConditionalGeneration):
                 if delta.usage is not None:
                     u = delta.usage
                     stats.reused_tokens, stats.new_tokens, stats.seconds = u.cached_tokens, u.completion_tokens, u.seconds
+                    stats.first_token_seconds = u.first_token_seconds
                     stats.prefilled_tokens = u.prompt_tokens - u.cached_tokens
                 if delta.error:
                     raise InputError(delta.error)

@@ -277,8 +277,9 @@ class Engine:
 
     def _usage(self, seq: Sequence):
         state: RequestState = seq.payload
+        first = state.first_token - state.submitted if state.first_token is not None else 0.0
         return Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens,
-                     time.perf_counter() - state.submitted)
+                     time.perf_counter() - state.submitted, first)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, text: str = "",
                 token_ids: list[int] | None = None) -> None:

@@ -13,10 +13,17 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused instead of prefilled
     seconds: float = 0.0  # from submit to the last token
+    first_token_seconds: float = 0.0  # from submit to the first new token (queueing + prefill)
 
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generation speed after the first token (excludes queueing and prefill)."""
+        span = self.seconds - self.first_token_seconds
+        return (self.completion_tokens - 1) / span if self.completion_tokens > 1 and span > 0 else 0.0
 
 
 @dataclass
