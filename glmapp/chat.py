@@ -53,6 +53,7 @@ class ChatModel(ChatGLMForConditionalGeneration):
     """ChatGLM with the official `chat` / `stream_chat` API (what `glmapp.load` returns)."""
 
     _backend_lock = threading.Lock()
+    engine_config = None  # an EngineConfig for the engine created on first use (None: defaults)
 
     def backend(self, tokenizer):
         """The LocalBackend (engine thread) serving this model, created on first use."""
@@ -63,7 +64,7 @@ class ChatModel(ChatGLMForConditionalGeneration):
             if current is None or current.tokenizer is not tokenizer:
                 if current is not None:
                     current.close()
-                current = LocalBackend(self, tokenizer)
+                current = LocalBackend(self, tokenizer, engine_config=self.engine_config)
                 self.__dict__["_glmapp_backend"] = current
                 self.__dict__.setdefault("last_stats", GenerationStats())
             return current

@@ -105,9 +105,12 @@ def test_cancelling_half_of_sixteen_frees_their_blocks_and_the_rest_finish(model
     try:
         handles = [submit(engine, p, SamplingParams(temperature=0), 200, stop_ids=[-1]) for p in prompts]
         firsts = [next(iter(h)).token_ids for h in handles]  # all of them are running
+        before_cancel = engine.allocator.num_free
         for h in handles[::2]:
             h.cancel()
         cancelled = [collect(h)[2] for h in handles[::2]]
+        assert engine.allocator.num_free > before_cancel  # freed at the next step, while the rest still run
+        assert engine.stats()["running"] == 8
         assert all(d.finish_reason == "cancelled" for d in cancelled)
         kept = [collect(h) for h in handles[1::2]]
         assert all(last.finish_reason == "length" for _, _, last in kept)
@@ -250,3 +253,28 @@ def test_bad_requests_are_refused_at_submit(model_tok):
         assert "max_new_tokens" in collect(submit(engine, [5, 6], max_new=0))[2].error
     finally:
         engine.shutdown()
+
+
+def test_out_of_memory_ends_the_newest_request_and_shrinks_the_batch(model_tok):
+    model, tok = model_tok
+    poison = tok.encode("☠", add_special_tokens=False)[-1]
+
+    def out_of_memory(module, args):
+        if (args[0] == poison).any():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = model.transformer.embedding.register_forward_pre_hook(out_of_memory)
+    engine = make_engine(model_tok, max_seqs=8)
+    try:
+        good = prompts_of(tok, 2)
+        handles = [submit(engine, good[0], max_new=40), submit(engine, good[1], max_new=40)]
+        next(iter(handles[0]))
+        bad = submit(engine, tok.encode("☠ hi"))
+        last = collect(bad)[2]
+        results = [collect(h) for h in handles]
+        assert engine.scheduler.max_seqs < 8
+    finally:
+        engine.shutdown()
+        hook.remove()
+    assert last.finish_reason == "error" and "Out of" in last.error and "memory" in last.error
+    assert all(r[2].finish_reason == "length" for r in results)
