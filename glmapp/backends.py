@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import itertools
 import queue
-import threading
-import time
 from dataclasses import dataclass
 
 from glmapp import prompts
 from glmapp.engine.request import Delta, GenerationRequest, Usage
 from glmapp.engine.sampling import SamplingParams
-from glmapp.errors import GlmappError, InputError
-from glmapp.tokenizer import StreamDecoder
+from glmapp.errors import InputError
 
 
 class RequestHandle:
@@ -44,14 +41,6 @@ class RequestHandle:
                 self.usage = delta.usage
             yield delta
 
-    def text(self) -> str:
-        """Block until the end and return the whole text (raises on error)."""
-        parts = []
-        for delta in self:
-            parts.append(delta.text)
-            if delta.error:
-                raise GlmappError(delta.error)
-        return "".join(parts)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-import torch
 
 from glmapp import prompts
 from glmapp.engine.request import GenerationRequest

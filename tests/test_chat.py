@@ -1,7 +1,6 @@
 """The official chat()/stream_chat() API on our model: streaming, history, KV reuse, limits, bad input."""
 
 import pytest
-import torch
 
 import glmapp
 from glmapp import prompts

@@ -1,6 +1,8 @@
 """KV memory for generation.
 
-`DenseKVCache` is the simple contiguous cache used by `chat`/`stream_chat` for one conversation:
+`DenseKVCache` is the simplest cache the model's `forward_cached` accepts (contiguous, all rows advance
+together): the reference the engine's paged cache is tested against, and a minimal example of the
+`KVCache` protocol.
     k/v storage: [num_layers, batch, capacity, groups, head_dim], allocated once.
 Keys are stored after RoPE and before the group broadcast (spec §3.7), so a cache is only 2/32 of a
 full multi-head cache on ChatGLM2/3.

@@ -4,7 +4,6 @@ Used as the independent reference in tests and as the baseline in `bench/engine.
 out of `query_key_value`, names are mapped, nothing else changes.
 """
 
-import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 
