@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from glmapp.errors import CheckpointError, GlmappError, InputError, InputTooLong, TokenizerError
+from glmapp.errors import CheckpointError, GlmappError, InputError, InputTooLong, QuantizationError, TokenizerError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
 __all__ = ["load", "ChatGLMConfig", "ChatGLMForConditionalGeneration", "GlmappError", "CheckpointError",
-           "TokenizerError", "InputError", "InputTooLong"]
+           "TokenizerError", "InputError", "InputTooLong", "QuantizationError"]
 __version__ = "0.1.0"
 
 AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
@@ -28,11 +28,13 @@ def _register_models():
             pass
 
 
-def load(model: str, device: str | None = None, dtype: str = "auto", family: str | None = None):
+def load(model: str, device: str | None = None, dtype: str = "auto", family: str | None = None,
+         quant: str | None = None):
     """Load a ChatGLM2/3 checkpoint (folder, Hugging Face cache or hub id) -> (model, tokenizer).
 
     The model has the official `chat` and `stream_chat` methods. Raises `CheckpointError` with what was
-    looked for when nothing usable is found.
+    looked for when nothing usable is found. `quant`: none, int8, int4, bnb-int8 or bnb-nf4 (see
+    `glmapp.quant`); None loads the checkpoint as stored (a `quantization_bit: 4` checkpoint as int4).
     """
     from glmapp.chat import ChatModel
     from glmapp.checkpoint import load_model, read_config, resolve
@@ -41,7 +43,8 @@ def load(model: str, device: str | None = None, dtype: str = "auto", family: str
     path = resolve(model).path
     # Tokenizer first: it is cheap, and a bad tokenizer file should fail before gigabytes are read.
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=family or read_config(path).family)
-    net = load_model(path, device=device, dtype=dtype, model_cls=ChatModel, family=tokenizer.family)
+    net = load_model(path, device=device, dtype=dtype, model_cls=ChatModel, family=tokenizer.family,
+                     quant=quant)
     return net, tokenizer
 
 

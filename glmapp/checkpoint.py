@@ -96,10 +96,10 @@ def read_config(path: Path) -> ChatGLMConfig:
         raise CheckpointError("This is a ChatGLM-6B (v1) checkpoint; glmapp supports ChatGLM2-6B and ChatGLM3-6B.")
     if raw.get("pre_seq_len"):
         raise CheckpointError("P-tuning checkpoints (pre_seq_len) are not supported; use LoRA adapters.")
-    if raw.get("quantization_bit"):
+    if raw.get("quantization_bit") not in (None, 0, 4, 8):
         raise CheckpointError(
-            f"Pre-quantized checkpoints (quantization_bit={raw['quantization_bit']}) are not supported yet: "
-            "load the full-precision checkpoint instead."
+            f"Pre-quantized checkpoints with quantization_bit={raw['quantization_bit']} are not supported: "
+            "glmapp reads the official int4/int8 layouts (quantization_bit 4 or 8) or full-precision weights."
         )
     raw.setdefault("family", detect_family(path, raw))
     raw.pop("auto_map", None)
@@ -228,28 +228,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def build_empty(config: ChatGLMConfig, dtype: torch.dtype, device: torch.device, model_cls=None):
-    """Model skeleton: built on meta (no init cost), then allocated once in dtype on device."""
+def build_empty(config: ChatGLMConfig, dtype: torch.dtype, device: torch.device, model_cls=None,
+                quant: str = "none"):
+    """Model skeleton: built on meta (no init cost), linears swapped for `quant`, then allocated once in
+    dtype on device (so a quantized model never allocates its full-precision linears)."""
+    from glmapp.quant import swap_for_loading
+
     model_cls = model_cls or ChatGLMForConditionalGeneration
     with torch.device("meta"):
         model = model_cls(config)
+    swap_for_loading(model, quant)
     model = model.to(dtype).to_empty(device=device)
     rotary = model.transformer.rotary_pos_emb
     rotary.inv_freq = rotary.compute_inv_freq(device).to(dtype)
     return model.eval()
 
 
-def load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None):
+def load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None,
+               quant: str | None = None, progress=None):
     """Read config and weights of a resolved folder into a ready model (eval mode, no grad).
 
+    `quant` (glmapp.quant.MODES) quantizes the encoder linears tensor by tensor as they are read; None
+    loads the checkpoint as stored. `progress(fraction, message)` is called as tensors arrive.
     Runs single-threaded on CPU (copying is memory-bound anyway) so that the calling thread never owns
     an OpenMP team that would slow down the engine thread (see glmapp.cpu_threads).
     """
     with single_threaded():
-        return _load_model(path, device, dtype, model_cls, family)
+        return _load_model(Path(path), device, dtype, model_cls, family, quant, progress)
 
 
-def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None):
+def iter_tensors(path: Path):
+    """(name, CPU tensor) for every tensor of a checkpoint folder, one file at a time."""
+    for file in weight_files(Path(path)):
+        yield from (_iter_safetensors(file, {}) if file.suffix == ".safetensors" else _iter_bin(file))
+
+
+def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None,
+                quant: str | None = None, progress=None):
+    from glmapp.quant import QuantizingLoader, resolve_mode
+
     config = read_config(path)
     if family:
         if family not in SUPPORTED_FAMILIES:
@@ -257,32 +274,46 @@ def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: s
         config.family = family
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    mode = resolve_mode(quant, config.quantization_bit, dev)
     files = weight_files(path)
-    model = build_empty(config, dt, dev, model_cls)
+    model = build_empty(config, dt, dev, model_cls, quant=mode)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    # Pre-quantized checkpoints fill the QuantizedLinear tensors directly; full precision goes through `quantizer`.
+    quantizer = QuantizingLoader(model, "none" if config.quantization_bit else mode, dev, dt)
+    expected = set(params) | set(quantizer.modules)
     filled: set[str] = set()
     with torch.no_grad():
         for file in files:
             reader = _iter_safetensors(file, params) if file.suffix == ".safetensors" else _iter_bin(file)
             for name, tensor in reader:
+                if progress is not None:
+                    progress(len(filled) / len(expected), f"Loading {name}")
+                if name in quantizer.modules:
+                    filled.update(quantizer.take(name, tensor if tensor is not None else params[name]))
+                    continue
                 dst = params.get(name)
                 if dst is None:
                     continue  # extras such as prefix_encoder or classifier heads are not used
                 if tensor is not None:
                     if tuple(tensor.shape) != tuple(dst.shape):
+                        hint = (f" config.json has quantization_bit={config.quantization_bit} (pre-quantized "
+                                f"int8 weights expected) but the tensor is {tensor.dtype}"
+                                if config.quantization_bit and dst.dtype == torch.int8 else "")
                         raise CheckpointError(
                             f"Tensor {name!r} in {file.name!r} has shape {tuple(tensor.shape)}, but this "
-                            f"config expects {tuple(dst.shape)}: the weights and config.json disagree."
+                            f"config expects {tuple(dst.shape)}: the weights and config.json disagree.{hint}"
                         )
                     dst.copy_(tensor)
                 filled.add(name)
     model.transformer.rotary_pos_emb.inv_freq.copy_(model.transformer.rotary_pos_emb.compute_inv_freq(dev))
     filled.add("transformer.rotary_pos_emb.inv_freq")  # values are recomputed, never read (spec §2.1)
-    missing = sorted(set(params) - filled)
+    missing = sorted(expected - filled)
     if missing:
         raise CheckpointError(f"Weights are missing {len(missing)} tensors, e.g. {missing[0]!r}: "
                               f"the checkpoint is incomplete or for another model.")
     model.requires_grad_(False)
     model.config.name_or_path = str(path)
+    if mode in ("int8", "int4"):
+        model.config.quantization_bit = int(mode[3:])  # as the official model.quantize() records it
     return model

@@ -16,12 +16,16 @@ DEMO_HINT = "Run with --demo to chat with the built-in demo checkpoint (random w
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from glmapp.checkpoint import DEFAULT_MODEL
+    from glmapp.quant import MODES
 
     p.add_argument("--model", default=None,
                    help=f"folder or hub id (default: {DEFAULT_MODEL}, or the demo checkpoint when it is not found)")
     p.add_argument("--demo", action="store_true", help="use the demo checkpoint (random weights)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--quant", default=None, choices=MODES,
+                   help="weight quantization (default: as the checkpoint is stored): int8/int4 = ChatGLM's own "
+                        "scheme, bnb-int8/bnb-nf4 = bitsandbytes")
 
 
 def load_for_cli(args, stdin_is_tty: bool | None = None):
@@ -33,11 +37,12 @@ def load_for_cli(args, stdin_is_tty: bool | None = None):
         path = ensure_demo(getattr(args, "family", None) or "chatglm2")
         print(f"[demo] Using the demo checkpoint at {path} (random weights: replies are gibberish).",
               file=sys.stderr)
-        return glmapp.load(str(path), device=args.device, dtype=args.dtype)
+        return glmapp.load(str(path), device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None))
     from glmapp.checkpoint import DEFAULT_MODEL
 
     try:
-        return glmapp.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+        return glmapp.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
+                           quant=getattr(args, "quant", None))
     except CheckpointError as e:
         if args.model is None:  # the default model is simply not installed: fall back, clearly labelled
             print(f"{e}\n", file=sys.stderr)

@@ -26,3 +26,7 @@ class InputTooLong(InputError):
 
 class AdapterError(GlmappError):
     """A LoRA adapter cannot be listed, loaded, applied or merged."""
+
+
+class QuantizationError(GlmappError):
+    """A quantization mode is unknown, unavailable here, or does not fit the checkpoint."""

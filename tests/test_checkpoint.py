@@ -162,6 +162,11 @@ def test_v1_and_prequantized_configs_are_refused_clearly(demo_v2, tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "position_encoding_2d": True}))
     with pytest.raises(CheckpointError, match="v1"):
         glmapp.load(str(path))
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_bit": 3}))
+    with pytest.raises(CheckpointError, match="quantization_bit=3"):
+        load_model(path)
+    # quantization_bit 4 promises the official int4 layout (tests/test_quant.py); full-precision weights
+    # under such a config are named as the mismatch they are.
     (path / "config.json").write_text(json.dumps({**cfg, "quantization_bit": 4}))
     with pytest.raises(CheckpointError, match="quantization_bit=4"):
         load_model(path)

@@ -1,0 +1,469 @@
+"""Weight-only quantization as module swaps: ChatGLM's own int8/int4 scheme and bitsandbytes modes.
+
+Notable choices:
+- The four encoder linears per layer (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are
+  swapped; embeddings and output_layer never are (spec §7). The model file is not touched.
+- `QuantizedLinear` stores the official tensors (`weight` int8, packed two int4 per byte for int4,
+  `weight_scale` per output row, `bias`), so a quantized model's state dict is the official
+  `chatglm2-6b-int4` layout (spec §2.2) and that checkpoint loads as it lies on disk.
+- CPU forward: `(x @ q.T) * scale` (scale applied to the output rows, never to the weight); int4
+  multiplies the even and odd input columns by the high and low nibbles separately instead of
+  interleaving them back. Measured on a 5632×1024 weight, fp32, 1 row: 1.0 ms vs 2.0 ms for
+  dequantize-then-matmul (int8), 1.4 ms vs 3.5 ms (int4) (bench/RESULTS.md, "Quantization").
+- CUDA forward dequantizes to the activation dtype and runs one cuBLAS GEMM. UNTESTED: no GPU was
+  available to the session that wrote it. cpm_kernels (what THUDM uses) is only a CUDA module loader;
+  the int4/int8 kernels THUDM runs are their own compiled blob, which we do not ship.
+- Loading quantizes tensor by tensor as the checkpoint streams in (`QuantizingLoader`): a
+  full-precision copy of one linear at most exists at a time, never the whole model.
+- bitsandbytes modes reuse transformers' `BitsAndBytesConfig` for their settings and swap in
+  `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit`, quantized on the target device as each weight is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmapp.errors import CheckpointError, QuantizationError
+
+MODES = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+BITS = {"int8": 8, "int4": 4}
+LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+ALTERNATIVE = {"bnb-int8": "int8", "bnb-nf4": "int4", "int8": "bnb-int8", "int4": "bnb-nf4"}
+Progress = Callable[[float, str], None]
+
+
+# ---- the scheme (spec §7) ----------------------------------------------------------------------------
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (q int8 [out, in] (8 bits) or packed [out, in/2] (4 bits), scale [out]).
+
+    scale = max|row| / (2^(bits-1) - 1) in the weight's dtype; q = round(W / scale), half to even,
+    no clamp (|W/scale| <= 2^(bits-1)-1 up to the scale's rounding, well below the next half step).
+    """
+    if bits not in (4, 8):
+        raise QuantizationError(f"quantization bits must be 4 or 8, not {bits}.")
+    scale = (weight.float().abs().amax(dim=-1) / (2 ** (bits - 1) - 1)).to(weight.dtype)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()  # all-zero row -> q = 0
+    q = torch.round(weight.float() / safe[:, None]).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] with values in [-8, 7] -> [out, in/2]: column 2j in the high nibble, 2j+1 low."""
+    if q.shape[-1] % 2:
+        raise QuantizationError(f"int4 packing needs an even number of input columns, got {q.shape[-1]}.")
+    return ((q[..., 0::2] << 4) | (q[..., 1::2] & 0x0F)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: both nibbles sign-extended by arithmetic shifts."""
+    high, low = packed >> 4, (packed << 4) >> 4
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W ≈ q · scale[row] in `dtype` (q packed when bits == 4)."""
+    q = unpack_int4(q) if bits == 4 else q
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+class QuantizedLinear(nn.Module):
+    """W4A16 / W8A16 linear with the official tensor names: weight, weight_scale, bias."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        if bits not in (4, 8) or (bits == 4 and in_features % 2):
+            raise QuantizationError(f"Cannot quantize a {in_features}-column linear to {bits} bits.")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        cols = in_features // 2 if bits == 4 else in_features
+        self.weight = nn.Parameter(torch.empty(out_features, cols, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
+        module = cls(linear.in_features, linear.out_features, bits, linear.bias is not None,
+                     dtype=linear.weight.dtype, device=linear.weight.device)
+        q, scale = quantize_weight(linear.weight.detach(), bits)
+        module.weight.copy_(q)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.dtype == torch.float16:
+            # UNTESTED on CUDA. fp16 also goes here: x @ q.T before scaling can exceed fp16's range.
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        scale = self.weight_scale.to(x.dtype)
+        if self.bits == 8:
+            y = F.linear(x, self.weight.to(x.dtype))
+        else:  # even input columns meet the high nibbles, odd ones the low nibbles (spec §7 packing)
+            w = self.weight
+            y = F.linear(x[..., 0::2], (w >> 4).to(x.dtype)) + F.linear(x[..., 1::2], ((w << 4) >> 4).to(x.dtype))
+        y = y * scale
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class _PendingLinear(nn.Module):
+    """Placeholder without tensors where a bitsandbytes linear will go once its weight is read."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+
+    def forward(self, x):
+        raise QuantizationError("This linear layer was never loaded (bitsandbytes placeholder).")
+
+
+# ---- modes and availability -------------------------------------------------------------------------
+@functools.cache
+def _bnb_import_error() -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything; the reason is reported
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e}); pip install bitsandbytes==0.50.2"
+    return None
+
+
+def _bnb_unavailable_reason(device: torch.device) -> str | None:
+    if device.type not in ("cpu", "cuda"):
+        return f"bitsandbytes modes run on CPU or CUDA, not {device.type}"
+    return _bnb_import_error()
+
+
+def available_modes(device: str | torch.device = "cpu") -> dict[str, str | None]:
+    """mode -> None when it can run on `device`, else why not (for the UI to show next to the option)."""
+    device = torch.device(device)
+    bnb_reason = _bnb_unavailable_reason(device)
+    return {"none": None, "int8": None, "int4": None, "bnb-int8": bnb_reason, "bnb-nf4": bnb_reason}
+
+
+def resolve_mode(quant: str | None, quantization_bit: int, device: torch.device) -> str:
+    """The mode to load with: `quant`, or for a pre-quantized checkpoint its own int4/int8.
+
+    Raises QuantizationError for an unknown or unavailable mode, naming what to use instead."""
+    stored = f"int{quantization_bit}" if quantization_bit else None
+    mode = quant or stored or "none"
+    if mode not in MODES:
+        raise QuantizationError(f"Unknown quantization {mode!r}: use one of {', '.join(MODES)}.")
+    if stored and mode != stored:
+        raise QuantizationError(
+            f"This checkpoint is stored pre-quantized as {stored} (quantization_bit={quantization_bit}) and "
+            f"loads only as {stored}; for {mode!r} load the full-precision checkpoint (e.g. THUDM/chatglm2-6b).")
+    reason = available_modes(device)[mode]
+    if reason is not None:
+        raise QuantizationError(f"Quantization {mode!r} is not available on {device}: {reason}. "
+                                f"Use {ALTERNATIVE[mode]!r} instead (same memory class, no extra dependency).")
+    return mode
+
+
+def bnb_config(mode: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for a bnb mode: its field names and defaults, one place."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, device: torch.device,
+               dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes linear holding `weight` quantized on `device` (bias kept in `dtype`)."""
+    import bitsandbytes as bnb
+
+    cfg = bnb_config(mode, dtype)
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        if mode == "bnb-int8":
+            module = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
+                                         has_fp16_weights=False, threshold=cfg.llm_int8_threshold)
+        else:
+            module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+                                       compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                       quant_type=cfg.bnb_4bit_quant_type)
+    w = weight.to(dtype)  # quantized from the model dtype, as from_pretrained would
+    if mode == "bnb-int8":
+        module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=cfg.bnb_4bit_quant_type,
+                                          compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                          module=module).to(device)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    return module
+
+
+# ---- swapping modules -------------------------------------------------------------------------------
+def linear_names(model: nn.Module) -> list[str]:
+    """Module paths of the quantizable linears: transformer.encoder.layers.N.<LINEARS>."""
+    return [f"transformer.encoder.layers.{i}.{name}" for i in range(len(model.transformer.encoder.layers))
+            for name in LINEARS]
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return getattr(module, "base", module)  # a LoRA wrapper keeps the quantizable module as `base`
+
+
+def swap_for_loading(model: nn.Module, mode: str) -> None:
+    """On a meta-device skeleton: replace the linears with empty modules of `mode` before allocation."""
+    if mode == "none":
+        return
+    for path in linear_names(model):
+        linear = model.get_submodule(path)
+        has_bias = linear.bias is not None
+        if mode in BITS:
+            new = QuantizedLinear(linear.in_features, linear.out_features, BITS[mode], has_bias,
+                                  dtype=torch.float16, device="meta")
+        else:
+            new = _PendingLinear(linear.in_features, linear.out_features, has_bias)
+        _set(model, path, new)
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Quantize an already loaded full-precision model in place (each linear replaced as it goes)."""
+    if mode not in MODES:
+        raise QuantizationError(f"Unknown quantization {mode!r}: use one of {', '.join(MODES)}.")
+    device = model.transformer.output_layer.weight.device
+    dtype = model.transformer.output_layer.weight.dtype
+    resolve_mode(mode, 0, device)
+    if mode == "none":
+        return model
+    for path in linear_names(model):
+        linear = model.get_submodule(path)
+        if not isinstance(linear, nn.Linear):
+            raise QuantizationError(f"{path} is already {type(linear).__name__}; quantize a full-precision model.")
+        if mode in BITS:
+            new = QuantizedLinear.from_float(linear, BITS[mode])
+        else:
+            new = bnb_linear(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                             mode, device, dtype)
+        _set(model, path, new)
+        del linear
+    if mode in BITS:
+        model.config.quantization_bit = BITS[mode]
+    return model
+
+
+def model_mode(model: nn.Module) -> str:
+    """The quantization mode a loaded model runs in, read from its first encoder linear."""
+    module = _base(model.get_submodule(linear_names(model)[0]))
+    if isinstance(module, QuantizedLinear):
+        return f"int{module.bits}"
+    kind = type(module).__name__
+    if kind == "Linear8bitLt":
+        return "bnb-int8"
+    if kind == "Linear4bit":
+        return "bnb-nf4"
+    return "none"
+
+
+class QuantizingLoader:
+    """Takes the full-precision tensors of the swapped linears while a checkpoint streams in.
+
+    int8/int4: each weight is quantized on the target device as it is read and written into its
+    QuantizedLinear (biases load through the normal path). bnb: weight and bias are held until both
+    are read, then the bitsandbytes module replaces its placeholder.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype):
+        self.model, self.mode, self.device, self.dtype = model, mode, device, dtype
+        self.modules: dict[str, str] = {}  # tensor name -> module path
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        if mode == "none":
+            return
+        for path in linear_names(model):
+            module = model.get_submodule(path)
+            self.modules[f"{path}.weight"] = path
+            if mode not in BITS and module.has_bias:
+                self.modules[f"{path}.bias"] = path
+
+    def take(self, name: str, tensor: torch.Tensor) -> list[str]:
+        """Consume one tensor; returns the model tensor names it filled."""
+        path = self.modules[name]
+        module = self.model.get_submodule(path)
+        expected = (module.out_features, module.in_features) if name.endswith(".weight") else (module.out_features,)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"Tensor {name!r} has shape {tuple(tensor.shape)}, but this config expects "
+                                  f"{expected}: the weights and config.json disagree.")
+        if self.mode in BITS:
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"Tensor {name!r} is {tensor.dtype}, not full precision; a pre-quantized "
+                                      f"checkpoint needs quantization_bit in its config.json.")
+            q, scale = quantize_weight(tensor.to(self.device), module.bits)
+            module.weight.copy_(q)
+            module.weight_scale.copy_(scale)
+            return [name, f"{path}.weight_scale"]
+        parts = self._pending.setdefault(path, {})
+        parts[name.rpartition(".")[2]] = tensor
+        if "weight" in parts and ("bias" in parts or not module.has_bias):
+            del self._pending[path]
+            _set(self.model, path, bnb_linear(parts["weight"], parts.get("bias"), self.mode, self.device, self.dtype))
+        return [name]
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the quantizable linears (weights, scales, biases, bnb quantization state)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for path in linear_names(model):
+        module = _base(model.get_submodule(path))
+        for t in list(module.parameters()) + list(module.buffers()):
+            add(t)
+            state = getattr(t, "quant_state", None)  # bnb 4-bit: absmax (+ nested absmax), code table
+            while state is not None:
+                add(state.absmax)
+                add(state.code)
+                state = getattr(state, "state2", None)
+            add(getattr(t, "SCB", None))  # bnb int8 row scales
+    return total
+
+
+# ---- switching at runtime ---------------------------------------------------------------------------
+def release_weights(model: nn.Module) -> None:
+    """Drop every parameter and buffer of `model` (replaced by empty meta tensors) and free the memory."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None:
+                    empty = torch.empty(0, dtype=t.dtype, device="meta")
+                    store[name] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+        if hasattr(module, "quant_state"):
+            module.quant_state = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class QuantizationSwitchFailed(QuantizationError):
+    """Loading the new mode failed; `model` is the previous mode, loaded again. The cause is chained."""
+
+    def __init__(self, message: str, model: nn.Module):
+        super().__init__(message)
+        self.model = model
+
+
+def switch_quantization(path, model: nn.Module, mode: str, progress: Progress | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Reload the checkpoint at `path` in quantization `mode`, freeing `model`'s weights first.
+
+    Contract: `model` is consumed — its weights are released before the new ones load, so at most one
+    copy of the weights is held. Use only the returned model. If the new mode fails to load, the previous
+    mode is loaded again and `QuantizationSwitchFailed` is raised with it as `.model` (cause chained); if
+    that reload fails too, its error propagates. Adapters are not carried over: re-apply them on the
+    returned model (`AdapterManager.install`). `progress(fraction, message)` reports along the way.
+    """
+    from glmapp.checkpoint import load_model
+
+    path = Path(path)
+
+    report = progress or (lambda fraction, message: None)
+    weight = model.transformer.output_layer.weight
+    device = device or weight.device
+    dtype = dtype or weight.dtype
+    previous, family, model_cls = model_mode(model), model.config.family, type(model)
+    resolve_mode(mode, 0, torch.device(device))  # an unknown or unavailable mode fails before anything is freed
+
+    def load(m: str, start: float, end: float) -> nn.Module:
+        def step(fraction, message):
+            report(start + (end - start) * fraction, message)
+        return load_model(path, device=device, dtype=dtype, model_cls=model_cls, family=family, quant=m,
+                          progress=step)
+
+    report(0.0, f"Freeing the {previous} weights")
+    release_weights(model)
+    report(0.05, f"Loading {mode}")
+    try:
+        new = load(mode, 0.05, 1.0)
+    except Exception as e:
+        gc.collect()
+        report(0.5, f"Loading {mode} failed ({type(e).__name__}); loading {previous} again")
+        restored = load(previous, 0.5, 1.0)
+        raise QuantizationSwitchFailed(f"Switching to {mode!r} failed ({type(e).__name__}: {e}); "
+                                       f"the model was reloaded as {previous!r}.", restored) from e
+    report(1.0, f"Loaded {mode}")
+    return new
+
+
+# ---- writing the official int4 layout ---------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def int4_state_dict(tensors, quantized: set[str]):
+    """(name, tensor) stream -> the official chatglm2-6b-int4 state dict (spec §2.2): the `quantized`
+    linear weights as packed int8 + fp16 weight_scale, everything else fp16."""
+    state = {}
+    for name, tensor in tensors:
+        if name in quantized and tensor.is_floating_point():
+            q, scale = quantize_weight(tensor, 4)
+            state[name] = q
+            state[name.removesuffix("weight") + "weight_scale"] = scale.half()
+        else:
+            state[name] = tensor.half() if tensor.is_floating_point() else tensor
+    return state
+
+
+def write_int4_checkpoint(model_or_path, out) -> Path:
+    """Write an int4 checkpoint in the official layout: config.json with quantization_bit 4, one
+    pytorch_model.bin, and the tokenizer files of the source. Takes a checkpoint folder (streamed tensor by
+    tensor) or a loaded full-precision / int4 model (its name_or_path folder supplies config and tokenizer)."""
+    import json
+    import shutil
+
+    from glmapp.checkpoint import iter_tensors, read_config
+
+    out = Path(out)
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if model_mode(model) not in ("none", "int4"):
+            raise QuantizationError(f"Cannot write int4 from a {model_mode(model)} model: load it full precision.")
+        source = Path(model.config.name_or_path)
+        names = {f"{p}.weight" for p in linear_names(model)}
+        state = int4_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names)
+    else:
+        source = Path(model_or_path)
+        config = read_config(source)
+        if config.quantization_bit:
+            raise QuantizationError(f"{source.name!r} is already quantized (quantization_bit="
+                                    f"{config.quantization_bit}); write from the full-precision checkpoint.")
+        names = {f"transformer.encoder.layers.{i}.{n}.weight" for i in range(config.num_layers) for n in LINEARS}
+        state = int4_state_dict(iter_tensors(source), names)
+    if not (source / "config.json").is_file():
+        raise QuantizationError(f"No config.json next to the source ({source}); give the checkpoint folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    raw.update(quantization_bit=4, torch_dtype="float16")
+    (out / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    torch.save(state, out / "pytorch_model.bin")
+    return out

@@ -1,0 +1,230 @@
+"""Quantization modes: ChatGLM's int8/int4 scheme (spec §2.2, §7) and bitsandbytes, on generated checkpoints."""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+
+import glmapp
+from glmapp.checkpoint import build_empty, load_model
+from glmapp.demo import demo_config, random_state_dict, write_weights
+from glmapp.errors import QuantizationError
+from glmapp.models.chatglm import ChatGLMConfig
+from glmapp.quant import (
+    MODES,
+    QuantizationSwitchFailed,
+    QuantizedLinear,
+    available_modes,
+    dequantize,
+    linear_weight_bytes,
+    model_mode,
+    pack_int4,
+    quantize_weight,
+    switch_quantization,
+    unpack_int4,
+    write_int4_checkpoint,
+)
+
+# Layout of chatglm2-6b-int4 (spec §2.2): module -> (packed int8 weight shape, has bias).
+OFFICIAL_INT4 = {
+    "self_attention.query_key_value": ((4608, 2048), True),
+    "self_attention.dense": ((4096, 2048), False),
+    "mlp.dense_h_to_4h": ((27392, 2048), False),
+    "mlp.dense_4h_to_h": ((4096, 6848), False),
+}
+
+
+@pytest.fixture(scope="module")
+def mid_checkpoint(tmp_path_factory):
+    """The "mid" network (12 layers, hidden 1024) with demo weights, except the embedding std: 4.0, not 0.02.
+
+    Why: with std 0.02 everywhere the residual stream is made only of layer outputs, so int4's per-weight
+    noise (~16% of a row's std) reaches the final hidden state undamped, and the random output layer gives
+    near-uniform logits (top-1 probability 0.002 over 4032 tokens) whose top-1/top-2 gaps are a small
+    fraction of the logit spread: int4 agreed on 15% of positions, int8 on 91%. A strong embedding makes
+    the residual stream carry its token as trained models' streams do; the swapped-nibble control below
+    shows the test still separates a correct int4 from a broken one.
+    """
+    out = tmp_path_factory.mktemp("mid")
+    cfg = demo_config("chatglm2", "mid", 4000)
+    (out / "config.json").write_text(json.dumps(cfg))
+    state = random_state_dict(ChatGLMConfig(**cfg, family="chatglm2"), seed=0)
+    state["transformer.embedding.word_embeddings.weight"] *= 4.0 / 0.02
+    write_weights(state, out, "safetensors")
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_loads_the_demo_checkpoint_and_chats(demo_v2, mode):
+    model, tok = glmapp.load(str(demo_v2), quant=mode)
+    assert model_mode(model) == mode
+    response, history = model.chat(tok, "你好", [], do_sample=False, max_new_tokens=8)
+    assert isinstance(response, str) and response and tuple(history[-1]) == ("你好", response)
+    # The engine reads device and dtype here: never quantized.
+    assert model.transformer.output_layer.weight.dtype == torch.float32
+
+
+def test_weight_memory_of_each_mode_against_bf16_linears(demo_v2):
+    def linear_bytes(mode):
+        model, _ = glmapp.load(str(demo_v2), quant=mode, dtype="bfloat16")
+        return linear_weight_bytes(model)
+
+    base = linear_bytes("none")
+    ratios = {mode: linear_bytes(mode) / base for mode in MODES[1:]}
+    assert ratios["int8"] <= 0.55 and ratios["bnb-int8"] <= 0.55, ratios
+    assert ratios["int4"] <= 0.32 and ratios["bnb-nf4"] <= 0.32, ratios
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_dequantize_error_is_at_most_half_a_step_per_layer(demo_v2, bits):
+    from glmapp.checkpoint import iter_tensors
+    from glmapp.quant import LINEARS
+
+    layers = 0
+    for name, w in iter_tensors(demo_v2):
+        if not name.endswith(tuple(f"{n}.weight" for n in LINEARS)):
+            continue
+        q, scale = quantize_weight(w, bits)
+        assert q.dtype == torch.int8 and scale.dtype == w.dtype
+        assert unpack_int4(q).abs().max() <= 7 if bits == 4 else q.abs().max() <= 127
+        err = (dequantize(q, scale, bits) - w.float()).abs()
+        bound = scale.float()[:, None] / 2
+        assert (err <= bound * (1 + 1e-3)).all(), f"{name}: max error {err.max()} over scale/2"
+        layers += 1
+    assert layers == 8
+
+
+def test_top1_agreement_with_fp32_on_the_mid_checkpoint(mid_checkpoint):
+    """512 positions (4 x 128): int8 agrees with fp32 on >= 95% of top-1 tokens, int4 on >= 85%."""
+    ids = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(1))
+
+    def top1(model):
+        with torch.no_grad():
+            return model(ids).logits.argmax(-1)
+
+    reference = top1(load_model(mid_checkpoint))
+    agreement = {mode: (top1(load_model(mid_checkpoint, quant=mode)) == reference).float().mean().item()
+                 for mode in ("int8", "int4")}
+    assert agreement["int8"] >= 0.95 and agreement["int4"] >= 0.85, agreement
+    broken = load_model(mid_checkpoint, quant="int4")
+    for module in broken.modules():  # control: nibbles in the wrong order must fail the bar clearly
+        if isinstance(module, QuantizedLinear):
+            w = module.weight.data
+            module.weight.data = (((w & 0xF) << 4) | ((w >> 4) & 0xF)).to(torch.int8)
+    assert (top1(broken) == reference).float().mean().item() < 0.7
+
+
+def test_official_int4_layout_written_by_us_loads_with_the_logits_of_quantize_on_load(demo_v2, tmp_path):
+    out = write_int4_checkpoint(demo_v2, tmp_path / "int4")
+    assert json.loads((out / "config.json").read_text())["quantization_bit"] == 4
+    on_disk = torch.load(out / "pytorch_model.bin", weights_only=True)
+    w = on_disk["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"]
+    assert w.dtype == torch.int8 and on_disk["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight_scale"].dtype \
+        == torch.float16
+    prequantized, tok = glmapp.load(str(out))  # as it lies on disk
+    on_load = load_model(demo_v2, quant="int4")
+    assert model_mode(prequantized) == "int4" and prequantized.config.quantization_bit == 4
+    ids = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(prequantized(ids).logits, on_load(ids).logits, rtol=0, atol=0)
+    # Our int4 model's state dict is the file's content, and writing from the model gives the same file.
+    assert {k: (v.dtype, v.shape) for k, v in on_load.half().state_dict().items()} == \
+        {k: (v.dtype, v.shape) for k, v in on_disk.items()}
+    again = torch.load(write_int4_checkpoint(on_load, tmp_path / "again") / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(again[k], v) for k, v in on_disk.items())
+    assert prequantized.chat(tok, "你好", [], do_sample=False, max_new_tokens=8)[0]
+    with pytest.raises(QuantizationError, match="full-precision checkpoint"):
+        load_model(out, quant="int8")
+
+
+def test_int4_state_dict_matches_the_official_6b_layout():
+    config = ChatGLMConfig(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
+                           num_attention_heads=32, multi_query_attention=True, multi_query_group_num=2,
+                           padded_vocab_size=65024, add_qkv_bias=True, seq_length=32768, family="chatglm2")
+    state = build_empty(config, torch.float16, torch.device("meta"), quant="int4").state_dict()
+    for n in range(28):
+        for module, (shape, bias) in OFFICIAL_INT4.items():
+            prefix = f"transformer.encoder.layers.{n}.{module}."
+            assert state[prefix + "weight"].dtype == torch.int8 and tuple(state[prefix + "weight"].shape) == shape
+            assert state[prefix + "weight_scale"].dtype == torch.float16
+            assert tuple(state[prefix + "weight_scale"].shape) == (shape[0],)
+            assert (prefix + "bias" in state) == bias
+    others = [v for k, v in state.items() if not k.endswith(("weight_scale", "bias")) and v.dtype != torch.int8]
+    assert all(v.dtype == torch.float16 for v in others)
+    assert state["transformer.output_layer.weight"].shape == (65024, 4096)
+    assert len(state) == 200 + 28 * 4  # the fp16 model's 200 tensors plus one scale per linear
+    # spec §2.2: "payload computed from these shapes is 3,923,601,472 B"
+    assert sum(v.numel() * v.element_size() for v in state.values()) == 3_923_601_472
+
+
+def test_int4_packing_puts_the_even_column_in_the_high_nibble():
+    q = torch.tensor([[1, -2, 7, -8], [-1, 3, 0, -7]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # 1 | -2 -> 0x1E;  7 | -8 -> 0x78;  -1 | 3 -> 0xF3;  0 | -7 -> 0x09
+    expected = torch.tensor([[0x1E, 0x78], [0xF3, 0x09]], dtype=torch.uint8).view(torch.int8)
+    assert torch.equal(packed, expected)
+    assert torch.equal(unpack_int4(expected), q)
+    linear = QuantizedLinear(4, 2, bits=4, dtype=torch.float32)
+    linear.weight.copy_(expected)
+    linear.weight_scale.copy_(torch.tensor([0.5, 2.0]))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(linear(x), x @ (q.float() * torch.tensor([[0.5], [2.0]])).T)
+
+
+def test_an_unavailable_mode_raises_quantization_error_naming_the_alternative(demo_v2, monkeypatch):
+    from glmapp import quant
+
+    assert available_modes("cpu") == dict.fromkeys(MODES)  # bitsandbytes 0.50 runs on CPU
+    monkeypatch.setattr(quant, "_bnb_import_error", lambda: "bitsandbytes is not installed")
+    modes = available_modes("cpu")
+    assert modes["int4"] is None and "not installed" in modes["bnb-nf4"]
+    with pytest.raises(QuantizationError, match="Use 'int4' instead"):
+        glmapp.load(str(demo_v2), quant="bnb-nf4")
+    with pytest.raises(QuantizationError, match="Unknown quantization 'int3'"):
+        glmapp.load(str(demo_v2), quant="int3")
+
+
+def test_switching_modes_frees_the_old_weights_before_loading_and_reports_progress(demo_v2):
+    model, tok = glmapp.load(str(demo_v2), quant="int8")
+    old = weakref.ref(model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight)
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message, old() is None))
+
+    model = switch_quantization(demo_v2, model, "int4", progress=progress)
+    gc.collect()
+    assert old() is None
+    loading = [alive_gone for fraction, message, alive_gone in seen if message.startswith("Loading transformer")]
+    assert loading and all(loading)  # freed before the first new tensor was read
+    fractions = [f for f, _, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert model_mode(model) == "int4"
+    assert model.chat(tok, "你好", [], do_sample=False, max_new_tokens=8)[0]
+
+
+def test_a_failing_switch_reloads_the_previous_mode(demo_v2, monkeypatch):
+    from glmapp import quant
+
+    model, tok = glmapp.load(str(demo_v2), quant="int8")
+    expected, _ = model.chat(tok, "你好", [], do_sample=False, max_new_tokens=8)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(quant, "bnb_linear", out_of_memory)
+    with pytest.raises(QuantizationSwitchFailed, match="reloaded as 'int8'") as failure:
+        switch_quantization(demo_v2, model, "bnb-nf4")
+    assert isinstance(failure.value.__cause__, RuntimeError)
+    restored = failure.value.model
+    assert model_mode(restored) == "int8"
+    assert restored.chat(tok, "你好", [], do_sample=False, max_new_tokens=8)[0] == expected
+
+
+def test_cli_chat_takes_quant():
+    from glmapp.cli import build_parser
+
+    assert build_parser().parse_args(["chat", "--quant", "int4"]).quant == "int4"
+    assert build_parser().parse_args(["chat"]).quant is None
