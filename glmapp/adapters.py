@@ -349,15 +349,14 @@ class AdapterManager:
         with self.lock:
             if name not in self.adapters:
                 raise AdapterError(f"Adapter {name!r} is not loaded.")
-            for module in list(self.model.modules()):
-                if not isinstance(module, LoraLinear):
-                    continue
-                base = module.base
-                if not isinstance(base, nn.Linear):
-                    raise AdapterError("Merging needs a full-precision base model; reload with --quant none.")
+            wrappers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+            # Check everything first: a refused merge must not leave some layers merged.
+            if any(type(m.base) is not nn.Linear for m in wrappers):  # quantized / bitsandbytes layers
+                raise AdapterError("Merging needs a full-precision base model; reload with --quant none.")
+            for module in wrappers:
                 if name in module.deltas:
                     a, b = module.deltas[name]
-                    base.weight.data += (b.float() @ a.float()).to(base.weight.dtype)
+                    module.base.weight.data += (b.float() @ a.float()).to(module.base.weight.dtype)
             for path, module in list(self.model.named_modules()):
                 if isinstance(module, LoraLinear):
                     parent_path, leaf = path.rsplit(".", 1)
