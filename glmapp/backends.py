@@ -17,6 +17,9 @@ from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import InputError
 
 
+_REQUEST_IDS = itertools.count(1)  # process-wide: ids stay unique when a reload replaces the backend
+
+
 class RequestHandle:
     """Iterate to read `Delta`s until one has `finish_reason`; `cancel()` stops it at the next step."""
 
@@ -61,7 +64,7 @@ class LocalBackend:
         self.family = tokenizer.family
         self.context_length = int(model.config.seq_length)
         self.max_input_tokens = max_input_tokens or self.context_length
-        self._ids = itertools.count(1)
+        self._ids = _REQUEST_IDS
         self._engine = _make_engine(model, tokenizer, engine_config)
 
     @property

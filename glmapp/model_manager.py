@@ -1,25 +1,44 @@
-"""BackendManager: the model the app serves now, and swapping it for a reloaded one.
+"""BackendManager: the model the app serves now, the LoRA adapters resident on it, and reloading it.
 
 Notable choices:
-- A reload builds the new model while the old one keeps serving; the swap happens only when the
-  load succeeded, so a failed reload leaves the previous model in place. The cost is that both
-  models are in memory for the duration of the load.
-- Requests already running on the old backend finish there; the old engine shuts down after them.
+- A reload FREES the old model before the new one loads (engine shut down, references dropped,
+  `gc.collect`, CUDA cache emptied), so a 6B model never needs room for two copies. Generations
+  running at that moment end as "cancelled"; new ones get `ModelReloading` until the swap. If the
+  new load fails, the previous settings are loaded again and the error is reported.
+- Adapters are loaded once and stay resident (switching between them is instant); the validated CPU
+  copy of each is kept, so a reload re-applies them to the new model without reading them again.
+- Which adapter a reply uses is the caller's choice per request (`chat_stream(adapter=...)`): the
+  manager holds no per-user state.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
 import glmapp
+from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapters
 from glmapp.backends import LocalBackend
 from glmapp.checkpoint import DEFAULT_MODEL
-from glmapp.errors import CheckpointError
+from glmapp.errors import AdapterError, CheckpointError, GlmappError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2  # up to 5 s for running streams to let go of the old model
+
+
+class ModelReloading(GlmappError):
+    """A request arrived while the model is being reloaded (the old one is already freed)."""
+
+
+@dataclass
+class ReloadResult:
+    info: ModelInfo
+    reapplied: list[str] = field(default_factory=list)  # adapters active on the new model
+    dropped: dict[str, str] = field(default_factory=dict)  # adapter -> why it could not be re-applied
 
 
 @dataclass
@@ -32,10 +51,12 @@ class ModelInfo:
     weight_bytes: int
     context_length: int
     demo: bool
+    quant: str = "none"
 
     def as_markdown(self) -> str:
         rows = [("Model", f"`{self.name}`"), ("Family", self.family),
-                ("Parameters", f"{self.parameters / 1e6:,.1f} M"), ("Dtype", self.dtype), ("Device", self.device),
+                ("Parameters", f"{self.parameters / 1e6:,.1f} M"), ("Dtype", self.dtype),
+                ("Quantization", self.quant), ("Device", self.device),
                 ("Weights in memory", format_bytes(self.weight_bytes)), ("Context", f"{self.context_length:,} tokens"),
                 ("Demo checkpoint", "yes (random weights)" if self.demo else "no")]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -62,19 +83,23 @@ def device_memory(device: torch.device) -> str:
 
 class BackendManager:
     def __init__(self, backend: LocalBackend, name: str, *, demo: bool = False, notice: str = "",
-                 device: str = "auto", max_input_tokens: int | None = None):
-        self._backend = backend
+                 device: str = "auto", max_input_tokens: int | None = None, adapters_dir: str = "adapters"):
+        self._backend: LocalBackend | None = backend
         self.name = name
         self.demo = demo
         self.notice = notice  # why the demo checkpoint is used, shown in the banner
         self.device = device
         self.max_input_tokens = max_input_tokens
+        self.adapters_dir = adapters_dir
         self.dtype_choice = "auto"
+        self.quant_choice: str | None = None  # None = as stored in the checkpoint
         self._reload_lock = threading.Lock()
+        self._adapter_lock = threading.Lock()  # one adapter load at a time (two tabs picking the same one)
 
     @classmethod
     def load(cls, model: str | None = None, *, demo: bool = False, dtype: str = "auto", device: str = "auto",
-             max_input_tokens: int | None = None) -> BackendManager:
+             max_input_tokens: int | None = None, adapters_dir: str = "adapters",
+             quant: str | None = None) -> BackendManager:
         """--model, else the default model from the cache, else the demo checkpoint (with the reason kept)."""
         from glmapp.demo import ensure_demo
 
@@ -82,7 +107,7 @@ class BackendManager:
         if not demo:
             try:
                 name = model or DEFAULT_MODEL
-                net, tok = glmapp.load(name, device=device, dtype=dtype)
+                net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
             except CheckpointError as e:
                 if model is not None:
                     raise
@@ -90,50 +115,173 @@ class BackendManager:
                 demo = True
         if demo:
             name = str(ensure_demo("chatglm2"))
-            net, tok = glmapp.load(name, device=device, dtype=dtype)
+            net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
         manager = cls(LocalBackend(net, tok, max_input_tokens=max_input_tokens), name, demo=demo, notice=notice,
-                      device=device, max_input_tokens=max_input_tokens)
-        manager.dtype_choice = dtype
+                      device=device, max_input_tokens=max_input_tokens, adapters_dir=adapters_dir)
+        manager.dtype_choice, manager.quant_choice = dtype, quant
         return manager
 
     @property
     def backend(self) -> LocalBackend:
-        return self._backend
+        backend = self._backend
+        if backend is None:
+            raise ModelReloading("The model is being reloaded (see the Model tab); try again in a moment.")
+        return backend
 
     def info(self) -> ModelInfo:
-        model = self._backend.model
+        from glmapp.quant import model_mode
+
+        model = self.backend.model
         params = list(model.parameters())
         return ModelInfo(
-            name=self.name, family=self._backend.family, parameters=sum(p.numel() for p in params),
+            name=self.name, family=self.backend.family, parameters=sum(p.numel() for p in params),
             dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
             weight_bytes=sum(p.numel() * p.element_size() for p in params),
-            context_length=self._backend.context_length,
-            demo=self.demo or bool(getattr(model.config, "glmapp_demo", False)),
+            context_length=self.backend.context_length,
+            demo=self.demo or bool(getattr(model.config, "glmapp_demo", False)), quant=model_mode(model),
         )
 
     def memory(self) -> str:
-        return device_memory(self._backend.model.device)
+        backend = self._backend
+        return device_memory(backend.model.device) if backend is not None else "(model reloading)"
 
-    def reload(self, dtype: str, progress=None) -> ModelInfo:
-        """Load the same checkpoint in `dtype` and swap it in; on failure the old model keeps serving."""
+    # ---- adapters ---------------------------------------------------------------------------------
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Adapters in the adapters folder, with metadata (an `error` says why one cannot be loaded)."""
+        return list_adapters(self.adapters_dir)
+
+    def loaded_adapters(self) -> list[str]:
+        backend = self._backend
+        return AdapterManager.of(backend.model).names() if backend is not None else []
+
+    def load_adapter(self, spec: str, *, reload: bool = False) -> AdapterInfo:
+        """Make `spec` (folder name in the adapters folder, or hub id) resident; instant if it already is.
+
+        Raises AdapterError (nothing changes on the model) when it cannot be loaded."""
+        spec = (spec or "").strip()
+        with self._adapter_lock:
+            adapters = AdapterManager.of(self.backend.model)
+            if not reload and spec in adapters.adapters:
+                return adapters.adapters[spec].info
+            return adapters.load(spec, self.adapters_dir).info
+
+    # ---- reload -----------------------------------------------------------------------------------
+    def reload(self, dtype: str, progress=None) -> ReloadResult:
+        """Free the current model, load the same checkpoint in `dtype`, re-apply the resident adapters.
+
+        On failure the previous dtype is loaded again (adapters re-applied) and the error is raised."""
         if dtype not in DTYPES:
             raise CheckpointError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+        return self.switch(lambda: glmapp.load(self.name, device=self.device, dtype=dtype, quant=self.quant_choice),
+                           lambda: glmapp.load(self.name, device=self.device, dtype=self.dtype_choice,
+                                               quant=self.quant_choice),
+                           f"{self.name} as {dtype}", progress, on_success=lambda: setattr(self, "dtype_choice", dtype))
+
+    def quantize(self, mode: str, progress=None) -> ReloadResult:
+        """Switch quantization with `glmapp.quant.switch_quantization` (it frees the old weights before
+        loading and reloads the previous mode on failure); resident adapters are re-applied."""
+        from glmapp.checkpoint import resolve
+        from glmapp.quant import (
+            QuantizationSwitchFailed,
+            resolve_mode,
+            switch_quantization,
+        )
+
+        report = progress or (lambda fraction, desc: None)
+        resolve_mode(mode, 0, self.backend.model.transformer.output_layer.weight.device)  # fail before freeing
+        path = resolve(self.name).path
+        if not self._reload_lock.acquire(blocking=False):
+            raise CheckpointError("Another reload is already running; wait for it to finish.")
+        try:
+            backend, self._backend = self.backend, None
+            adapters = list(AdapterManager.of(backend.model).adapters.values())
+            model, tok = backend.model, backend.tokenizer
+            report(0.02, "Stopping generations")
+            backend.close()  # the engine must not run a step while the weights are released
+            del backend
+            try:
+                new = switch_quantization(path, model, mode, report)
+            except QuantizationSwitchFailed as e:
+                del model
+                raise ReloadFailed(e, self._install(e.model, tok, adapters, report)) from e
+            del model
+            result = self._install(new, tok, adapters, report)
+            self.quant_choice = mode
+            report(1.0, "Done")
+            return result
+        finally:
+            self._reload_lock.release()
+
+    def switch(self, load_new, load_previous, what: str, progress=None, on_success=None) -> ReloadResult:
+        """The free-old-first swap of dtype reloads (quantization has its own in glmapp.quant).
+
+        `load_new` / `load_previous` return (model, tokenizer)."""
         report = progress or (lambda fraction, desc: None)
         if not self._reload_lock.acquire(blocking=False):
             raise CheckpointError("Another reload is already running; wait for it to finish.")
         try:
-            report(0.1, f"Loading {self.name} as {dtype}")
-            net, tok = glmapp.load(self.name, device=self.device, dtype=dtype)
-            report(0.8, "Starting the engine")
-            new = LocalBackend(net, tok, max_input_tokens=self.max_input_tokens)
-            old, self._backend = self._backend, new
-            self.dtype_choice = dtype
-            report(0.9, "Freeing the previous model")
-            threading.Thread(target=old.close, name="glmapp-old-backend", daemon=True).start()
+            adapters = list(AdapterManager.of(self.backend.model).adapters.values())
+            report(0.05, "Stopping generations and freeing the current model")
+            self._free_backend()
+            try:
+                report(0.2, f"Loading {what}")
+                net, tok = load_new()
+            except (GlmappError, RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory while loading
+                self._free_partial()
+                report(0.5, "Loading failed; loading the previous model again")
+                net, tok = load_previous()  # if this fails too, the error says so and no model is served
+                result = self._install(net, tok, adapters, report)
+                raise ReloadFailed(e, result) from e
+            result = self._install(net, tok, adapters, report)
+            if on_success is not None:
+                on_success()
             report(1.0, "Done")
-            return self.info()
+            return result
         finally:
             self._reload_lock.release()
 
+    def _install(self, net, tok, adapters: list[LoraWeights], report) -> ReloadResult:
+        report(0.8, "Re-applying adapters and starting the engine")
+        manager, dropped = AdapterManager.of(net), {}
+        for weights in adapters:
+            try:
+                manager.install(weights)
+            except (AdapterError, RuntimeError, KeyError, AttributeError) as e:  # e.g. no such module now
+                dropped[weights.name] = f"{type(e).__name__}: {e}"
+        self._backend = LocalBackend(net, tok, max_input_tokens=self.max_input_tokens)
+        return ReloadResult(self.info(), manager.names(), dropped)
+
+    def _free_backend(self) -> None:
+        """Shut the engine down (running requests end as cancelled) and release every reference."""
+        old, self._backend = self._backend, None
+        if old is None:
+            return
+        freed = threading.Event()
+        weakref.finalize(old.model, freed.set)
+        old.close()
+        del old
+        # Streams that were running still hold the backend until their handler sees "cancelled" and
+        # returns; the model is then cyclic garbage (model <-> adapter manager), so collect until it goes.
+        for _ in range(FREE_WAIT_ROUNDS):
+            self._free_partial()
+            if freed.wait(FREE_WAIT_S):
+                return
+
+    @staticmethod
+    def _free_partial() -> None:
+        gc.collect()  # the model, its adapter manager and LoRA wrappers reference each other
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
-        self._backend.close()
+        if self._backend is not None:
+            self._backend.close()
+
+
+class ReloadFailed(GlmappError):
+    """The new model could not be loaded; the previous one was loaded again (`result`)."""
+
+    def __init__(self, cause: BaseException, result: ReloadResult):
+        super().__init__(f"{type(cause).__name__}: {cause}" if not isinstance(cause, GlmappError) else str(cause))
+        self.cause = cause
+        self.result = result

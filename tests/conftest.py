@@ -62,3 +62,52 @@ def loaded_v3(demo_v3):
     import glmapp
 
     return glmapp.load(str(demo_v3))
+
+
+# LoRA adapters made by peft itself on the demo ChatGLM2 model: name -> target modules.
+PEFT_TARGET_SETS = {
+    "qkv": ["query_key_value"],
+    "all": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def _make_peft_adapter(base_path, out, targets, seed, r=4, alpha=8):
+    """An adapter made by peft itself on our model, with random non-zero A and B (saved to `out`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import glmapp
+
+    torch.manual_seed(seed)
+    model, _ = glmapp.load(str(base_path))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                  init_lora_weights=False, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(str(out))
+    return peft_model
+
+
+@pytest.fixture(scope="session")
+def peft_adapters_dir(tmp_path_factory, demo_v2) -> Path:
+    """An adapters folder with one peft-made adapter per entry of PEFT_TARGET_SETS, for demo_v2. Read-only:
+    tests that need to damage or add adapters copy from it."""
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, targets) in enumerate(PEFT_TARGET_SETS.items()):
+        _make_peft_adapter(demo_v2, root / name, targets, seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_peft_adapter():
+    """make_peft_adapter(base_path, out, targets, seed, r=4, alpha=8) -> the peft model (saved to `out`)."""
+    return _make_peft_adapter
+
+
+@pytest.fixture(scope="session")
+def peft_target_sets() -> dict[str, list[str]]:
+    """Adapter name -> target modules of the adapters in `peft_adapters_dir`."""
+    return PEFT_TARGET_SETS

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from peft import PrefixTuningConfig
 
 import glmapp
 from glmapp.adapters import AdapterManager, export_merged, list_adapters
@@ -16,33 +16,17 @@ from glmapp.engine.request import GenerationRequest
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import AdapterError
 
-TARGET_SETS = {
+TARGET_SETS = {  # as made by the peft_adapters_dir fixture (tests/conftest.py)
     "qkv": ["query_key_value"],
     "all": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
 }
 
 
-def make_peft_adapter(base_path, out, targets, seed, r=4, alpha=8):
-    """An adapter made by peft itself on our model, with random non-zero A and B."""
-    torch.manual_seed(seed)
-    model, _ = glmapp.load(str(base_path))
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                  init_lora_weights=False, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    peft_model.save_pretrained(str(out))
-    return peft_model
-
-
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, demo_v2):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, targets) in enumerate(TARGET_SETS.items()):
-        make_peft_adapter(demo_v2, root / name, targets, seed=i)
-    return root
+def adapters_dir(peft_adapters_dir, peft_target_sets):
+    assert peft_target_sets == TARGET_SETS
+    return peft_adapters_dir
 
 
 @pytest.fixture()
@@ -63,7 +47,7 @@ def test_adapters_are_listed_with_metadata(adapters_dir):
     assert infos["qkv"].size_bytes > 0 and infos["qkv"].error is None
 
 
-def test_peft_made_adapter_gives_the_same_logits_as_peft(demo_v2, tmp_path, model_tok):
+def test_peft_made_adapter_gives_the_same_logits_as_peft(demo_v2, tmp_path, model_tok, make_peft_adapter):
     peft_model = make_peft_adapter(demo_v2, tmp_path / "a", TARGET_SETS["all"], seed=11)
     model, tok = model_tok
     manager = AdapterManager.of(model)
@@ -269,3 +253,34 @@ def test_chat_api_and_cli_take_an_adapter(model_tok, adapters_dir, demo_v2):
                           str(adapters_dir), "--adapter", "../x"], input="", capture_output=True, text=True,
                          timeout=180)
     assert bad.returncode == 2 and "outside the adapters folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "bnb-nf4"])
+def test_lora_runs_over_a_quantized_base(demo_v2, adapters_dir, mode):
+    model, tok = glmapp.load(str(demo_v2), quant=mode)
+    manager = AdapterManager.of(model)
+    manager.load("all", adapters_dir)
+    ids = torch.tensor([tok.encode("QLoRA 你好")])
+    base = logits(model, ids)
+    with manager.active("all"):
+        tuned = logits(model, ids)
+    full, _ = glmapp.load(str(demo_v2))
+    full_manager = AdapterManager.of(full)
+    full_manager.load("all", adapters_dir)
+    with full_manager.active("all"):
+        reference = logits(full, ids)
+    # the adapter's delta is applied exactly; only the quantized base differs from full precision
+    delta_quant, delta_full = tuned - base, reference - logits(full, ids)
+    assert (delta_quant - delta_full).abs().max() < 0.25 * delta_full.abs().max()
+    assert (tuned.argmax(-1) == reference.argmax(-1)).float().mean() > 0.5
+    engine = Engine(model, tok)
+    try:
+        prompt = tok.encode("mixed rows over a quantized base")
+        batched = [tokens_of(h) for h in [run(engine, prompt, a) for a in (None, "all")]]
+        solo = [tokens_of(run(engine, prompt, a)) for a in (None, "all")]
+        assert batched == solo and batched[0] != batched[1]
+    finally:
+        engine.shutdown()
+    with pytest.raises(AdapterError, match="full-precision base"):
+        manager.merge("all")
+    assert manager.names() == ["all"]  # a refused merge changes nothing

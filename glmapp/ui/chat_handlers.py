@@ -18,7 +18,7 @@ import gradio as gr
 from glmapp import prompts
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import GlmappError
-from glmapp.ui.render import chatbot_messages, response_text
+from glmapp.ui.render import chatbot_messages, response_text, safe_markdown
 from glmapp.ui.sessions import ActiveRequests, session_id
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates per second, however fast tokens arrive
@@ -42,6 +42,7 @@ class ChatSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     system: str = ""
+    adapter: str | None = None  # LoRA adapter of this browser session; None = base model
 
     @classmethod
     def defaults(cls, family: str, context_length: int, max_new_tokens: int) -> ChatSettings:
@@ -77,11 +78,14 @@ def clean_input(text) -> str:
     return prompts.normalize_text(text if isinstance(text, str) else "")
 
 
-def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = None) -> str:
+def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = None,
+               adapter: str | None = None) -> str:
+    model = f"adapter {safe_markdown(adapter)}" if adapter else "base model"
     if usage is None:
-        return f"failed · memory {memory}" if finish_reason == "error" else f"… waiting for the model · memory {memory}"
+        return (f"{model} · failed · memory {memory}" if finish_reason == "error"
+                else f"{model} · … waiting for the model · memory {memory}")
     used = usage.prompt_tokens + usage.completion_tokens
-    line = (f"{usage.tokens_per_second:.1f} tokens/s · {used:,} / {max_length:,} tokens of context "
+    line = (f"{model} · {usage.tokens_per_second:.1f} tokens/s · {used:,} / {max_length:,} tokens of context "
             f"({usage.completion_tokens} new) · memory {memory}")
     endings = {"length": "stopped at the length limit", "cancelled": "stopped", "error": "failed"}
     return f"{line} · {endings[finish_reason]}" if finish_reason in endings else line
@@ -95,11 +99,13 @@ class ChatHandlers:
     # ---- streaming -------------------------------------------------------------------------------
     def _stream(self, before: list[dict], query: str, settings: ChatSettings, sid: str, restore_text: str = ""):
         """Generate a reply to `query` after `before`; yields (chatbot, messages, textbox, stats)."""
-        backend = self.manager.backend
         query = clean_input(query)
         if not query.strip():
             raise gr.Error("Empty message: type something to send (control characters are removed).")
         try:
+            backend = self.manager.backend
+            if settings.adapter:  # instant when resident; loads it again if a model reload could not keep it
+                self.manager.load_adapter(settings.adapter)
             params = settings.sampling()
             history = to_family_history(backend.family, before)
             handles = []
@@ -107,7 +113,7 @@ class ChatHandlers:
             stream = backend.chat_stream(
                 query, history, system=(settings.system.strip() or None) if backend.family == "chatglm3" else None,
                 max_length=int(settings.max_length), max_new_tokens=int(settings.max_new_tokens), params=params,
-                on_handle=lambda h: (handles.append(h), track(h)))
+                adapter=settings.adapter or None, on_handle=lambda h: (handles.append(h), track(h)))
             first = next(stream)  # raises InputError/InputTooLong before anything is shown
         except GlmappError as e:
             raise gr.Error(str(e)) from None
@@ -137,28 +143,29 @@ class ChatHandlers:
         yield chatbot_messages(messages), messages, "", done
 
     def _stats(self, update, settings: ChatSettings) -> str:
-        return stats_line(update.usage, int(settings.max_length), self.manager.memory(), update.finish_reason)
+        return stats_line(update.usage, int(settings.max_length), self.manager.memory(), update.finish_reason,
+                          settings.adapter)
 
     def send(self, message, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
-             repetition_penalty, seed, request: gr.Request = None):
-        """Enter / Send: stream a reply to `message` after the conversation so far."""
+             repetition_penalty, seed, adapter=None, request: gr.Request = None):
+        """Enter / Send: stream a reply to `message` after the conversation so far (`adapter`: this tab's)."""
         settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "")
+                                _seed(seed), system or "", adapter or None)
         yield from self._stream(list(messages or []), message, settings, session_id(request), restore_text=message)
 
     def regenerate(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
-                   repetition_penalty, seed, request: gr.Request = None):
+                   repetition_penalty, seed, adapter=None, request: gr.Request = None):
         """Drop the last reply and generate it again (with the current settings)."""
         messages = list(messages or [])
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last_user is None:
             raise gr.Error("Nothing to regenerate yet: send a message first.")
         settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "")
+                                _seed(seed), system or "", adapter or None)
         yield from self._stream(messages[:last_user], messages[last_user]["content"], settings, session_id(request))
 
     def edit(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
-             repetition_penalty, seed, edit: gr.EditData, request: gr.Request = None):
+             repetition_penalty, seed, adapter=None, edit: gr.EditData = None, request: gr.Request = None):
         """A past user message was edited: drop everything after it and continue from the new text."""
         messages = list(messages or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
@@ -167,7 +174,7 @@ class ChatHandlers:
         # The chatbot shows escaped Markdown (see render.py); edits come back in that form.
         text = html.unescape(str(edit.value)).replace("\u200b", "")
         settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "")
+                                _seed(seed), system or "", adapter or None)
         yield from self._stream(messages[:index], text, settings, session_id(request))
 
     # ---- instant actions -------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Compare tab handlers: one prompt, 2-4 columns with their own sampling, streamed side by side; votes.
+"""Compare tab handlers: one prompt, 2-4 columns with their own adapter and sampling, streamed side by side; votes.
 
 All columns are submitted to the backend at once (one `chat_stream` per column, each read by its own
 thread), so the engine sees them together and decodes them as one batch; the handler merges their
-updates and yields all columns together. Votes are appended, one JSON object per line, to a file.
+updates and yields all columns together. Columns may use different LoRA adapters (or the base model):
+the engine mixes them in the same batch. Votes are appended, one JSON object per line, to a file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from glmapp.errors import GlmappError
+from glmapp.ui.adapter_handlers import BASE
 from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, clean_input
 from glmapp.ui.export import write_json
 from glmapp.ui.render import response_text, safe_markdown
@@ -23,13 +25,15 @@ from glmapp.ui.sessions import ActiveRequests, session_id
 
 MAX_COLUMNS = 4
 LABELS = "ABCD"
+COLUMN_FIELDS = ("adapter", "temperature", "top_p", "seed")  # the per-column inputs, in this order
 VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie"}
 
 
-def column_stats(usage, finish_reason=None) -> str:
+def column_stats(usage, finish_reason=None, adapter: str | None = None) -> str:
+    model = f"adapter {safe_markdown(adapter)}" if adapter else "base model"
     if usage is None:
-        return "waiting…"
-    text = f"{usage.tokens_per_second:.1f} tokens/s · {usage.completion_tokens} tokens"
+        return f"{model} · waiting…"
+    text = f"{model} · {usage.tokens_per_second:.1f} tokens/s · {usage.completion_tokens} tokens"
     return text + (f" · {finish_reason}" if finish_reason else "")
 
 
@@ -41,23 +45,32 @@ class CompareHandlers:
         self._file_lock = threading.Lock()
 
     def run(self, prompt, n_columns, max_new_tokens, *column_settings, request: gr.Request = None):
-        """column_settings: (temperature, top_p, seed) for each of the 4 columns.
+        """column_settings: (adapter, temperature, top_p, seed) for each of the 4 columns; adapter is a
+        name, or None / "none" for the base model.
 
         Yields 4 outputs, 4 stats lines and the comparison record (None until all columns finish)."""
         prompt = clean_input(prompt)
         if not prompt.strip():
             raise gr.Error("Empty prompt: type something to compare.")
         n = max(2, min(MAX_COLUMNS, int(n_columns)))
-        backend, sid = self.manager.backend, session_id(request)
+        sid = session_id(request)
+        try:
+            backend = self.manager.backend
+        except GlmappError as e:
+            raise gr.Error(str(e)) from None
         settings = []
+        width = len(COLUMN_FIELDS)
         for i in range(n):
-            temperature, top_p, seed = column_settings[3 * i: 3 * i + 3]
+            adapter, temperature, top_p, seed = column_settings[width * i: width * (i + 1)]
+            adapter = None if adapter in (None, "", BASE) else str(adapter)
             s = ChatSettings(max_length=backend.context_length, max_new_tokens=int(max_new_tokens),
                              temperature=temperature, top_p=top_p,
-                             seed=None if seed in (None, "") or int(seed) < 0 else int(seed))
+                             seed=None if seed in (None, "") or int(seed) < 0 else int(seed), adapter=adapter)
             try:
                 s.sampling()
                 backend.prepare_chat(prompt, [])  # input errors are reported before anything starts
+                if adapter:  # instant when resident
+                    self.manager.load_adapter(adapter)
             except GlmappError as e:
                 raise gr.Error(f"Column {LABELS[i]}: {e}") from None
             settings.append(s)
@@ -76,7 +89,7 @@ class CompareHandlers:
         def consume(i: int, s: ChatSettings):
             try:
                 for update in backend.chat_stream(prompt, [], max_new_tokens=s.max_new_tokens, params=s.sampling(),
-                                                  on_handle=on_handle):
+                                                  adapter=s.adapter, on_handle=on_handle):
                     updates.put((i, update))
                     if stop.is_set():
                         break
@@ -89,7 +102,7 @@ class CompareHandlers:
                    for i, s in enumerate(settings)]
         for t in threads:
             t.start()
-        outputs, stats, finished = [""] * n, ["waiting…"] * n, 0
+        outputs, stats, finished = [""] * n, [column_stats(None, None, s.adapter) for s in settings], 0
         results: list[dict] = [{} for _ in range(n)]
         last_yield = 0.0
         try:
@@ -101,7 +114,7 @@ class CompareHandlers:
                     stats[i] = f"failed: {item}"
                 else:
                     outputs[i] = response_text(item.response)
-                    stats[i] = column_stats(item.usage, item.finish_reason)
+                    stats[i] = column_stats(item.usage, item.finish_reason, settings[i].adapter)
                     if item.error:
                         stats[i] = f"failed: {item.error}"
                     results[i] = {"finish_reason": item.finish_reason,
@@ -118,8 +131,9 @@ class CompareHandlers:
                 self.active.done(sid, h)
         record = {
             "prompt": prompt, "model": self.manager.info().name,
-            "columns": [{"label": LABELS[i], "settings": {"temperature": s.temperature, "top_p": s.top_p,
-                                                          "seed": s.seed, "max_new_tokens": s.max_new_tokens},
+            "columns": [{"label": LABELS[i], "adapter": s.adapter,
+                         "settings": {"temperature": s.temperature, "top_p": s.top_p,
+                                      "seed": s.seed, "max_new_tokens": s.max_new_tokens},
                          "output": outputs[i], **results[i]} for i, s in enumerate(settings)],
         }
         yield self._outputs(outputs, stats, record)

@@ -28,6 +28,8 @@ class AppConfig:
     demo: bool = _opt(False, "use the bundled demo checkpoint (tiny, random weights: replies are gibberish)",
                       "GLMAPP_DEMO")
     dtype: str = _opt("auto", "auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16", "GLMAPP_DTYPE")
+    quant: str | None = _opt(None, "quantization: none, int8, int4 (ChatGLM's own), bnb-int8, bnb-nf4 "
+                                   "(bitsandbytes); default: as the checkpoint is stored", "GLMAPP_QUANT")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N", "GLMAPP_DEVICE")
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 to reach it from other machines)", "GLMAPP_HOST")
     port: int = _opt(7860, "port to listen on", "GLMAPP_PORT")
@@ -40,12 +42,18 @@ class AppConfig:
     max_input_tokens: int | None = _opt(None, "longest prompt accepted, in tokens (default: the model's context)",
                                         "GLMAPP_MAX_INPUT_TOKENS")
     max_new_tokens: int = _opt(2048, "upper limit of the max-new-tokens slider", "GLMAPP_MAX_NEW_TOKENS")
+    adapters_dir: str = _opt("adapters", "folder of PEFT LoRA adapters (one sub-folder each) listed by the adapter "
+                                         "picker", "GLMAPP_ADAPTERS_DIR")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
 
     def __post_init__(self):
         if self.auth is None:
             self.auth = []
+        from glmapp.quant import MODES
+
+        if self.quant is not None and self.quant not in MODES:
+            raise ConfigError(f"--quant must be one of {', '.join(MODES)} (got {self.quant!r}).")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r}).")
         for name in ("max_concurrency", "max_new_tokens"):

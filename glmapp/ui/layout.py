@@ -8,8 +8,15 @@ from __future__ import annotations
 import gradio as gr
 
 from glmapp.ui import model_handlers
+from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value
 from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings
-from glmapp.ui.compare_handlers import LABELS, MAX_COLUMNS, VOTES, CompareHandlers
+from glmapp.ui.compare_handlers import (
+    COLUMN_FIELDS,
+    LABELS,
+    MAX_COLUMNS,
+    VOTES,
+    CompareHandlers,
+)
 from glmapp.ui.config import AppConfig
 from glmapp.ui.export import conversation_record, write_html, write_json
 from glmapp.ui.render import LATEX_DELIMITERS
@@ -36,24 +43,65 @@ def build_ui(manager, config: AppConfig | None = None) -> gr.Blocks:
     active = ActiveRequests()
     chat = ChatHandlers(manager, active)
     compare = CompareHandlers(manager, config.comparisons_file, active)
+    picker = AdapterHandlers(manager)
+    choices = picker.choices()
     with gr.Blocks(title="glmapp · ChatGLM chat") as demo:
         gr.Markdown("## glmapp · chat with ChatGLM on your machine")
         gr.Markdown(model_handlers.demo_banner(manager), elem_id="demo-banner", visible=manager.demo)
+        adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                create_chat_tab(chat, manager, config)
+                chat_widgets = create_chat_tab(chat, manager, config, adapter, choices)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                create_compare_tab(compare, manager, config)
+                compare_widgets = create_compare_tab(compare, manager, config, choices)
             with gr.Tab("Model", id="model", elem_id="tab-model"):
-                create_model_panel(manager)
+                model_widgets = create_model_panel(manager, picker, adapter, choices)
+        wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         demo.unload(chat.closed)
     return demo
 
 
-def create_settings_panel(manager, config: AppConfig) -> dict:
+def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model: dict, chat: dict,
+                        compare_dropdowns: list) -> None:
+    """The Model tab's picker and the Chat tab's compact dropdown set the same per-tab choice; the chat
+    stats line says which one the next reply uses."""
+    pickers = [model["adapter"], chat["adapter"]]
+    everything = [adapter, *pickers, model["adapter_table"], model["adapter_status"], chat["stats"],
+                  *compare_dropdowns]
+
+    def show(before, active, status):
+        choices, value = picker.choices(), dropdown_value(active)
+        changed = active != before
+        return (active, *(gr.update(choices=choices, value=value) for _ in pickers), picker.table(active), status,
+                picker.next_reply(active) if changed else gr.update(),
+                *(gr.update(choices=choices) for _ in compare_dropdowns))
+
+    def on_select(choice, active):
+        return show(active, *picker.select(choice, active))
+
+    def on_load(spec, active):
+        return (*show(active, *picker.load_spec(spec, active)), "")
+
+    def on_refresh(active):
+        return show(active, active, picker.status(active))
+
+    quick = dict(concurrency_id="adapters", concurrency_limit=1, api_visibility="private", show_progress="minimal")
+    for dropdown in pickers:
+        # `.select` fires only on a person's pick; `.input` also fired when the other picker was updated.
+        dropdown.select(on_select, [dropdown, adapter], everything, **quick)
+    for trigger in (model["adapter_load"].click, model["adapter_spec"].submit):
+        trigger(on_load, [model["adapter_spec"], adapter], [*everything, model["adapter_spec"]], **quick)
+    model["adapter_refresh"].click(on_refresh, adapter, everything, **quick)
+    demo.load(on_refresh, adapter, everything, concurrency_limit=None, api_visibility="private",
+              show_progress="hidden")  # a new tab sees the adapters folder as it is now
+
+
+def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> dict:
     backend = manager.backend
     d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
     w = {}
+    w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label="LoRA adapter", elem_id="chat-adapter",
+                               info="applies to this tab's next reply; details in the Model tab")
     w["system"] = gr.Textbox(label="System prompt (ChatGLM3)", lines=2, elem_id="system-prompt",
                              placeholder="e.g. You are a helpful assistant.",
                              visible=backend.family == "chatglm3")
@@ -72,7 +120,7 @@ def create_settings_panel(manager, config: AppConfig) -> dict:
     return w
 
 
-def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig) -> dict:
+def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.State, adapter_choices: list) -> dict:
     gpu = gpu_decorator()
     with gr.Row():
         with gr.Column(scale=4):
@@ -93,18 +141,20 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig) -> dict:
                 export_html = gr.Button("Export HTML", size="sm", elem_id="export-html-btn")
             export_file = gr.File(label="Download", elem_id="export-file", interactive=False)
         with gr.Column(scale=2):
-            settings = create_settings_panel(manager, config)
+            settings = create_settings_panel(manager, config, adapter_choices)
     messages = gr.State([])
     setting_inputs = [settings[k] for k in ("system", "max_length", "max_new_tokens", "temperature", "top_p",
                                             "top_k", "repetition_penalty", "seed")]
     outputs = [chatbot, messages, textbox, stats]
     generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden")
-    send_event = dict(fn=gpu(chat.send), inputs=[textbox, messages, *setting_inputs], outputs=outputs, **generate)
+    send_event = dict(fn=gpu(chat.send), inputs=[textbox, messages, *setting_inputs, adapter], outputs=outputs,
+                      **generate)
     textbox.submit(api_name="chat", **send_event)
     send.click(api_visibility="private", **send_event)
-    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs], outputs, api_visibility="private",
+    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs, adapter], outputs, api_visibility="private",
                      **generate)
-    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs], outputs, api_visibility="private", **generate)
+    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs, adapter], outputs, api_visibility="private",
+                 **generate)
     stop.click(chat.stop, None, None, concurrency_limit=None, api_visibility="private", show_progress="hidden")
     undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
                api_visibility="private")
@@ -115,22 +165,22 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig) -> dict:
         def handler(history, system, *values):
             record = conversation_record(history, system or "", vars(manager.info()),
                                          dict(zip(["max_length", "max_new_tokens", "temperature", "top_p",
-                                                   "top_k", "repetition_penalty", "seed"], values)))
+                                                   "top_k", "repetition_penalty", "seed", "adapter"], values)))
             return write_json(record, "conversation") if kind == "json" else write_html(record)
         return handler
 
-    export_json.click(export("json"), [messages, *setting_inputs], export_file, concurrency_limit=None,
+    export_json.click(export("json"), [messages, *setting_inputs, adapter], export_file, concurrency_limit=None,
                       api_visibility="private")
-    export_html.click(export("html"), [messages, *setting_inputs], export_file, concurrency_limit=None,
+    export_html.click(export("html"), [messages, *setting_inputs, adapter], export_file, concurrency_limit=None,
                       api_visibility="private")
     return dict(chatbot=chatbot, textbox=textbox, messages=messages, stats=stats, **settings)
 
 
-def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig) -> dict:
+def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, adapter_choices: list) -> dict:
     gpu = gpu_decorator()
     d = ChatSettings.defaults(manager.backend.family, manager.backend.context_length, config.max_new_tokens)
-    gr.Markdown("One prompt, several columns with their own sampling settings. All columns are submitted "
-                "together and the engine decodes them **as one batched generation**, so they stream at the "
+    gr.Markdown("One prompt, several columns, each with its own LoRA adapter (or the base model) and sampling "
+                "settings. All columns are submitted together and the engine decodes them **as one batched generation**, so they stream at the "
                 "same time; each column shows its own tokens/s.")
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, scale=4, elem_id="compare-prompt",
@@ -140,13 +190,16 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig) -> 
             max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(256, config.max_new_tokens), step=1,
                                        label="Max new tokens", elem_id="compare-max-new-tokens")
     run = gr.Button("Run all columns", variant="primary", elem_id="compare-run")
-    columns, column_inputs, outputs, stats = [], [], [], []
+    columns, column_inputs, outputs, stats, adapters = [], [], [], [], []
     with gr.Row(equal_height=False):
         for i, label in enumerate(LABELS[:MAX_COLUMNS]):
             with gr.Column(visible=i < 2, min_width=220) as col:
                 gr.Markdown(f"### {label}")
+                adapters.append(gr.Dropdown(adapter_choices, value=BASE, label="Adapter", show_label=False,
+                                            elem_id=f"compare-adapter-{label}"))
                 with gr.Accordion(f"{label} settings", open=False):
                     column_inputs += [
+                        adapters[-1],
                         gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
                                   elem_id=f"compare-temperature-{label}"),
                         gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id=f"compare-top-p-{label}"),
@@ -183,26 +236,57 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig) -> 
         button.click(lambda n, r, c=choice: compare.vote(c, n, r), [note, record], vote_status,
                      concurrency_limit=None, api_visibility="private")
     export.click(compare.export, record, export_file, concurrency_limit=None, api_visibility="private")
-    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record)
+    assert len(column_inputs) == MAX_COLUMNS * len(COLUMN_FIELDS)
+    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters)
 
 
-def create_model_panel(manager) -> dict:
+def create_model_panel(manager, picker: AdapterHandlers, adapter: gr.State, adapter_choices: list) -> dict:
+    w = {}
     with gr.Row():
         with gr.Column(scale=3):
-            info = gr.Markdown(model_handlers.model_info_markdown(manager), elem_id="model-info")
+            w["info"] = gr.Markdown(model_handlers.model_info_markdown(manager), elem_id="model-info")
+            gr.Markdown(f"#### Adapters in `{manager.adapters_dir}/`")
+            w["adapter_table"] = gr.Markdown(picker.table(None), elem_id="adapter-table")
         with gr.Column(scale=2, elem_id="model-options"):
-            # The quantization selector and the adapter picker join this column (issue 6, next step).
-            dtype = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=manager.dtype_choice,
-                             label="Precision (dtype)", elem_id="dtype-choice",
-                             info="Reloads the model; chat histories are kept, and the current model stays "
-                                  "if the reload fails.")
+            gr.Markdown("#### LoRA adapter")
+            w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label="Adapter for this tab",
+                                       elem_id="adapter-choice",
+                                       info="Loads it once (then switching is instant) and applies it to this "
+                                            "tab's next reply; the base model is not reloaded.")
+            w["adapter_status"] = gr.Markdown(picker.status(None), elem_id="adapter-status")
+            with gr.Row():
+                w["adapter_spec"] = gr.Textbox(show_label=False, scale=3, elem_id="adapter-spec",
+                                               placeholder="load by hub id (owner/name) or folder in the adapters "
+                                                           "folder")
+                w["adapter_load"] = gr.Button("Load", scale=1, min_width=60, elem_id="adapter-load-btn")
+            w["adapter_refresh"] = gr.Button("Refresh adapter list", size="sm", elem_id="adapter-refresh-btn")
+            gr.Markdown("#### Quantization and precision")
+            with gr.Row():
+                w["quant"] = gr.Dropdown(model_handlers.quant_choices(manager), value=manager.info().quant,
+                                         label="Quantization", elem_id="quant-choice", scale=3,
+                                         info="Frees the current weights, then loads the checkpoint in this "
+                                              "mode; adapters are re-applied. On failure the previous mode "
+                                              "is loaded again.")
+                quantize = gr.Button("Reload quantized", scale=1, min_width=80, elem_id="quant-reload-btn")
+            w["dtype"] = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=manager.dtype_choice,
+                                  label="Precision (dtype)", elem_id="dtype-choice",
+                                  info="Reloading frees the current model first, then loads the new one; chat "
+                                       "histories and loaded adapters are kept. If it fails, the previous "
+                                       "precision is loaded again.")
             reload = gr.Button("Reload model", variant="primary", elem_id="reload-btn")
             refresh = gr.Button("Refresh info", size="sm", elem_id="refresh-info-btn")
 
-    def do_reload(choice, progress=gr.Progress()):
-        return model_handlers.reload_model(manager, choice, progress)
+    def do_reload(choice, active, progress=gr.Progress()):
+        return model_handlers.reload_model(manager, choice, progress), picker.table(active)
 
-    reload.click(do_reload, dtype, info, concurrency_id="reload", concurrency_limit=1, api_visibility="private")
-    refresh.click(lambda: model_handlers.model_info_markdown(manager), None, info, concurrency_limit=None,
+    reload.click(do_reload, [w["dtype"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
+                 concurrency_limit=1, api_visibility="private")
+
+    def do_quantize(mode, active, progress=gr.Progress()):
+        return model_handlers.switch_quantization(manager, mode, progress), picker.table(active)
+
+    quantize.click(do_quantize, [w["quant"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
+                   concurrency_limit=1, api_visibility="private")
+    refresh.click(lambda: model_handlers.model_info_markdown(manager), None, w["info"], concurrency_limit=None,
                   api_visibility="private")
-    return dict(info=info, dtype=dtype)
+    return w

@@ -1,14 +1,19 @@
-"""Model panel handlers: facts about the served model and a dtype reload that keeps the old model on failure."""
+"""Model panel handlers: facts about the served model, and a reload that frees the old model first."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from glmapp.errors import GlmappError
+from glmapp.model_manager import ReloadFailed, ReloadResult
 
 
 def model_info_markdown(manager) -> str:
-    return manager.info().as_markdown() + f"\n\nMemory in use: {manager.memory()}"
+    try:
+        info = manager.info().as_markdown()
+    except GlmappError as e:  # the model is being reloaded
+        return str(e)
+    return info + f"\n\nMemory in use: {manager.memory()}"
 
 
 def demo_banner(manager) -> str:
@@ -21,15 +26,64 @@ def demo_banner(manager) -> str:
             "checkpoint folder with `python app.py --model PATH`." + why)
 
 
-def reload_model(manager, dtype: str, progress=None) -> str:
-    """Reload in `dtype`; returns the new model info. On failure the previous model keeps serving."""
+def quant_choices(manager) -> list[tuple[str, str]]:
+    """(label, value) per quantization mode; one that cannot run here is marked with the reason (the
+    dropdown cannot disable single entries, and choosing one is refused with that reason)."""
+    from glmapp.quant import MODES, available_modes
+
+    reasons = available_modes(manager.backend.model.transformer.output_layer.weight.device)
+    return [(mode if reasons.get(mode) is None else f"{mode} (unavailable: {reasons[mode]})", mode) for mode in MODES]
+
+
+def switch_quantization(manager, mode: str, progress=None) -> str:
+    """Free the model, load it in quantization `mode`, re-apply adapters; returns the new model info.
+
+    An unavailable mode is refused before anything is freed; if loading fails, the previous mode is
+    loaded again and the error shown."""
     report = (lambda fraction, desc: progress(fraction, desc=desc)) if progress is not None else None
     try:
-        manager.reload(dtype, report)
+        result = manager.quantize(mode, report)
+    except ReloadFailed as e:
+        raise gr.Error(f"{e} Adapters: {adapters_note(e.result).strip(' ()') or 'none'}.") from None
     except GlmappError as e:
-        raise gr.Error(f"Reload failed, still serving the previous model ({manager.info().dtype}): {e}") from None
-    except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory while the new copy loads
-        raise gr.Error(f"Reload failed, still serving the previous model ({manager.info().dtype}): "
-                       f"{type(e).__name__}: {e}") from None
-    gr.Info(f"Reloaded as {manager.info().dtype}; your chat history is kept.")
+        raise gr.Error(f"Quantization {mode!r} not loaded, the current model keeps serving: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # the previous mode could not be loaded again either
+        raise gr.Error(f"Switching to {mode!r} failed and the previous model could not be loaded again: "
+                       f"{type(e).__name__}: {e}. Restart the app.") from None
+    if result.dropped:
+        gr.Warning("Could not re-apply to the reloaded model: " +
+                   "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
+    gr.Info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
     return model_info_markdown(manager)
+
+
+def reload_model(manager, dtype: str, progress=None) -> str:
+    """Free the model, load it in `dtype`, re-apply resident adapters; returns the new model info.
+
+    On failure the previous dtype is loaded again and the error is shown; chat histories live in the
+    browser and are unaffected either way."""
+    report = (lambda fraction, desc: progress(fraction, desc=desc)) if progress is not None else None
+    try:
+        result = manager.reload(dtype, report)
+    except ReloadFailed as e:
+        raise gr.Error(f"Reload as {dtype} failed: {e}. The previous model was loaded again "
+                       f"({e.result.info.dtype}){adapters_note(e.result)}.") from None
+    except GlmappError as e:
+        raise gr.Error(f"Reload failed: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # even the previous model could not be loaded again
+        raise gr.Error(f"Reload failed and the previous model could not be loaded again: "
+                       f"{type(e).__name__}: {e}. Restart the app.") from None
+    if result.dropped:
+        gr.Warning("Could not re-apply to the reloaded model: " +
+                   "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
+    gr.Info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
+    return model_info_markdown(manager)
+
+
+def adapters_note(result: ReloadResult) -> str:
+    parts = []
+    if result.reapplied:
+        parts.append("adapters re-applied: " + ", ".join(result.reapplied))
+    if result.dropped:
+        parts.append("not re-applied: " + ", ".join(result.dropped))
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -47,3 +47,19 @@ def user_messages(page) -> list[str]:
 
 def new_tokens(stats: str) -> int:
     return int(stats.split("(")[1].split(" new")[0])
+
+
+def open_tab(page, name: str) -> None:
+    page.locator(f"button[role=tab]:has-text('{name}')").first.click()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick `option` (its label) in the dropdown `elem_id`, as a person does: open it, click the option."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    options = page.locator(f"#{box.get_attribute('aria-controls')}")  # lists of other dropdowns may linger
+    options.get_by_role("option", name=option, exact=True).click()
+
+
+def dropdown_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input").input_value()

@@ -70,8 +70,22 @@ class AppServer:
 
 
 @pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("app"))
+def browser_adapters_dir(tmp_path_factory, peft_adapters_dir) -> Path:
+    """The peft-made adapters (qkv, all, mlp) plus "corrupt", whose weight file is truncated."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("browser-adapters")
+    for child in peft_adapters_dir.iterdir():
+        shutil.copytree(child, root / child.name)
+    shutil.copytree(peft_adapters_dir / "qkv", root / "corrupt")
+    weights = root / "corrupt" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return root
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory, browser_adapters_dir):
+    server = AppServer(tmp_path_factory.mktemp("app"), "--adapters-dir", str(browser_adapters_dir))
     yield server
     server.stop()
 

@@ -1,5 +1,5 @@
-"""The web app in a real browser: chat, stop, regenerate, undo, clear, sliders, compare + vote, export,
-two users at once, safe rendering, login. Handler logic is unit-tested in tests/ui; these cover the wiring."""
+"""The web app in a real browser: chat, stop, regenerate, undo, clear, sliders, adapter picker, compare with
+adapters + vote, export, reload, two users at once, safe rendering, login. Handler logic is unit-tested in tests/ui; these cover the wiring."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import threading
 import urllib.error
 import urllib.request
 
-from chat_page import bot_messages, new_tokens, send, set_number, stats_text, user_messages, wait_finished
+from chat_page import (bot_messages, choose, dropdown_value, new_tokens, open_tab, send, set_number, stats_text,
+                       user_messages, wait_finished)
+
+ADAPTER_STATUS = "(document.querySelector('#adapter-status')||{}).textContent||''"
 
 
 def test_reply_streams_and_stop_ends_it_mid_stream(page, artifacts):
@@ -126,14 +129,49 @@ def test_two_users_chat_at_once_and_keep_their_own_histories(browser, app_server
         p.context.close()
 
 
-def test_compare_streams_two_columns_and_records_a_vote(page, app_server, artifacts):
+def test_picking_an_adapter_changes_the_reply_and_none_restores_it(page, artifacts):
+    set_number(page, "temperature", 0)
+    set_number(page, "max-new-tokens", 16)
+    send(page, "hello")
+    base_stats = wait_finished(page)
+    base = bot_messages(page)
+    assert base_stats.startswith("base model")
+
+    open_tab(page, "Model")
+    choose(page, "adapter-choice", "all")
+    page.wait_for_function(f"() => ({ADAPTER_STATUS}).includes('Active in this tab: all')")
+    choose(page, "adapter-choice", "corrupt")  # its metadata looks fine, its weights are truncated: all stays
+    page.get_by_text("Could not load adapter 'corrupt'").first.wait_for()
+    page.wait_for_function("() => document.querySelector('#adapter-choice input')?.value === 'all'")
+    assert "Active in this tab: all" in page.locator("#adapter-status").inner_text()
+    assert "active in this tab" in page.locator("#adapter-table").inner_text()
+    page.screenshot(path=str(artifacts / "model-tab.png"))
+
+    open_tab(page, "Chat")
+    assert dropdown_value(page, "chat-adapter") == "all"
+    page.locator("#regenerate-btn").click()
+    tuned_stats = wait_finished(page, base_stats)
+    assert tuned_stats.startswith("adapter all") and bot_messages(page) != base
+
+    choose(page, "chat-adapter", "none (base model)")  # the compact picker in the Chat tab
+    page.wait_for_function("() => document.querySelector('#chat-stats')?.innerText.includes('base model selected')")
+    page.locator("#regenerate-btn").click()
+    restored_stats = wait_finished(page, tuned_stats)
+    assert restored_stats.startswith("base model") and bot_messages(page) == base
+
+
+def test_compare_with_two_adapters_streams_both_columns_and_records_a_vote(page, app_server, artifacts):
     page.locator("#tab-compare-button, button[role=tab]:has-text('Compare')").first.click()
+    choose(page, "compare-adapter-A", "qkv")
+    choose(page, "compare-adapter-B", "all")
     set_number(page, "compare-max-new-tokens", 40)
     page.locator("#compare-prompt textarea").fill("Write a poem")
     page.locator("#compare-run").click()
     for label in "AB":
         page.wait_for_function(
             f"() => /tokens\\/s.*(stop|length)/.test(document.querySelector('#compare-stats-{label}')?.innerText||'')")
+    assert page.locator("#compare-stats-A").inner_text().startswith("adapter qkv")
+    assert page.locator("#compare-stats-B").inner_text().startswith("adapter all")
     outputs = [page.locator(f"#compare-out-{label}").inner_text().strip() for label in "AB"]
     assert all(outputs)
     page.locator("#compare-note").locator("textarea, input").first.fill("A reads better")
@@ -142,28 +180,51 @@ def test_compare_streams_two_columns_and_records_a_vote(page, app_server, artifa
     entry = json.loads(app_server.comparisons.read_text(encoding="utf-8").splitlines()[-1])
     assert entry["vote"] == "A" and entry["note"] == "A reads better" and entry["prompt"] == "Write a poem"
     assert [c["label"] for c in entry["columns"]] == ["A", "B"]
+    assert [c["adapter"] for c in entry["columns"]] == ["qkv", "all"]
     assert all(c["output"] and c["settings"]["max_new_tokens"] == 40 for c in entry["columns"])
     page.screenshot(path=str(artifacts / "compare-tab.png"))
 
 
-def test_model_panel_reloads_in_another_dtype_and_keeps_the_chat(page, artifacts):
+def test_model_panel_reloads_in_another_dtype_and_keeps_the_chat_and_adapter(page, artifacts):
     set_number(page, "max-new-tokens", 6)
+    choose(page, "chat-adapter", "mlp")
+    page.wait_for_function("() => document.querySelector('#chat-stats')?.innerText.includes('adapter mlp selected')")
     send(page, "before reload")
     stats = wait_finished(page)
+    assert stats.startswith("adapter mlp")
     page.locator("button[role=tab]:has-text('Model')").first.click()
     assert "float32" in page.locator("#model-info").inner_text()
     page.locator("#dtype-choice").get_by_text("bfloat16").click()
     page.locator("#reload-btn").click()
     page.wait_for_function("() => document.querySelector('#model-info')?.innerText.includes('bfloat16')")
-    page.screenshot(path=str(artifacts / "model-tab.png"))
+    page.screenshot(path=str(artifacts / "model-tab-after-reload.png"))
     page.locator("button[role=tab]:has-text('Chat')").first.click()
     send(page, "after reload")
-    wait_finished(page, stats)
+    assert wait_finished(page, stats).startswith("adapter mlp")  # re-applied to the reloaded model
     assert user_messages(page) == ["before reload", "after reload"]
     page.locator("button[role=tab]:has-text('Model')").first.click()
     page.locator("#dtype-choice").get_by_text("float32").click()  # leave the shared server as it was
     page.locator("#reload-btn").click()
     page.wait_for_function("() => document.querySelector('#model-info')?.innerText.includes('float32')")
+
+
+def test_switching_quantization_keeps_the_chat_and_the_adapter(page):
+    set_number(page, "max-new-tokens", 6)
+    choose(page, "chat-adapter", "qkv")
+    page.wait_for_function("() => document.querySelector('#chat-stats')?.innerText.includes('adapter qkv selected')")
+    send(page, "before int8")
+    stats = wait_finished(page)
+    for mode in ("int8", "none"):  # the second switch leaves the shared server as it was
+        open_tab(page, "Model")
+        choose(page, "quant-choice", mode)
+        page.locator("#quant-reload-btn").click()
+        page.wait_for_function("m => new RegExp('Quantization\\\\s+' + m + '\\\\b').test("
+                               "document.querySelector('#model-info')?.innerText || '')", arg=mode)
+        open_tab(page, "Chat")
+        send(page, f"after {mode}")
+        stats = wait_finished(page, stats)
+        assert stats.startswith("adapter qkv")  # re-applied to the re-quantized model
+    assert user_messages(page) == ["before int8", "after int8", "after none"]
 
 
 def test_with_auth_an_anonymous_visitor_cannot_chat(browser, auth_server):

@@ -153,7 +153,7 @@ def test_exported_html_is_standalone_inert_and_renders_formulas():
 
 def test_compare_runs_columns_together_and_votes_append_jsonl(manager, tmp_path):
     compare = CompareHandlers(manager, tmp_path / "votes.jsonl")
-    columns = [0, 0.8, 1, 0.95, 0.8, 7, 0.8, 0.8, 1, 0.8, 0.8, 1]
+    columns = [None, 0, 0.8, 1, "none", 0.95, 0.8, 7, None, 0.8, 0.8, 1, None, 0.8, 0.8, 1]  # adapter, t, top_p, seed
     updates = list(compare.run("hello", 2, 10, *columns))
     *outputs, record = updates[-1]
     assert record and [c["label"] for c in record["columns"]] == ["A", "B"]
@@ -168,14 +168,16 @@ def test_compare_runs_columns_together_and_votes_append_jsonl(manager, tmp_path)
     assert json.loads(open(compare.export(record)).read())["prompt"] == "hello"
 
 
-def test_reload_failure_keeps_the_previous_model(manager, monkeypatch):
+def test_reload_failure_loads_the_previous_model_again(manager, monkeypatch):
     from glmapp.ui.model_handlers import reload_model
 
-    before = manager.backend
-    monkeypatch.setattr("glmapp.load", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
-    with pytest.raises(gr.Error, match="still serving the previous model"):
+    real = __import__("glmapp").load
+    monkeypatch.setattr("glmapp.load", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room"))
+                        if k.get("dtype") == "float16" else real(*a, **k))
+    with pytest.raises(gr.Error, match="no room.*previous model was loaded again \\(float32\\)"):
         reload_model(manager, "float16")
-    assert manager.backend is before
+    assert manager.info().dtype == "float32" and manager.dtype_choice == "auto"
+    assert len(run(ChatHandlers(manager).send("hello", [], **GREEDY))[1]) == 2
 
 
 def test_config_from_flags_env_and_auth_file(tmp_path):
@@ -184,7 +186,9 @@ def test_config_from_flags_env_and_auth_file(tmp_path):
     cfg = load_config(["--auth", "al:pw", "--auth-file", str(auth_file), "--port", "9000"],
                       {"GLMAPP_PORT": "1234", "GLMAPP_MAX_CONCURRENCY": "8", "GLMAPP_SHARE": "true"})
     assert cfg.port == 9000 and cfg.max_concurrency == 8 and cfg.share and cfg.host == "127.0.0.1"
-    assert cfg.credentials() == [("al", "pw"), ("bob", "pw2")]
+    assert cfg.credentials() == [("al", "pw"), ("bob", "pw2")] and cfg.adapters_dir == "adapters"
+    assert load_config(["--adapters-dir", "x"], {"GLMAPP_ADAPTERS_DIR": "y"}).adapters_dir == "x"
+    assert load_config([], {"GLMAPP_ADAPTERS_DIR": "y"}).adapters_dir == "y"
     assert load_config([], {"GRADIO_SERVER_NAME": "0.0.0.0"}).host == "0.0.0.0"
     with pytest.raises(ConfigError, match="USER:PASS"):
         AppConfig(auth=["nopassword"]).credentials()
