@@ -50,9 +50,7 @@ def switch_quantization(manager, mode: str, progress=None) -> str:
     except (RuntimeError, MemoryError) as e:  # the previous mode could not be loaded again either
         raise gr.Error(f"Switching to {mode!r} failed and the previous model could not be loaded again: "
                        f"{type(e).__name__}: {e}. Restart the app.") from None
-    if result.dropped:
-        gr.Warning("Could not re-apply to the reloaded model: " +
-                   "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
+    _warn_dropped(result)
     gr.Info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
     return model_info_markdown(manager)
 
@@ -73,11 +71,15 @@ def reload_model(manager, dtype: str, progress=None) -> str:
     except (RuntimeError, MemoryError) as e:  # even the previous model could not be loaded again
         raise gr.Error(f"Reload failed and the previous model could not be loaded again: "
                        f"{type(e).__name__}: {e}. Restart the app.") from None
+    _warn_dropped(result)
+    gr.Info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
+    return model_info_markdown(manager)
+
+
+def _warn_dropped(result: ReloadResult) -> None:
     if result.dropped:
         gr.Warning("Could not re-apply to the reloaded model: " +
                    "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
-    gr.Info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
-    return model_info_markdown(manager)
 
 
 def adapters_note(result: ReloadResult) -> str:
