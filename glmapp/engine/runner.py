@@ -77,7 +77,7 @@ class ModelRunner:
         for w in work:
             seq, start = w.seq, w.seq.num_computed
             stop = start + w.num_tokens
-            ids.extend(seq.tokens[start:stop])
+            ids.extend(seq.token_slice(start, stop))
             positions.extend(range(start, stop))
             slots.append(self._slots(seq.block_table, start, stop))
             if w.num_tokens == 1 and start > 0:

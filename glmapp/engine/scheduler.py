@@ -42,6 +42,15 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """tokens[start:stop] without building the whole prompt + output list (hot path: decode)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
+
     def root_hash(self) -> int:
         return hash(("glmapp-root", self.adapter_uid))  # KV depends on the adapter: never share across adapters
 
@@ -101,11 +110,9 @@ class Scheduler:
     def publish(self, seq: Sequence) -> None:
         """After a step: make newly completed full blocks of `seq` findable by later requests."""
         bs = self.block_size
-        tokens = None
         while (seq.num_registered + 1) * bs <= seq.num_computed:
-            tokens = tokens or seq.tokens
             i = seq.num_registered
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            chunk = tuple(seq.token_slice(i * bs, (i + 1) * bs))
             parent = seq.last_hash if i else seq.root_hash()
             self.allocator.register(seq.block_table[i], parent, chunk)
             seq.last_hash = chain_hash(parent, chunk)
@@ -117,7 +124,7 @@ class Scheduler:
         i, bs = seq.num_registered, self.block_size
         if seq.num_computed > i * bs and i < len(seq.block_table):
             parent = seq.last_hash if i else seq.root_hash()
-            self.allocator.register(seq.block_table[i], parent, tuple(seq.tokens[i * bs:seq.num_computed]))
+            self.allocator.register(seq.block_table[i], parent, tuple(seq.token_slice(i * bs, seq.num_computed)))
 
     def _match_prefix(self, seq: Sequence, pending: set[int]) -> tuple[list[int], int, int, bool]:
         """Cached blocks for the start of `seq`: (blocks, tokens covered, last hash, blocked by pending)."""

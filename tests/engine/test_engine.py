@@ -278,3 +278,12 @@ def test_out_of_memory_ends_the_newest_request_and_shrinks_the_batch(model_tok):
         hook.remove()
     assert last.finish_reason == "error" and "Out of" in last.error and "memory" in last.error
     assert all(r[2].finish_reason == "length" for r in results)
+
+
+def test_token_slice_equals_slicing_the_whole_sequence():
+    from glmapp.engine.scheduler import Sequence
+
+    seq = Sequence("s", [1, 2, 3, 4, 5], 10, output_ids=[6, 7, 8])
+    for start in range(9):
+        for stop in range(start, 9):
+            assert seq.token_slice(start, stop) == seq.tokens[start:stop]
