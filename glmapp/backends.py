@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glmapp import prompts
 from glmapp.engine.request import Delta, GenerationRequest, Usage
@@ -53,6 +53,8 @@ class ChatUpdate:
     usage: Usage | None = None
     finish_reason: str | None = None
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # the new ids of this update
+    new_text: bool = False  # this update added text (a stream that shows only changes can skip the rest)
 
 
 class LocalBackend:
@@ -99,10 +101,17 @@ class LocalBackend:
                     adapter: str | None = None, on_handle=None):
         """Yield `ChatUpdate`s with the growing response; the last one has `finish_reason`."""
         prompt_ids, kept, query = self.prepare_chat(query, history, system, max_length)
+        yield from self.stream_prompt(prompt_ids, kept, query, max_length=max_length, max_new_tokens=max_new_tokens,
+                                      params=params, adapter=adapter, on_handle=on_handle)
+
+    def stream_prompt(self, prompt_ids: list[int], history, query: str, *, max_length: int | None = None,
+                      max_new_tokens: int | None = None, params: SamplingParams | None = None,
+                      adapter: str | None = None, on_handle=None):
+        """Generate after ready prompt ids for the round (`history` + `query`): `ChatUpdate`s as in chat_stream."""
         limit = min(max_length or self.context_length, self.context_length)
         budget = limit - len(prompt_ids)
         if max_new_tokens is not None:
-            budget = min(budget, max_new_tokens)
+            budget = min(budget, int(max_new_tokens))
         handle = self.submit(GenerationRequest(prompt_ids, params or SamplingParams(), budget, adapter=adapter))
         if on_handle is not None:
             on_handle(handle)
@@ -110,13 +119,12 @@ class LocalBackend:
         try:
             for delta in handle:
                 text += delta.text
-                response = prompts.process_response(self.family, text, kept)
-                yield ChatUpdate(response, prompts.append_history(self.family, kept, query, response),
-                                 delta.usage, delta.finish_reason, delta.error)
+                response = prompts.process_response(self.family, text, history)
+                yield ChatUpdate(response, prompts.append_history(self.family, history, query, response),
+                                 delta.usage, delta.finish_reason, delta.error, delta.token_ids, bool(delta.text))
         finally:
             if not handle.done:  # the consumer went away (closed tab, generator dropped): free the slot
                 handle.cancel()
-
 
 def _make_engine(model, tokenizer, config=None):
     from glmapp.engine.engine import Engine

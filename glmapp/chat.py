@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 
 from glmapp import prompts
-from glmapp.engine.request import GenerationRequest
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import InputError, InputTooLong
 from glmapp.models.chatglm import ChatGLMForConditionalGeneration
@@ -80,7 +79,6 @@ class ChatModel(ChatGLMForConditionalGeneration):
         `InputTooLong` says the limit. `adapter` names a loaded LoRA adapter (None: the base model).
         """
         backend = self.backend(tokenizer)
-        family = tokenizer.family
         history = list(history or [])
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed)
@@ -100,42 +98,37 @@ class ChatModel(ChatGLMForConditionalGeneration):
                                    f"{limit - 1} prompt tokens (max_length {limit}). Start a new chat.")
         else:
             prompt_ids, history, query = backend.prepare_chat(query, history, system, limit)
-        budget = limit - len(prompt_ids)
-        if max_new_tokens is not None:
-            budget = min(budget, int(max_new_tokens))
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.__dict__["last_stats"] = stats
-        handle = backend.submit(GenerationRequest(prompt_ids, params, budget, adapter=adapter))
-        text, response, output = "", "", []
+        updates = backend.stream_prompt(prompt_ids, history, query, max_length=limit,
+                                        max_new_tokens=max_new_tokens, params=params, adapter=adapter)
         try:
-            for delta in handle:
-                text += delta.text
-                output.extend(delta.token_ids)
-                if delta.usage is not None:
-                    u = delta.usage
-                    stats.reused_tokens, stats.new_tokens, stats.seconds = u.cached_tokens, u.completion_tokens, u.seconds
-                    stats.first_token_seconds = u.first_token_seconds
-                    stats.prefilled_tokens = u.prompt_tokens - u.cached_tokens
-                if delta.error:
-                    raise InputError(delta.error)
-                if delta.finish_reason is not None:
-                    stats.finish_reason = delta.finish_reason
-                    final = prompts.process_response(family, text, history)
-                    if final != response or not output:
-                        past = ConversationCache(prompt_ids + output)
-                        yield self._result(family, history, query, final, past, return_past_key_values)
-                elif delta.text:
-                    response = prompts.process_response(family, text, history)
-                    past = ConversationCache(prompt_ids + output)
-                    yield self._result(family, history, query, response, past, return_past_key_values)
+            yield from self._official(updates, prompt_ids, stats, return_past_key_values)
         finally:
-            if not handle.done:
-                handle.cancel()
+            updates.close()  # a caller that stops iterating cancels the request at once
 
     @staticmethod
-    def _result(family, history, query, response, past, with_past):
-        new_history = prompts.append_history(family, history, query, response)
-        return (response, new_history, past) if with_past else (response, new_history)
+    def _official(updates, prompt_ids, stats, with_past):
+        """ChatUpdates -> the official (response, history[, past]) yields, with stats kept current."""
+        response, output = "", []
+        for update in updates:
+            output.extend(update.token_ids)
+            if update.usage is not None:
+                u = update.usage
+                stats.reused_tokens, stats.new_tokens, stats.seconds = u.cached_tokens, u.completion_tokens, u.seconds
+                stats.first_token_seconds = u.first_token_seconds
+                stats.prefilled_tokens = u.prompt_tokens - u.cached_tokens
+            if update.error:
+                raise InputError(update.error)
+            if update.finish_reason is not None:
+                stats.finish_reason = update.finish_reason
+                if update.response == response and output:
+                    continue  # the last yield already showed the final text
+            elif not update.new_text:
+                continue  # a token that completes no character yet (official: no yield)
+            response = update.response
+            past = ConversationCache(prompt_ids + output)
+            yield (response, update.history, past) if with_past else (response, update.history)
 
     def chat(self, tokenizer, query: str, history=None, **kwargs):
         """Blocking chat: returns (response, history + this round), like the official `chat`."""
