@@ -5,6 +5,9 @@
 
 Prints decode tokens/s at batch 1, prefill tokens/s for a 1k-token prompt, aggregate tokens/s with 8
 and 32 concurrent streams, each as ours / transformers' (its best of the dynamic and static cache).
+On CUDA also: batch-1 decode as a share of the memory-bandwidth bound (weight bytes read per token /
+device-to-device copy bandwidth measured in the same run), time to first token for 1k and 8k prompts,
+peak memory, and our decode with static shapes + CUDA graphs vs our plain varlen step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,33 @@ SIZES_6B = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, kv_chan
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second moved (read + written) by a 1 GiB device-to-device copy, best of 10."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it)."""
+    emb = model.transformer.embedding.word_embeddings.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - emb.numel() * emb.element_size()
+
+
+def decode_rate(engine, tok, n_prompt, n_new, rep, salt=1):
+    """Batch-1 decode tokens/s: (time for N tokens - time to the first) / (N - 1), best of `rep`."""
+    return max((n_new - 1) / (full - first) for full, _, first in
+               (ours_run(engine, tok, [prompt_ids(tok, n_prompt, salt * 100 + r)], n_new) for r in range(rep)))
 
 
 def prompt_ids(tok, n: int, salt: int = 0) -> list[int]:
@@ -99,6 +129,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--streams", default="8,32")
     ap.add_argument("--repeats", type=int, default=3, help="best of N runs for every figure")
+    ap.add_argument("--ttft", default=None, help="prompt lengths for time to first token (CUDA default 1024,8192)")
+    ap.add_argument("--kv-cache-mb", type=float, default=None, help="KV budget (CUDA default 8192)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, single_threaded():  # the engine thread does the computing
         if args.size == "6b":
@@ -109,7 +141,8 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {params / 1e6:.1f}M params, {dtype}, {device}, torch {torch.__version__}, "
           f"threads {PROCESS_THREADS} (engine thread)")
-    engine = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64))
+    kv_mb = args.kv_cache_mb or (8192 if device.type == "cuda" else None)
+    engine = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb))
     ref = engine.call(lambda: to_transformers_glm(model, attn_implementation="sdpa"))
     n_new, n_prompt = args.new_tokens, args.prompt_tokens
     rows = []
@@ -121,8 +154,7 @@ def main():
 
     # batch-1 decode: (time for N tokens - time to the first token) / (N - 1)
     p1 = [prompt_ids(tok, n_prompt, 1)]
-    ours_decode = max((n_new - 1) / (full - first) for full, _, first in
-                      (ours_run(engine, tok, p1, n_new) for _ in range(rep)))
+    ours_decode = decode_rate(engine, tok, n_prompt, n_new, rep)
     (h_full, _), cache = best_hf(engine, ref, p1, n_new, device, rep)
     h_one = min(engine.call(lambda: hf_run(ref, p1, 1, cache, device))[0] for _ in range(rep))
     hf_decode = (n_new - 1) / (h_full - h_one)
@@ -140,7 +172,33 @@ def main():
             engine, tok, lambda r: [prompt_ids(tok, n_prompt, 1000 * (r + 1) + i) for i in range(n)], n_new, rep)
         (h_wall, h_tokens), cache = best_hf(engine, ref, prompts, n_new, device, rep)
         rows.append((f"aggregate tok/s, {n} streams", o_tokens / o_wall, h_tokens / h_wall, cache))
+    ref = None  # free its copy of the weights before the extra CUDA figures
+    extra = []
+    if device.type == "cuda":
+        lengths = [int(x) for x in (args.ttft or "1024,8192").split(",")]
+        for n in lengths:
+            if n < engine.context_length:
+                t = min(ours_run(engine, tok, [prompt_ids(tok, n, 5000 + n + r)], 1)[2] for r in range(rep))
+                extra.append(f"time to first token, {n}-token prompt: {t * 1000:.1f} ms")
+        bw, wb = copy_bandwidth(device), weight_bytes_per_token(model)
+        extra.append(f"batch-1 decode {ours_decode:.1f} tok/s = {ours_decode * wb / bw:.0%} of the bandwidth bound "
+                     f"({wb / 1e9:.2f} GB of weights per token, {bw / 1e12:.2f} TB/s copy bandwidth, "
+                     f"bound {bw / wb:.0f} tok/s)")
+        static = engine.runner.static
+        extra.append(f"static decode steps {static.steps if static else 0}, graph replays "
+                     f"{static.replays if static else 0}")
+        extra.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     engine.shutdown()
+    if device.type == "cuda":  # the same decode without static shapes / CUDA graphs
+        del engine
+        torch.cuda.empty_cache()
+        plain = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb,
+                                                static_decode=False))
+        ours_run(plain, tok, [prompt_ids(tok, 16)], 4)
+        varlen = decode_rate(plain, tok, n_prompt, n_new, rep, salt=7)
+        extra.append(f"batch-1 decode, varlen step without CUDA graphs: {varlen:.1f} tok/s "
+                     f"(static + graphs {ours_decode / varlen:.2f}x)")
+        plain.shutdown()
 
     print(f"\n{'measure':32s} {'glmapp':>10s} {'transformers':>13s} {'ratio':>7s}  (transformers cache)")
     for name, ours, theirs, cache in rows:
@@ -148,8 +206,8 @@ def main():
     batch1 = rows[0][1]
     for name, ours, _, _ in rows[2:]:
         print(f"{name}: {ours / batch1:.2f}x our batch-1 decode rate")
-    if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    for line in extra:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,10 @@ def device_memory(device: torch.device) -> str:
 
 class BackendManager:
     def __init__(self, backend: LocalBackend, name: str, *, demo: bool = False, notice: str = "",
-                 device: str = "auto", max_input_tokens: int | None = None, adapters_dir: str = "adapters"):
+                 device: str = "auto", max_input_tokens: int | None = None, adapters_dir: str = "adapters",
+                 engine_config=None):
         self._backend: LocalBackend | None = backend
+        self.engine_config = engine_config  # kept for the engines of reloaded models
         self.name = name
         self.demo = demo
         self.notice = notice  # why the demo checkpoint is used, shown in the banner
@@ -99,7 +101,7 @@ class BackendManager:
     @classmethod
     def load(cls, model: str | None = None, *, demo: bool = False, dtype: str = "auto", device: str = "auto",
              max_input_tokens: int | None = None, adapters_dir: str = "adapters",
-             quant: str | None = None) -> BackendManager:
+             quant: str | None = None, engine_config=None) -> BackendManager:
         """--model, else the default model from the cache, else the demo checkpoint (with the reason kept)."""
         from glmapp.demo import ensure_demo
 
@@ -116,8 +118,9 @@ class BackendManager:
         if demo:
             name = str(ensure_demo("chatglm2"))
             net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
-        manager = cls(LocalBackend(net, tok, max_input_tokens=max_input_tokens), name, demo=demo, notice=notice,
-                      device=device, max_input_tokens=max_input_tokens, adapters_dir=adapters_dir)
+        manager = cls(LocalBackend(net, tok, max_input_tokens=max_input_tokens, engine_config=engine_config), name,
+                      demo=demo, notice=notice, device=device, max_input_tokens=max_input_tokens,
+                      adapters_dir=adapters_dir, engine_config=engine_config)
         manager.dtype_choice, manager.quant_choice = dtype, quant
         return manager
 
@@ -248,7 +251,7 @@ class BackendManager:
                 manager.install(weights)
             except (AdapterError, RuntimeError, KeyError, AttributeError) as e:  # e.g. no such module now
                 dropped[weights.name] = f"{type(e).__name__}: {e}"
-        self._backend = LocalBackend(net, tok, max_input_tokens=self.max_input_tokens)
+        self._backend = LocalBackend(net, tok, max_input_tokens=self.max_input_tokens, engine_config=self.engine_config)
         return ReloadResult(self.info(), manager.names(), dropped)
 
     def _free_backend(self) -> None:

@@ -9,6 +9,7 @@ engine goes on; an out-of-memory error ends the newest request and shrinks the b
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 import weakref
@@ -24,7 +25,10 @@ from glmapp.engine.request import Delta, Usage
 from glmapp.engine.runner import ModelRunner
 from glmapp.engine.sampling import SamplingParams
 from glmapp.engine.scheduler import Scheduler, Sequence
+from glmapp.engine.static_decode import StaticDecoder, static_decode_supported
 from glmapp.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class EngineConfig:
     max_seqs: int = 32
     max_batch_tokens: int = 512  # prefill chunk budget per step
     num_threads: int | None = None  # CPU intra-op threads of the engine thread (None: the process's count)
+    static_decode: bool | None = None  # decode steps in fixed buffers (None: on CUDA, see static_decode.py)
+    cuda_graphs: bool = True  # replay captured CUDA graphs for static decode steps
+    compile: bool = False  # torch.compile the static decode step
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_seqs < 1 or self.max_batch_tokens < 1:
@@ -87,11 +94,13 @@ class Engine:
         per_block = PagedKVCache.bytes_per_block(model.config, self.config.block_size, dtype)
         num_blocks = max(1, _kv_budget_bytes(self.config, device) // per_block)
         with single_threaded():  # filling the cache must not give this thread an OpenMP team
-            self.cache = PagedKVCache(model.config.num_layers, num_blocks, self.config.block_size,
+            # One block more than the allocator hands out: static decode steps pad their batch with
+            # rows that write there.
+            self.cache = PagedKVCache(model.config.num_layers, num_blocks + 1, self.config.block_size,
                                       model.config.num_kv_groups, model.config.kv_channels, dtype, device)
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.allocator, self.config.max_seqs, self.config.max_batch_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, num_blocks))
         self.capacity_tokens = num_blocks * self.config.block_size
         self.context_length = int(model.config.seq_length)
         self.vocab = int(model.config.padded_vocab_size)
@@ -107,6 +116,17 @@ class Engine:
         # A daemon thread killed inside a torch op at interpreter exit aborts the process: stop cleanly.
         ref = weakref.ref(self)
         atexit.register(lambda: (engine := ref()) is not None and engine.shutdown())
+
+    def _static_decoder(self, model, num_blocks: int) -> StaticDecoder | None:
+        cfg, device = self.config, self.cache.k.device
+        use = cfg.static_decode if cfg.static_decode is not None else device.type == "cuda"
+        why_not = static_decode_supported(device)
+        if not use or why_not:
+            if use:
+                log.warning("static decode is off: %s", why_not)
+            return None
+        max_blocks = min(num_blocks, -(-int(model.config.seq_length) // cfg.block_size))
+        return StaticDecoder(model, self.cache, num_blocks, cfg.max_seqs, max_blocks, cfg.cuda_graphs, cfg.compile)
 
     # ---- client side (any thread) --------------------------------------------------------------------
     def submit(self, handle, request) -> None:

@@ -3,7 +3,9 @@ paged KV cache, sample one token for every sequence that reached its end. Knows 
 
 The batch is "varlen": all new tokens of all sequences in one [1, N] row with explicit positions.
 Attention writes the step's keys/values into their slots first, then decode rows attend together
-(keys gathered through their block tables, masked by length) and prefill chunks attend one by one.
+(`paged_attention.paged_decode`: the Triton kernel on CUDA, gather + mask elsewhere) and prefill chunks
+attend one by one. Decode-only steps without LoRA rows go to the static-shape path instead when the
+engine has one (`static_decode.py`: CUDA graphs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 
 from glmapp.adapters import AdapterManager
 from glmapp.engine.kv_cache import PagedKVCache
+from glmapp.engine.paged_attention import paged_decode
 from glmapp.engine.sampling import sample
+from glmapp.engine.static_decode import StaticDecoder
 from glmapp.models.chatglm import attention
 
 
@@ -25,23 +29,22 @@ class StepContext:
     cache: PagedKVCache
     slots: torch.Tensor  # [N] cache slot of every new token
     decode_index: torch.Tensor | None  # [B] token index of each decode row
-    decode_slots: torch.Tensor | None  # [B, L] slots of each decode row's context (padded)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot belongs to the row
+    decode_tables: torch.Tensor | None  # [B, W] int32 block table of each decode row (padded)
+    decode_lengths: torch.Tensor | None  # [B] int32 context length of each decode row, its new token included
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first token index, n, context slots, offset)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.slots] = k[0]
         vc[self.slots] = v[0]
-        if self.decode_index is not None and not self.prefills:
-            out = attention(q[0, self.decode_index, None], kc[self.decode_slots], vc[self.decode_slots],
-                            self.decode_mask)
-            return out[:, 0][None]  # decode-only steps: rows are already in token order
+        if self.decode_index is not None:
+            rows = paged_decode(q[0, self.decode_index], kc, vc, self.decode_tables, self.decode_lengths,
+                                self.cache.block_size)
+            if not self.prefills:
+                return rows[None]  # decode-only steps: rows are already in token order
         out = torch.empty_like(q[0])
         if self.decode_index is not None:
-            rows = attention(q[0, self.decode_index, None], kc[self.decode_slots], vc[self.decode_slots],
-                             self.decode_mask)
-            out[self.decode_index] = rows[:, 0]
+            out[self.decode_index] = rows
         for start, n, ctx_slots, offset in self.prefills:
             mask = None
             if offset:
@@ -53,16 +56,22 @@ class StepContext:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: PagedKVCache, static: StaticDecoder | None = None):
+        self.model, self.cache, self.static = model, cache, static
         self.device = model.transformer.output_layer.weight.device
         self.vocab = model.config.padded_vocab_size
-        self._block_offsets = torch.arange(cache.block_size, device=self.device)
+        self._block_offsets = torch.arange(cache.block_size)
         self.adapters = AdapterManager.of(model)
 
+    def _dev(self, values, dtype=torch.long) -> torch.Tensor:
+        """A step input built on the host, sent without waiting for the GPU (no sync per tensor)."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        return t.to(self.device, non_blocking=True)
+
     def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
+        """Cache slots of tokens start..stop-1, as a host tensor."""
         bs = self.cache.block_size
-        blocks = torch.tensor(block_table[start // bs: (stop - 1) // bs + 1], device=self.device)
+        blocks = torch.tensor(block_table[start // bs: (stop - 1) // bs + 1])
         slots = (blocks[:, None] * bs + self._block_offsets).flatten()
         first = start - (start // bs) * bs
         return slots[first:first + stop - start]
@@ -71,6 +80,8 @@ class ModelRunner:
     def step(self, work) -> list[int]:
         """Run scheduled work (list of ScheduledWork); returns the new token of each sampling sequence,
         in the order of `work` entries whose `samples` is True."""
+        if self.static is not None and self.static.accepts(work):
+            return self._sample(self.static.run(work), [w.seq for w in work])
         ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
         adapter_rows: dict[str, list[int]] = {}
         n_tokens = 0
@@ -83,27 +94,25 @@ class ModelRunner:
             if w.num_tokens == 1 and start > 0:
                 decode_rows.append((n_tokens, seq.block_table, stop))
             else:
-                prefills.append((n_tokens, w.num_tokens, self._slots(seq.block_table, 0, stop), start))
+                prefills.append((n_tokens, w.num_tokens, self._dev(self._slots(seq.block_table, 0, stop)), start))
             if seq.adapter is not None:
                 adapter_rows.setdefault(seq.adapter, []).extend(range(n_tokens, n_tokens + w.num_tokens))
             n_tokens += w.num_tokens
             if w.samples:
                 logits_index.append(n_tokens - 1)
-        ctx = StepContext(self.cache, torch.cat(slots), None, None, None, prefills)
+        ctx = StepContext(self.cache, self._dev(torch.cat(slots)), None, None, None, prefills)
         if decode_rows:
             bs = self.cache.block_size
-            width = max(len(bt) for _, bt, _ in decode_rows)
-            table = torch.tensor([bt + [0] * (width - len(bt)) for _, bt, _ in decode_rows], device=self.device)
-            lengths = torch.tensor([n for _, _, n in decode_rows], device=self.device)
-            ctx.decode_index = torch.tensor([i for i, _, _ in decode_rows], device=self.device)
-            ctx.decode_slots = (table[:, :, None] * bs + self._block_offsets).flatten(1)
-            ctx.decode_mask = (torch.arange(width * bs, device=self.device)[None] < lengths[:, None])[:, None, None]
-        input_ids = torch.tensor([ids], device=self.device)
-        pos = torch.tensor([positions], device=self.device)
-        groups = [(name, torch.tensor(rows, device=self.device)) for name, rows in adapter_rows.items()]
+            width = max(-(-n // bs) for _, _, n in decode_rows)
+            ctx.decode_tables = self._dev([bt[:width] + [0] * (width - len(bt)) for _, bt, _ in decode_rows],
+                                          torch.int32)
+            ctx.decode_lengths = self._dev([n for _, _, n in decode_rows], torch.int32)
+            ctx.decode_index = self._dev([i for i, _, _ in decode_rows])
+        input_ids = self._dev([ids])
+        pos = self._dev([positions])
+        groups = [(name, self._dev(rows)) for name, rows in adapter_rows.items()]
         with self.adapters.rows(groups):  # also keeps adapters from changing mid-step
-            logits = self.model.forward_cached(input_ids, pos, ctx, torch.tensor(logits_index, dtype=torch.long,
-                                                                                  device=self.device))
+            logits = self.model.forward_cached(input_ids, pos, ctx, self._dev(logits_index))
         if not logits_index:
             return []
         return self._sample(logits, [w.seq for w in work if w.samples])
@@ -114,7 +123,7 @@ class ModelRunner:
             return logits.argmax(-1).tolist()
         dev = self.device
         seen = torch.stack([st.seen_mask(self.vocab, dev) for st in states])
-        f = lambda vals, dt: torch.tensor(vals, dtype=dt, device=dev)  # noqa: E731
+        f = self._dev
         out = sample(
             logits,
             f([st.params.temperature for st in states], torch.float32),

@@ -19,7 +19,7 @@ def launch(config: AppConfig, *, block: bool = True):
     credentials = config.credentials()  # a bad --auth-file fails before the model is loaded
     manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
                                   max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
-                                  quant=config.quant)
+                                  quant=config.quant, engine_config=config.engine_config())
     if manager.demo:
         print(f"[demo] Serving the demo checkpoint ({manager.name}): random weights, replies are gibberish. "
               f"For real weights: huggingface-cli download THUDM/chatglm2-6b, or python app.py --model PATH.",

@@ -42,6 +42,10 @@ class AppConfig:
     max_input_tokens: int | None = _opt(None, "longest prompt accepted, in tokens (default: the model's context)",
                                         "GLMAPP_MAX_INPUT_TOKENS")
     max_new_tokens: int = _opt(2048, "upper limit of the max-new-tokens slider", "GLMAPP_MAX_NEW_TOKENS")
+    kv_cache_mb: int | None = _opt(None, "KV cache budget in MB (default: 90%% of free GPU memory, 512 MB on CPU)",
+                                   "GLMAPP_KV_CACHE_MB")
+    compile: bool = _opt(False, "torch.compile the decode step (CUDA: minutes of warm-up for faster decoding)",
+                         "GLMAPP_COMPILE")
     adapters_dir: str = _opt("adapters", "folder of PEFT LoRA adapters (one sub-folder each) listed by the adapter "
                                          "picker", "GLMAPP_ADAPTERS_DIR")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
@@ -59,10 +63,17 @@ class AppConfig:
         for name in ("max_concurrency", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if self.kv_cache_mb is not None and self.kv_cache_mb < 1:
+            raise ConfigError(f"--kv-cache-mb must be at least 1 (got {self.kv_cache_mb}).")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ConfigError(f"--max-input-tokens must be at least 1 (got {self.max_input_tokens}).")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 1 and 65535 (got {self.port}).")
+
+    def engine_config(self):
+        from glmapp.engine.engine import EngineConfig
+
+        return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile)
 
     def credentials(self) -> list[tuple[str, str]]:
         """(user, password) pairs from --auth and --auth-file; empty means no login."""

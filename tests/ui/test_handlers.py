@@ -194,3 +194,23 @@ def test_config_from_flags_env_and_auth_file(tmp_path):
         AppConfig(auth=["nopassword"]).credentials()
     with pytest.raises(ConfigError):
         load_config(["--dtype", "int3"], {})
+
+
+def test_engine_settings_reach_the_engine_and_survive_a_reload():
+    from glmapp.engine.kv_cache import PagedKVCache
+
+    cfg = load_config(["--kv-cache-mb", "64"], {"GLMAPP_COMPILE": "1"})
+    assert cfg.engine_config().kv_cache_mb == 64 and cfg.engine_config().compile
+    assert load_config([], {}).engine_config().kv_cache_mb is None
+    with pytest.raises(ConfigError, match="--kv-cache-mb must be at least 1"):
+        load_config(["--kv-cache-mb", "0"], {})
+    manager = BackendManager.load(demo=True, engine_config=load_config(["--kv-cache-mb", "3"], {}).engine_config())
+    try:
+        model = manager.backend.model
+        per_block = PagedKVCache.bytes_per_block(model.config, 16, model.dtype)
+        expected = (3 * 2**20 // per_block) * 16  # 3 MB of KV, not the 512 MB default
+        assert manager.backend.engine.capacity_tokens == expected
+        manager.reload("float32")
+        assert manager.backend.engine.capacity_tokens == expected
+    finally:
+        manager.close()
