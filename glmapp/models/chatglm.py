@@ -111,7 +111,7 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (base**exponents)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """positions [b, t] -> rotations e^(i·angle) as complex64 [b, t, 1, rotary_dim/2]."""
+        """positions [b, t] -> rotations (cos, sin) of each angle, fp32 [b, t, 1, rotary_dim/2, 2]."""
         inv_freq = self.compute_inv_freq(positions.device)
         if self.family == "chatglm3":
             pos = positions.float()
@@ -123,15 +123,18 @@ class RotaryEmbedding(nn.Module):
             pos = positions.to(table_dtype) / self.rope_ratio  # chatglm2-32k interpolates positions
             angles = pos[..., None] * inv_freq.to(table_dtype)
         angles = angles.float()
-        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+        return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """x [b, t, n, d]: rotate interleaved pairs (2i, 2i+1) of dims [0, rotary_dim) by complex multiplication
-    (out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin); the other dims pass through."""
-    rot_dim = rotations.shape[-1] * 2
-    pairs = torch.view_as_complex(x[..., :rot_dim].float().unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    """x [b, t, n, d]: rotate interleaved pairs (2i, 2i+1) of dims [0, rotary_dim) in fp32
+    (out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin); the other dims pass through.
+    Real arithmetic rather than complex numbers: torch.compile's code generator does not handle complex."""
+    rot_dim = rotations.shape[-2] * 2
+    pairs = x[..., :rot_dim].float().unflatten(-1, (-1, 2))
+    even, odd = pairs.unbind(-1)
+    cos, sin = rotations.unbind(-1)
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
     return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
 
 
