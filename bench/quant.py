@@ -1,63 +1,156 @@
-"""Quantization modes on the mid-size generated checkpoint: linear-weight memory against bf16, and
-batch-1 decode tokens/s of `model.chat` per mode; plus the CPU forward choice inside QuantizedLinear
-(scale the output rows vs dequantize the weight first) on one 5632×1024 linear.
+"""Quantization modes on the mid-size generated checkpoint: every kernel of `glmapp.quant_kernels` timed
+against the dense matmul on the checkpoint's two largest linears (rows × dtype), then per mode and dtype
+the linear-weight memory against bf16 (kernel-layout copies included) and batch-1 decode tokens/s of
+`model.chat`.
 
-    python bench/quant.py [--size mid] [--new-tokens 64] [--device auto] [--dtype auto]
+    python bench/quant.py [--size mid] [--new-tokens 64] [--device auto] [--dtypes float32,bfloat16]
+                          [--rows 1,8,16,32,64] [--skip-chat]
+
+Timings are the best of up to --repeats runs per kernel, the kernels of one cell interleaved run by run
+(in a shuffled order) so that a load change on the machine hits all of them alike, with caches flushed
+before every timed call.
 """
 
 import argparse
+import os
+import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import glmapp
+from glmapp import quant_kernels
+from glmapp.checkpoint import resolve_device
 from glmapp.cpu_threads import single_threaded
-from glmapp.demo import make_demo
-from glmapp.quant import (
-    MODES,
-    available_modes,
-    dequantize,
-    linear_weight_bytes,
-    quantize_weight,
-)
+from glmapp.demo import SIZES, make_demo
+from glmapp.quant import MODES, QuantizedLinear, available_modes, linear_weight_bytes
+
+KERNELS = {8: ("rowscale", "int8pack", "dequantize"), 4: ("split", "nibbles_int8pack", "tinygemm", "dequantize")}
 
 
-def best_ms(fn, repeats=30):
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1000
+def best_ms(fns: dict, repeats: int, budget_s: float = 1.5) -> dict:
+    """Best time in ms of each `name: (prepare, call)`, interleaved; `prepare` runs untimed before the
+    call, and a call stops being repeated once it has used `budget_s`. Caches are flushed before every
+    timed call: in a decode step each linear's weight comes from memory (the mid model's linears are
+    63-504 MiB, the L3 here 32 MiB), and a warm cache would favour whichever kernel runs right after
+    another one that read the same weight."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    flush = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
+    best = dict.fromkeys(fns, float("inf"))
+    spent = dict.fromkeys(fns, 0.0)
+    order = list(fns)
+    for i in range(repeats):
+        random.Random(i).shuffle(order)  # no call always follows the same one
+        for name in order:
+            prepare, call = fns[name]
+            if i >= 3 and spent[name] > budget_s:
+                continue
+            prepare()
+            flush.add_(1)
+            sync()
+            t = time.perf_counter()
+            call()
+            sync()
+            elapsed = time.perf_counter() - t
+            best[name], spent[name] = min(best[name], elapsed), spent[name] + elapsed
+    return {name: t * 1000 for name, t in best.items()}
 
 
-def forward_choice(rows=(1, 8, 64)):
-    """ms per call of the two pure-torch forwards, fp32, for a [rows, 1024] input."""
-    w = torch.randn(5632, 1024) * 0.02
-    for bits in (8, 4):
-        q, scale = quantize_weight(w, bits)
-        for m in rows:
-            x = torch.randn(m, 1024)
-            if bits == 8:
-                def rowscale(x=x, q=q, scale=scale):
-                    return F.linear(x, q.float()) * scale
-            else:
-                def rowscale(x=x, q=q, scale=scale):
-                    return (F.linear(x[:, 0::2], (q >> 4).float()) + F.linear(x[:, 1::2], ((q << 4) >> 4).float())) * scale
+def use(dispatch: dict, packed_copy: dict):
+    def prepare():
+        quant_kernels.DISPATCH, quant_kernels.INT4_PACKED_COPY = dispatch, packed_copy
+    return prepare
 
-            def first(x=x, q=q, scale=scale, bits=bits):
-                return F.linear(x, dequantize(q, scale, bits))
 
-            def dense(x=x):
-                return F.linear(x, w)
+def linear_table(shape, dtype, device, rows_list, repeats):
+    """Markdown table: ms per QuantizedLinear call with each kernel forced, and with its own dispatch
+    ("forward", the chosen kernel named). Every column is a module call, so all pay the same overhead."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(shape, generator=gen) * 0.02)
+    dense = dense.to(device=device, dtype=dtype)
+    modules = {bits: QuantizedLinear.from_float(dense, bits) for bits in (8, 4)}
+    columns = ["dense"] + [f"int{b} {k}" for b in (8, 4) for k in KERNELS[b]] + ["int8 forward", "int4 forward"]
+    print(f"\n{out_features}×{in_features}, {str(dtype).removeprefix('torch.')} activations, {device}, ms per call "
+          f"(best of ≤{repeats}); \"forward\" = QuantizedLinear's own dispatch, its kernel named")
+    print("| rows | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    actual = use(quant_kernels.DISPATCH, quant_kernels.INT4_PACKED_COPY)
+    for rows in rows_list:
+        x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+        fns = {"dense": (actual, lambda x=x: dense(x))}
+        chosen = {}
+        with torch.no_grad():
+            for bits, m in modules.items():
+                for kernel in KERNELS[bits]:
+                    forced = use({(device, bits, dtype): ((None, kernel),)}, {device: True})
+                    forced()
+                    m(x)  # warm-up; builds tinygemm's packed copy
+                    if quant_kernels.choose(m, x) == kernel:  # else this device/shape cannot run it
+                        fns[f"int{bits} {kernel}"] = (forced, lambda x=x, m=m: m(x))
+                actual()
+                chosen[bits] = quant_kernels.choose(m, x)
+                fns[f"int{bits} forward"] = (actual, lambda x=x, m=m: m(x))
+            ms = best_ms(fns, repeats)
+        actual()
+        cells = []
+        for c in columns:
+            cell = f"{ms[c]:.3f}" if c in ms else "—"
+            if c.endswith("forward"):
+                cell += f" ({chosen[int(c[3])]})"
+            cells.append(cell)
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+    print(f"(load average {os.getloadavg()[0]:.2f} after this table)")
 
-            print(f"int{bits} rows {m:3d}: scale output rows {best_ms(rowscale):6.2f} ms | dequantize first "
-                  f"{best_ms(first):6.2f} ms | fp32 dense {best_ms(dense):6.2f} ms")
+
+PREVIOUS = {  # QuantizedLinear's CPU forward before glmapp.quant_kernels, for comparison in the same run
+    ("cpu", bits, dtype): ((None, "rowscale" if bits == 8 else "split"),)
+    for bits in (8, 4) for dtype in (torch.float32, torch.bfloat16)}
+
+
+def chat_speed(path, device, dtypes, new_tokens, chats=2):
+    """Per mode and dtype: linear-weight memory after chatting (packed copies included) and the best of
+    `chats` greedy decodes; for bf16 on CPU also int8/int4 on the previous kernels, and int4 with
+    tinygemm's packed copy allowed."""
+    base_model, _ = glmapp.load(str(path), device=device, dtype="bfloat16")
+    base = linear_weight_bytes(base_model)
+    del base_model
+    print(f"\nbf16 linear weights {base / 2**20:.1f} MiB; best of {chats} chats of {new_tokens} new tokens")
+    print("| mode | dtype | kernels | linear weights vs bf16 | decode tok/s |")
+    print("|---|---|---|---|---|")
+    unavailable = available_modes(device)
+    actual = (quant_kernels.DISPATCH, quant_kernels.INT4_PACKED_COPY)
+    runs = [(mode, dtype, "dispatch") for dtype in dtypes for mode in MODES]
+    if device == "cpu" and "bfloat16" in dtypes:
+        runs += [("int8", "bfloat16", "previous"), ("int4", "bfloat16", "previous"),
+                 ("int4", "bfloat16", "tinygemm copy")]
+    for mode, dtype, kernels in runs:
+        if unavailable[mode]:
+            print(f"| {mode} | {dtype} | | unavailable: {unavailable[mode]} | |")
+            continue
+        if kernels == "previous":
+            quant_kernels.DISPATCH = PREVIOUS
+        elif kernels == "tinygemm copy":
+            quant_kernels.INT4_PACKED_COPY = {**actual[1], device: True}
+        try:
+            model, tok = glmapp.load(str(path), device=device, dtype=dtype, quant=mode)
+            model.chat(tok, "warm up", [], do_sample=False, max_new_tokens=4)
+            speeds = []
+            for _ in range(chats):
+                model.chat(tok, "请详细介绍一下长城的历史。", [], do_sample=False, max_new_tokens=new_tokens)
+                speeds.append(model.last_stats.decode_tokens_per_second)
+            label = kernels if mode in ("int8", "int4") else ""
+            print(f"| {mode} | {dtype} | {label} | {linear_weight_bytes(model) / base:.3f}× | {max(speeds):.1f} |",
+                  flush=True)
+            model.backend(tok).close()  # one engine thread at a time (see glmapp.cpu_threads)
+            del model
+        finally:
+            quant_kernels.DISPATCH, quant_kernels.INT4_PACKED_COPY = actual
 
 
 def main():
@@ -65,33 +158,31 @@ def main():
     ap.add_argument("--size", default="mid")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rows", default="1,8,16,32,64")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--skip-chat", action="store_true")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.size == "6b":  # ChatGLM2-6B's shapes, random weights (a GPU run: see bench/gpu_checks.sh)
+        from engine import SIZES_6B
+
+        SIZES["6b"] = SIZES_6B
+    device = resolve_device(args.device).type
+    dtypes = args.dtypes.split(",")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
+    hidden, ffn = SIZES[args.size]["hidden_size"], SIZES[args.size]["ffn_hidden_size"]
+    rows = [int(r) for r in args.rows.split(",")]
+    for dtype in dtypes:  # dense_h_to_4h and dense_4h_to_h
+        for shape in ((2 * ffn, hidden), (hidden, ffn)):
+            linear_table(shape, getattr(torch, dtype), device, rows, args.repeats)
+    if args.skip_chat:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         with single_threaded():  # keep this thread free of an OpenMP team (see glmapp.cpu_threads)
             path = make_demo(Path(tmp) / args.size, size=args.size, fmt="safetensors")
-        base_model, _ = glmapp.load(str(path), device=args.device, dtype="bfloat16")
-        base = linear_weight_bytes(base_model)
-        del base_model
-        print(f"{args.size}: bf16 linear weights {base / 2**20:.1f} MiB")
-        unavailable = available_modes(args.device if args.device != "auto" else "cpu")
-        for mode in MODES:
-            if unavailable[mode]:
-                print(f"{mode:8s} unavailable: {unavailable[mode]}")
-                continue
-            t0 = time.perf_counter()
-            model, tok = glmapp.load(str(path), device=args.device, dtype=args.dtype, quant=mode)
-            load_s = time.perf_counter() - t0
-            ratio = linear_weight_bytes(model) / base
-            model.chat(tok, "warm up", [], do_sample=False, max_new_tokens=4)
-            model.chat(tok, "请详细介绍一下长城的历史。", [], do_sample=False, max_new_tokens=args.new_tokens)
-            s = model.last_stats
-            print(f"{mode:8s} dtype {model.dtype} load {load_s:5.2f}s | linear weights {ratio:5.3f}x bf16 | "
-                  f"decode {s.new_tokens} tok at {s.decode_tokens_per_second:6.1f} tok/s ({s.finish_reason})")
-            model.backend(tok).close()  # one engine thread at a time (see glmapp.cpu_threads)
-            del model
-    forward_choice()
+        chat_speed(path, device, dtypes, args.new_tokens)
+    print(f"\nload average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ Notable choices:
 - `QuantizedLinear` stores the official tensors (`weight` int8, packed two int4 per byte for int4,
   `weight_scale` per output row, `bias`), so a quantized model's state dict is the official
   `chatglm2-6b-int4` layout (spec §2.2) and that checkpoint loads as it lies on disk.
-- CPU forward: `(x @ q.T) * scale` (scale applied to the output rows, never to the weight); int4
-  multiplies the even and odd input columns by the high and low nibbles separately instead of
-  interleaving them back. Measured on a 5632×1024 weight, fp32, 1 row: 1.0 ms vs 2.0 ms for
-  dequantize-then-matmul (int8), 1.4 ms vs 3.5 ms (int4) (bench/RESULTS.md, "Quantization").
-- CUDA forward dequantizes to the activation dtype and runs one cuBLAS GEMM. UNTESTED: no GPU was
-  available to the session that wrote it. cpm_kernels (what THUDM uses) is only a CUDA module loader;
-  the int4/int8 kernels THUDM runs are their own compiled blob, which we do not ship.
+- The matmul is `glmapp.quant_kernels.linear`: a kernel per call by device, activation dtype and
+  rows (CPU: ATen's packed int8/int4 kernels in bf16 at few rows, `(x @ q.T) * scale` otherwise;
+  CUDA, untested here: ATen's int8 GEMV and tinygemm int4 at few rows, else dequantize + one GEMM).
+  Kernel-layout copies (tinygemm's) are caches beside the module, never in its state dict.
+  (THUDM's own CUDA kernels are a compiled blob loaded through cpm_kernels; we do not ship it.)
 - Loading quantizes tensor by tensor as the checkpoint streams in (`QuantizingLoader`): a
   full-precision copy of one linear at most exists at a time, never the whole model.
 - bitsandbytes modes reuse transformers' `BitsAndBytesConfig` for their settings and swap in
@@ -27,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from glmapp import quant_kernels
 from glmapp.errors import CheckpointError, QuantizationError
 
 MODES = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
@@ -88,6 +86,7 @@ class QuantizedLinear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self._int4_pack: quant_kernels.Int4Pack | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -104,17 +103,25 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.dtype == torch.float16:
-            # UNTESTED on CUDA. fp16 also goes here: x @ q.T before scaling can exceed fp16's range.
-            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        scale = self.weight_scale.to(x.dtype)
-        if self.bits == 8:
-            y = F.linear(x, self.weight.to(x.dtype))
-        else:  # even input columns meet the high nibbles, odd ones the low nibbles (spec §7 packing)
-            w = self.weight
-            y = F.linear(x[..., 0::2], (w >> 4).to(x.dtype)) + F.linear(x[..., 1::2], ((w << 4) >> 4).to(x.dtype))
-        y = y * scale
+        y = quant_kernels.linear(self, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    # tinygemm's copy of the weight (quant_kernels.Int4Pack) is a cache: dropped whenever the tensors
+    # may be replaced or moved, and rebuilt by the next forward that needs it.
+    def drop_packed(self) -> None:
+        """Free the kernel-layout copy of the weight (after writes the version counter misses)."""
+        self._int4_pack = None
+
+    def packed_bytes(self) -> int:
+        return 0 if self._int4_pack is None else self._int4_pack.nbytes
+
+    def _apply(self, fn, recurse=True):
+        self.drop_packed()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.drop_packed()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -324,7 +331,8 @@ class QuantizingLoader:
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the quantizable linears (weights, scales, biases, bnb quantization state)."""
+    """Bytes held by the quantizable linears (weights, scales, biases, bnb quantization state, and the
+    kernel-layout copies QuantizedLinear builds at first use)."""
     seen: set[int] = set()
     total = 0
 
@@ -336,6 +344,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
     for path in linear_names(model):
         module = _base(model.get_submodule(path))
+        if isinstance(module, QuantizedLinear):
+            total += module.packed_bytes()
         for t in list(module.parameters()) + list(module.buffers()):
             add(t)
             state = getattr(t, "quant_state", None)  # bnb 4-bit: absmax (+ nested absmax), code table
@@ -351,6 +361,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
 def release_weights(model: nn.Module) -> None:
     """Drop every parameter and buffer of `model` (replaced by empty meta tensors) and free the memory."""
     for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.drop_packed()
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
                 if t is not None:

@@ -2,12 +2,15 @@
 
 import gc
 import json
+import logging
 import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import glmapp
+from glmapp import quant_kernels
 from glmapp.checkpoint import build_empty, load_model
 from glmapp.demo import demo_config, random_state_dict, write_weights
 from glmapp.errors import QuantizationError
@@ -22,6 +25,7 @@ from glmapp.quant import (
     model_mode,
     pack_int4,
     quantize_weight,
+    release_weights,
     switch_quantization,
     unpack_int4,
     write_int4_checkpoint,
@@ -228,3 +232,224 @@ def test_cli_chat_takes_quant():
 
     assert build_parser().parse_args(["chat", "--quant", "int4"]).quant == "int4"
     assert build_parser().parse_args(["chat"]).quant is None
+
+
+# ---- kernels behind QuantizedLinear (glmapp.quant_kernels) ------------------------------------------
+KERNEL_BITS = [("dequantize", 8), ("dequantize", 4), ("rowscale", 8), ("int8pack", 8), ("split", 4),
+               ("nibbles_int8pack", 4), ("tinygemm", 4)]
+
+
+def quantized(bits, dtype, out_features=256, in_features=512, seed=0, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.02)
+    return QuantizedLinear.from_float(linear.to(dtype), bits)
+
+
+def relative_error(y, reference):
+    return ((y.float() - reference).abs().max() / reference.abs().max()).item()
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # of max|reference|; bf16 keeps 8 mantissa bits
+
+
+@pytest.fixture()
+def fresh_kernels(monkeypatch):
+    """No kernel proven or switched off yet (as at process start)."""
+    monkeypatch.setattr(quant_kernels, "_PROVEN", set())
+    monkeypatch.setattr(quant_kernels, "_BROKEN", set())
+
+
+@pytest.fixture()
+def packed_copy_on_cpu(monkeypatch):
+    monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", True)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel,bits", KERNEL_BITS)
+def test_each_kernel_matches_the_dequantized_weight(kernel, bits, dtype, rows):
+    for out_features, in_features in ((256, 512), (64, 160)):  # 160: tinygemm's smallest group size (32)
+        m = quantized(bits, dtype, out_features, in_features)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
+        y = quant_kernels.KERNELS[kernel](m, x)
+        assert y.dtype == dtype and y.shape == reference.shape
+        assert relative_error(y, reference) <= TOLERANCE[dtype], (kernel, out_features, in_features)
+
+
+@pytest.mark.parametrize("bits,dtype,rows,copy,expected", [
+    (8, torch.float32, 1, True, "rowscale"),  # fp32: ATen's packed kernels are 1.5-25x slower
+    (8, torch.bfloat16, 32, False, "int8pack"),
+    (8, torch.bfloat16, 33, False, "rowscale"),
+    (8, torch.float16, 1, False, "dequantize"),  # fp16 x @ q.T could overflow before the scale
+    (4, torch.float32, 1, True, "split"),
+    (4, torch.bfloat16, 16, False, "nibbles_int8pack"),
+    (4, torch.bfloat16, 17, False, "split"),
+    (4, torch.bfloat16, 32, True, "tinygemm"),
+    (4, torch.bfloat16, 33, True, "split"),
+    (4, torch.float16, 1, True, "dequantize"),
+])
+def test_cpu_dispatch_follows_the_measured_table(monkeypatch, fresh_kernels, bits, dtype, rows, copy, expected):
+    monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", copy)
+    m = quantized(bits, dtype, bias=True)
+    x = torch.randn(rows, 1, m.in_features).to(dtype)
+    assert quant_kernels.choose(m, x[:, 0]) == expected
+    y = m(x)  # through the module: any leading shape, bias added
+    reference = F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float())
+    assert y.shape == (rows, 1, m.out_features) and relative_error(y, reference) <= TOLERANCE.get(dtype, 1e-3)
+    assert not quant_kernels._BROKEN  # the chosen kernel ran; nothing fell back
+    assert (expected == "tinygemm") == (m.packed_bytes() > 0)
+
+
+def test_tinygemm_needs_a_shape_its_packers_accept(packed_copy_on_cpu):
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    assert quant_kernels.choose(quantized(4, torch.bfloat16, 200, 512), x) == "nibbles_int8pack"  # N % 16
+    assert quant_kernels.choose(quantized(4, torch.bfloat16, 256, 80), x[:, :80]) == "nibbles_int8pack"  # K % 32
+    x.requires_grad_(True)
+    assert quant_kernels.choose(quantized(4, torch.bfloat16), x) == "dequantize"  # no autograd formulas
+    # ChatGLM2-6B's linears (spec §2.2): group size and CUDA inner k-tiles for K = 4096 and 13696
+    assert [quant_kernels.group_size(k) for k in (4096, 13696, 1024, 2816)] == [256, 128, 256, 256]
+    assert [quant_kernels.inner_k_tiles(k) for k in (4096, 13696, 160)] == [8, 8, 2]
+
+
+def test_xor_0x88_turns_both_signed_nibbles_into_offset_8():
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8)[None]
+    q = unpack_int4(every_byte)
+    offset = every_byte.view(torch.uint8) ^ 0x88
+    assert torch.equal((offset >> 4).to(torch.int32) - 8, q[0, 0::2].to(torch.int32)[None])
+    assert torch.equal((offset & 0x0F).to(torch.int32) - 8, q[0, 1::2].to(torch.int32)[None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [4096, 13696, 160])
+def test_tinygemm_inputs_unpack_to_the_official_dequantization(dtype, in_features):
+    """What the CUDA packer is given, checked on CPU: even column in the high nibble, w = (u - 8) * s + z."""
+    m = quantized(4, dtype, 32, in_features)
+    offset, scales_and_zeros, g = quant_kernels.tinygemm_inputs(m.weight, m.weight_scale, torch.bfloat16)
+    n, k = m.out_features, m.in_features
+    assert offset.dtype == torch.uint8 and offset.shape == (n, k // 2)
+    assert scales_and_zeros.dtype == torch.bfloat16 and scales_and_zeros.shape == (k // g, n, 2)
+    assert scales_and_zeros.is_contiguous()
+    u = torch.empty(n, k, dtype=torch.int32)
+    u[:, 0::2], u[:, 1::2] = offset >> 4, offset & 0x0F
+    group = torch.arange(k) // g
+    scale, zero = scales_and_zeros[group, :, 0].T.float(), scales_and_zeros[group, :, 1].T.float()
+    w = (u - 8).float() * scale + zero
+    assert torch.equal(w, dequantize(m.weight, m.weight_scale.to(torch.bfloat16), 4))
+
+
+def test_the_packed_copy_follows_new_weights_and_never_enters_the_state_dict(packed_copy_on_cpu):
+    m, other, third = (quantized(4, torch.bfloat16, seed=s, bias=True) for s in (0, 1, 2))
+    layout = {k: (v.dtype, v.shape) for k, v in m.state_dict().items()}
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    m(x)
+    assert m.packed_bytes() == 256 * 256 + 2 * 256 * 2 * 2  # the int4 weight again + [K/256, N, 2] bf16
+    assert {k: (v.dtype, v.shape) for k, v in m.state_dict().items()} == layout  # official tensors only
+
+    m.load_state_dict(other.state_dict())
+    assert m.packed_bytes() == 0  # dropped on load, rebuilt by the next forward
+    assert torch.equal(m(x), other(x))
+    with torch.no_grad():  # in place: caught by the version counter
+        m.weight.copy_(third.weight)
+        m.weight_scale.copy_(third.weight_scale)
+        m.bias.copy_(third.bias)
+    assert torch.equal(m(x), third(x))
+    m.weight.data = other.weight.data.clone()  # new storage
+    m.weight_scale.data = other.weight_scale.data.clone()
+    m.bias.data = other.bias.data.clone()
+    assert torch.equal(m(x), other(x))
+    m.to("cpu")
+    assert m.packed_bytes() == 0
+
+
+@pytest.mark.parametrize("error", [RuntimeError, NotImplementedError, AttributeError])
+def test_a_kernel_failing_at_first_use_is_switched_off_with_one_warning(monkeypatch, caplog, fresh_kernels, error):
+    calls = []
+
+    def unavailable(*args):
+        calls.append(args)
+        raise error("simulated: no kernel for this device")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", unavailable)
+    m = quantized(8, torch.bfloat16)
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="glmapp.quant_kernels"):
+        y, again = m(x), m(x)
+    assert len(calls) == 1 and len(caplog.records) == 1 and "int8pack" in caplog.text
+    assert ("int8pack", "cpu") in quant_kernels._BROKEN and quant_kernels.choose(m, x) == "rowscale"
+    reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
+    assert relative_error(y, reference) <= TOLERANCE[torch.bfloat16] and torch.equal(y, again)
+
+
+def test_after_a_first_success_kernel_errors_propagate(monkeypatch, fresh_kernels):
+    m = quantized(8, torch.bfloat16)
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    m(x)
+    assert ("int8pack", "cpu") in quant_kernels._PROVEN
+
+    def broken(*args):
+        raise RuntimeError("a real failure")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", broken)
+    with pytest.raises(RuntimeError, match="a real failure"):
+        m(x)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bf16_model_logits_through_the_kernels_match_dequantize(demo_v2, monkeypatch, packed_copy_on_cpu, mode):
+    model, _ = glmapp.load(str(demo_v2), quant=mode, dtype="bfloat16")
+    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids).logits.float()
+        monkeypatch.setattr(quant_kernels, "DISPATCH", {})
+        reference = model(ids).logits.float()
+    assert relative_error(fast, reference) <= 3e-2
+    assert (fast.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_packed_copies_count_as_linear_memory_and_go_with_the_weights(demo_v2, packed_copy_on_cpu):
+    model, tok = glmapp.load(str(demo_v2), quant="int4", dtype="bfloat16")
+    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    loaded = linear_weight_bytes(model)
+    assert model.chat(tok, "你好", [], do_sample=False, max_new_tokens=2)[0]
+    packed = sum(m.packed_bytes() for m in modules)
+    assert all(m.packed_bytes() >= m.weight.numel() for m in modules)
+    assert linear_weight_bytes(model) == loaded + packed
+    model.backend(tok).close()
+    release_weights(model)
+    assert all(m.packed_bytes() == 0 for m in modules)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,rows,expected", [(8, 1, "int8pack"), (8, 8, "int8pack"), (8, 9, "dequantize"),
+                                                (4, 1, "tinygemm"), (4, 64, "tinygemm"), (4, 65, "dequantize")])
+def test_cuda_kernels_match_the_dequantized_weight(fresh_kernels, bits, rows, expected):
+    """ChatGLM2-6B's dense_4h_to_h shape (K = 13696: group size 128) in bf16."""
+    m, other = (quantized(bits, torch.bfloat16, 4096, 13696, seed=s).cuda() for s in (0, 1))
+    x = torch.randn(rows, 13696, device="cuda").to(torch.bfloat16)
+    assert quant_kernels.choose(m, x) == expected
+    y = m(x)
+    assert not quant_kernels._BROKEN, "a CUDA kernel failed and fell back (see the logged warning)"
+    assert relative_error(y, F.linear(x.float(), m.dequantized_weight(torch.float32))) <= TOLERANCE[torch.bfloat16]
+    m.load_state_dict(other.state_dict())  # the packed copy follows
+    assert relative_error(m(x), F.linear(x.float(), other.dequantized_weight(torch.float32))) <= 1.5e-2
+
+
+def test_the_engine_builds_int4_copies_before_it_sizes_the_kv_cache(demo_v2, monkeypatch, fresh_kernels):
+    from glmapp.engine.engine import Engine
+
+    model, tok = glmapp.load(str(demo_v2), quant="int4", dtype="bfloat16")
+    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    engine = Engine(model, tok)  # default on CPU: no second copy
+    engine.shutdown()
+    assert all(m.packed_bytes() == 0 for m in modules)
+    monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", True)
+    budgets = []
+    monkeypatch.setattr("glmapp.engine.engine._kv_budget_bytes",
+                        lambda cfg, device: budgets.append(sum(m.packed_bytes() for m in modules)) or 2**20)
+    engine = Engine(model, tok)  # no request yet: the copies exist before the KV budget is read
+    engine.shutdown()
+    assert budgets and budgets[0] > 0 and all(m.packed_bytes() > 0 for m in modules)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmapp import quant_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.cpu_threads import claim_compute_threads, single_threaded
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
@@ -91,6 +92,8 @@ class Engine:
         weight = model.transformer.output_layer.weight
         device = weight.device
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float16
+        with single_threaded():
+            quant_kernels.prepare(model, dtype)  # int4 kernel copies first: the KV budget is what stays free
         per_block = PagedKVCache.bytes_per_block(model.config, self.config.block_size, dtype)
         num_blocks = max(1, _kv_budget_bytes(self.config, device) // per_block)
         with single_threaded():  # filling the cache must not give this thread an OpenMP team
