@@ -28,6 +28,7 @@ Triton is imported, and the kernels JIT-decorated, on first use: importing this 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -36,6 +37,7 @@ tl = None  # triton.language, imported by `_kernels` on first use
 PARTITION_SIZE = 512  # tokens per split-K program, a power of two >= 16 (tests shrink it)
 TILE_SIZE = 64  # tokens per inner iteration: K and V tiles of 64 x 128 fp16 are 16 KiB each
 _LOG2E = 1.4426950408889634
+log = logging.getLogger(__name__)
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int,
@@ -93,13 +95,33 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
 
 
 def triton_available() -> bool:
-    return _kernels() is not None
+    """Triton imports and its kernel has not failed in this process."""
+    return _TRITON["state"] != "broken" and _kernels() is not None
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale=None) -> torch.Tensor:
-    """Triton kernel on CUDA when Triton is available, else the torch reference."""
-    fn = paged_decode_triton if q.is_cuda and _kernels() is not None else paged_decode_reference
-    return fn(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    """Triton kernel on CUDA when Triton is available, else the torch reference.
+
+    A kernel that fails at its first call (e.g. a Triton/driver combination it cannot compile for) is
+    switched off for the process with one logged warning, and the reference serves; once it has run,
+    its errors propagate."""
+    if q.is_cuda and _TRITON["state"] != "broken" and _kernels() is not None:
+        if _TRITON["state"] == "proven":
+            return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+        try:
+            out = paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+            _TRITON["state"] = "proven"
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compile/launch failure: fall back, keep serving
+            _TRITON["state"] = "broken"
+            log.warning("the Triton paged decode kernel failed (%s: %s); using the torch reference",
+                        type(e).__name__, e)
+    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+_TRITON = {"state": "untried"}  # untried | proven | broken (this process)
 
 
 def _partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, maxes_ptr, sums_ptr, acc_ptr, qk_scale,

@@ -158,6 +158,8 @@ class StaticDecoder:
             for _ in range(2):
                 self._forward(*self._views(inputs))
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if not triton_available():  # the kernel failed in the warm-up: the reference over W blocks is no graph
+            raise RuntimeError("the Triton paged decode kernel is unavailable")
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
