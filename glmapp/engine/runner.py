@@ -81,7 +81,9 @@ class ModelRunner:
         """Run scheduled work (list of ScheduledWork); returns the new token of each sampling sequence,
         in the order of `work` entries whose `samples` is True."""
         if self.static is not None and self.static.accepts(work):
-            return self._sample(self.static.run(work), [w.seq for w in work])
+            with self.adapters.rows([]):  # base rows only; holds adapter installs off until the step is done
+                logits = self.static.run(work)
+            return self._sample(logits, [w.seq for w in work])
         ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
         adapter_rows: dict[str, list[int]] = {}
         n_tokens = 0
