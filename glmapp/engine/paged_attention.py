@@ -105,7 +105,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size: in
     A kernel that fails at its first call (e.g. a Triton/driver combination it cannot compile for) is
     switched off for the process with one logged warning, and the reference serves; once it has run,
     its errors propagate."""
-    if q.is_cuda and _TRITON["state"] != "broken" and _kernels() is not None:
+    if _wants_triton(q):
         if _TRITON["state"] == "proven":
             return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
         try:
@@ -122,6 +122,10 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size: in
 
 
 _TRITON = {"state": "untried"}  # untried | proven | broken (this process)
+
+
+def _wants_triton(q: torch.Tensor) -> bool:
+    return q.is_cuda and _TRITON["state"] != "broken" and _kernels() is not None
 
 
 def _partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, maxes_ptr, sums_ptr, acc_ptr, qk_scale,

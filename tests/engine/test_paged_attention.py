@@ -146,6 +146,32 @@ def test_dispatch_uses_the_reference_on_cpu():
     assert torch.equal(paged_decode(q, kc, vc, tables, lens, 16), paged_decode_reference(q, kc, vc, tables, lens, 16))
 
 
+def test_a_kernel_failing_at_its_first_call_falls_back_to_the_reference_once(monkeypatch, caplog):
+    """The CUDA dispatch logic, with the device check forced (the kernel itself cannot run here)."""
+    from glmapp.engine import paged_attention as pa
+
+    monkeypatch.setattr(pa, "_TRITON", {"state": "untried"})
+    monkeypatch.setattr(pa, "_wants_triton", lambda q: pa._TRITON["state"] != "broken")
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(pa, "paged_decode_triton", failing)
+    q, kc, vc, tables, lens, _, _ = make_batch([3, 20], 8, 2, 32, 16, 2)
+    expected = paged_decode_reference(q, kc, vc, tables, lens, 16)
+    with caplog.at_level("WARNING", logger=pa.__name__):
+        assert torch.equal(pa.paged_decode(q, kc, vc, tables, lens, 16), expected)
+        assert torch.equal(pa.paged_decode(q, kc, vc, tables, lens, 16), expected)
+    assert len(calls) == 1 and pa._TRITON["state"] == "broken"  # tried once, then never again
+    assert sum("paged decode kernel failed" in r.getMessage() for r in caplog.records) == 1
+
+    monkeypatch.setattr(pa, "_TRITON", {"state": "proven"})  # after a first success, errors propagate
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        pa.paged_decode(q, kc, vc, tables, lens, 16)
+
+
 def test_triton_kernel_rejects_a_head_dim_that_is_not_a_power_of_two():
     q, kc, vc, tables, lens, _, _ = make_batch([3], 4, 2, 24, 16, 1)
     with pytest.raises(ValueError, match="power-of-two head dim >= 16, got 24"):
