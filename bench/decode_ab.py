@@ -1,6 +1,6 @@
 """A/B of two checkouts (or two engine settings) on the mid-size checkpoint, one process per run:
 
-    python bench/decode_ab.py REPO_DIR ["{'static_decode': True}"]
+    python bench/decode_ab.py REPO_DIR ["{'static_decode': True}"] [bfloat16]
 
 Prints batch-1 decode tok/s (best of 3, 64 new tokens) and 8-stream aggregate tok/s (best of 2) of the
 glmapp package found in REPO_DIR. Run it alternately for the two sides: this VM's speed drifts.
@@ -26,12 +26,12 @@ path = Path("/tmp/glmapp-ab-mid")
 with single_threaded():
     if not (path / "config.json").exists():
         make_demo(path, size="mid", fmt="safetensors")
-    model, tok = glmapp.load(str(path))
+    model, tok = glmapp.load(str(path), dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
 engine = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, **cfg))
 ours_run(engine, tok, [prompt_ids(tok, 16)], 4)
 runs = (ours_run(engine, tok, [prompt_ids(tok, 32, 100 + r)], 64) for r in range(3))
 batch1 = max(63 / (full - first) for full, _, first in runs)
 agg = max(t / w for w, t, _ in (ours_run(engine, tok, [prompt_ids(tok, 32, 1000 * r + i) for i in range(8)], 64)
                                 for r in range(2)))
-print(f"{repo} {cfg}: batch-1 decode {batch1:.1f} tok/s, 8 streams {agg:.1f} tok/s")
+print(f"{repo} {cfg} {model.dtype}: batch-1 decode {batch1:.1f} tok/s, 8 streams {agg:.1f} tok/s")
 engine.shutdown()
