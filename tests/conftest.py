@@ -102,6 +102,29 @@ def peft_adapters_dir(tmp_path_factory, demo_v2) -> Path:
 
 
 @pytest.fixture(scope="session")
+def adapters_copy(tmp_path_factory, peft_adapters_dir):
+    """adapters_copy(name, corrupt=(), no_weights=()) -> a new folder holding the peft-made adapters plus
+    copies of "qkv" under each name in `corrupt` (weight file truncated to 100 bytes) and `no_weights`
+    (weight file removed)."""
+    import shutil
+
+    def make(name: str, corrupt=(), no_weights=()) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        for child in peft_adapters_dir.iterdir():
+            shutil.copytree(child, root / child.name)
+        for bad in (*corrupt, *no_weights):
+            shutil.copytree(peft_adapters_dir / "qkv", root / bad)
+            weights = root / bad / "adapter_model.safetensors"
+            if bad in corrupt:
+                weights.write_bytes(weights.read_bytes()[:100])
+            else:
+                weights.unlink()
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def make_peft_adapter():
     """make_peft_adapter(base_path, out, targets, seed, r=4, alpha=8) -> the peft model (saved to `out`)."""
     return _make_peft_adapter

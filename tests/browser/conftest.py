@@ -70,17 +70,9 @@ class AppServer:
 
 
 @pytest.fixture(scope="session")
-def browser_adapters_dir(tmp_path_factory, peft_adapters_dir) -> Path:
+def browser_adapters_dir(adapters_copy) -> Path:
     """The peft-made adapters (qkv, all, mlp) plus "corrupt", whose weight file is truncated."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("browser-adapters")
-    for child in peft_adapters_dir.iterdir():
-        shutil.copytree(child, root / child.name)
-    shutil.copytree(peft_adapters_dir / "qkv", root / "corrupt")
-    weights = root / "corrupt" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    return root
+    return adapters_copy("browser-adapters", corrupt=["corrupt"])
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import weakref
 from types import SimpleNamespace
 
@@ -23,17 +22,9 @@ GREEDY = dict(system="", max_length=8192, max_new_tokens=12, temperature=0, top_
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, peft_adapters_dir):
+def adapters_dir(adapters_copy):
     """The peft-made adapters plus two bad ones: one whose metadata shows the problem, one corrupt on load."""
-    root = tmp_path_factory.mktemp("ui-adapters")
-    for child in peft_adapters_dir.iterdir():
-        shutil.copytree(child, root / child.name)
-    shutil.copytree(peft_adapters_dir / "qkv", root / "no-weights")
-    (root / "no-weights" / "adapter_model.safetensors").unlink()
-    shutil.copytree(peft_adapters_dir / "qkv", root / "corrupt")
-    weights = root / "corrupt" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    return root
+    return adapters_copy("ui-adapters", corrupt=["corrupt"], no_weights=["no-weights"])
 
 
 @pytest.fixture(scope="module")
