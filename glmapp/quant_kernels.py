@@ -204,11 +204,16 @@ def choose(m, x: torch.Tensor) -> str:
     if rows == 0 or (x.requires_grad and torch.is_grad_enabled()):
         return DEQUANTIZE  # the packed ops have no autograd formulas
     for most, kernel in DISPATCH.get((device.type, m.bits, x.dtype), ()):
-        if (most is None or rows <= most) and (kernel, device.type) not in _BROKEN and (
-                kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
-                                         and tinygemm_fits(m.out_features, m.in_features, device, x.dtype))):
+        if (most is None or rows <= most) and _usable(kernel, m, device, x.dtype):
             return kernel
     return DEQUANTIZE
+
+
+def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
+    """May `kernel` run this module's weight on this device, for activations of `dtype`?"""
+    return (kernel, device.type) not in _BROKEN and (
+        kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
+                                 and tinygemm_fits(m.out_features, m.in_features, device, dtype)))
 
 
 def linear(m, x: torch.Tensor) -> torch.Tensor:
@@ -246,9 +251,9 @@ def prepare(model, dtype: torch.dtype) -> int:
         if getattr(m, "bits", None) != 4 or not hasattr(m, "_int4_pack"):
             continue
         device = m.weight.device
-        if (not INT4_PACKED_COPY.get(device.type, False) or ("tinygemm", device.type) in _BROKEN
-                or not tinygemm_fits(m.out_features, m.in_features, device, dtype)):
-            continue
+        listed = any(kernel == "tinygemm" for _, kernel in DISPATCH.get((device.type, 4, dtype), ()))
+        if not listed or not _usable("tinygemm", m, device, dtype):
+            continue  # `choose` would never pick tinygemm here: a copy would only cost memory
         try:
             added += int4_pack(m, device, dtype).nbytes
         except (RuntimeError, NotImplementedError, AttributeError) as e:

@@ -453,3 +453,12 @@ def test_the_engine_builds_int4_copies_before_it_sizes_the_kv_cache(demo_v2, mon
     engine = Engine(model, tok)  # no request yet: the copies exist before the KV budget is read
     engine.shutdown()
     assert budgets and budgets[0] > 0 and all(m.packed_bytes() > 0 for m in modules)
+
+
+def test_the_engine_builds_no_int4_copy_that_dispatch_would_never_use(demo_v2, monkeypatch, fresh_kernels):
+    from glmapp.engine.engine import Engine
+
+    monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", True)
+    model, tok = glmapp.load(str(demo_v2), quant="int4", dtype="float32")  # fp32 int4 runs `split` on CPU
+    Engine(model, tok).shutdown()
+    assert all(m.packed_bytes() == 0 for m in model.modules() if isinstance(m, QuantizedLinear))
