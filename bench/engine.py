@@ -7,7 +7,8 @@ Prints decode tokens/s at batch 1, prefill tokens/s for a 1k-token prompt, aggre
 and 32 concurrent streams, each as ours / transformers' (its best of the dynamic and static cache).
 On CUDA also: batch-1 decode as a share of the memory-bandwidth bound (weight bytes read per token /
 device-to-device copy bandwidth measured in the same run), time to first token for 1k and 8k prompts,
-peak memory, and our decode with static shapes + CUDA graphs vs our plain varlen step.
+peak memory, and our decode with static shapes + CUDA graphs vs our plain varlen step. On CPU also: our
+batch-1 decode without the oneDNN-prepacked linears (`glmapp/cpu_linear.py`).
 """
 
 from __future__ import annotations
@@ -198,6 +199,14 @@ def main():
         varlen = decode_rate(plain, tok, n_prompt, n_new, rep, salt=7)
         extra.append(f"batch-1 decode, varlen step without CUDA graphs: {varlen:.1f} tok/s "
                      f"(static + graphs {ours_decode / varlen:.2f}x)")
+        plain.shutdown()
+    elif engine.packed_linears:  # the same decode with the plain (BLAS) linears
+        del engine
+        plain = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb, prepack=False))
+        ours_run(plain, tok, [prompt_ids(tok, 16)], 4)
+        unpacked = decode_rate(plain, tok, n_prompt, n_new, rep, salt=7)
+        extra.append(f"batch-1 decode with plain (not prepacked) linears: {unpacked:.1f} tok/s "
+                     f"(prepacked {ours_decode / unpacked:.2f}x)")
         plain.shutdown()
 
     print(f"\n{'measure':32s} {'glmapp':>10s} {'transformers':>13s} {'ratio':>7s}  (transformers cache)")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmapp import cpu_linear
 from glmapp.errors import AdapterError
 
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -349,6 +350,7 @@ class AdapterManager:
         with self.lock:
             if name not in self.adapters:
                 raise AdapterError(f"Adapter {name!r} is not loaded.")
+            cpu_linear.unpack(self.model)
             wrappers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
             # Check everything first: a refused merge must not leave some layers merged.
             if any(type(m.base) is not nn.Linear for m in wrappers):  # quantized / bitsandbytes layers

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glmapp import quant_kernels
+from glmapp import cpu_linear, quant_kernels
 from glmapp.errors import CheckpointError, QuantizationError
 
 MODES = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
@@ -257,6 +257,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     resolve_mode(mode, 0, device)
     if mode == "none":
         return model
+    cpu_linear.unpack(model)
     for path in linear_names(model):
         linear = model.get_submodule(path)
         if not isinstance(linear, nn.Linear):
@@ -459,7 +460,8 @@ def write_int4_checkpoint(model_or_path, out) -> Path:
             raise QuantizationError(f"Cannot write int4 from a {model_mode(model)} model: load it full precision.")
         source = Path(model.config.name_or_path)
         names = {f"{p}.weight" for p in linear_names(model)}
-        state = int4_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names)
+        state = int4_state_dict(((k, cpu_linear.plain(v.detach()).cpu()) for k, v in model.state_dict().items()),
+                                names)
     else:
         source = Path(model_or_path)
         config = read_config(source)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmapp import quant_kernels
+from glmapp import cpu_linear, quant_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.cpu_threads import claim_compute_threads, single_threaded
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
@@ -70,6 +70,7 @@ class EngineConfig:
     static_decode: bool | None = None  # decode steps in fixed buffers (None: on CUDA, see static_decode.py)
     cuda_graphs: bool = True  # replay captured CUDA graphs for static decode steps
     compile: bool = False  # torch.compile the static decode step
+    prepack: bool | None = None  # oneDNN-packed CPU linears while the engine runs (None: on CPU unless compiling)
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_seqs < 1 or (self.max_batch_tokens or 1) < 1:
@@ -119,6 +120,12 @@ class Engine:
         self.error_count = 0
         self._thread = threading.Thread(target=self._loop, name="glmapp-engine", daemon=True)
         self._thread.start()
+        self.packed_linears = 0
+        try:  # in the engine thread, with its compute threads; before any request
+            self.packed_linears = self.call(self._pack)
+        except BaseException:
+            self.shutdown()
+            raise
         # A daemon thread killed inside a torch op at interpreter exit aborts the process: stop cleanly.
         ref = weakref.ref(self)
         atexit.register(lambda: (engine := ref()) is not None and engine.shutdown())
@@ -211,6 +218,13 @@ class Engine:
                 "steps": self.steps, "capacity_tokens": self.capacity_tokens}
 
     # ---- engine thread ---------------------------------------------------------------------------------
+    def _pack(self) -> int:
+        cfg = self.config
+        use = cfg.prepack if cfg.prepack is not None else not cfg.compile
+        if not use or self.cache.k.device.type != "cpu":
+            return 0
+        return cpu_linear.pack(self.model)
+
     def _loop(self) -> None:
         claim_compute_threads(self.config.num_threads)
         while True:
@@ -237,6 +251,8 @@ class Engine:
             self._finish(seq, "cancelled", "The engine was shut down.")
         for _, future in self._calls:
             future.set_exception(RuntimeError("the engine was shut down"))
+        if self.packed_linears:  # the model leaves the engine as it came: plain weights
+            cpu_linear.unpack(self.model)
 
     def _cancel_now(self, ids: set[str]) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):

@@ -1,0 +1,110 @@
+"""oneDNN-prepacked weights for the full-precision linears of a model on CPU.
+
+`F.linear` on CPU sends fp32 to the BLAS (MKL in the PyTorch wheels), which on this project's AMD EPYC
+reads weights at ~21 GB/s at one row and is 2-3× slower than oneDNN from 2 rows on; bf16 goes to oneDNN
+but re-reads the plain layout each call. oneDNN's own blocked layout (`mkldnn._reorder_linear_weight`,
+what inductor's weight prepacking uses) made a 5632×1024 linear 1.5-2.9× faster in fp32 and 1.1-1.6×
+in bf16 at 1-512 rows (bench/RESULTS.md, "Prepacked CPU linears").
+
+`pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
+Parameter holds the packed tensor *instead of* the plain one (same size, ±5%); `unpack(model)` restores
+plain `nn.Linear`s. The engine packs when it starts and unpacks when it stops. A packed weight can only
+be multiplied: code that changes weights (quantize, merge) calls `unpack` first, code that reads them
+(save, convert) takes `plain(tensor)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The row count oneDNN is told to expect when it picks the layout; 64 was as fast as 1 at one row and
+# as fast as 512 at 512 rows in fp32 and bf16 (the layout barely depends on it past 8).
+ROWS_HINT = 64
+
+
+class PackedLinear(nn.Linear):
+    """An `nn.Linear` whose weight is oneDNN-packed (or plain again while `unpack` runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not w.is_mkldnn:
+            return F.linear(x, w, self.bias)
+        if x.dtype != w.dtype or x.device.type != "cpu":
+            return F.linear(x, w.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+
+
+@functools.cache
+def supported(dtype: torch.dtype) -> str | None:
+    """None when this build and CPU can run packed linears in `dtype`, else why not."""
+    if dtype == torch.float32:
+        ok = torch.backends.mkldnn.is_available()
+    elif dtype == torch.bfloat16:
+        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        return f"{dtype} linears are not packed (oneDNN packing is used for float32 and bfloat16)"
+    if not ok:
+        return f"this PyTorch build or CPU has no oneDNN {dtype} support"
+    try:  # a missing or broken op must not reach a request
+        w, x = torch.randn(8, 16).to(dtype), torch.randn(3, 16).to(dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, ROWS_HINT),
+                                               None, "none", [], "")
+        if not torch.allclose(y.float(), F.linear(x, w).float(), atol=0.1, rtol=0.05):
+            return "oneDNN's packed linear gave wrong results on this machine"
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        return f"oneDNN packed linear unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def _plain_linears(model: nn.Module):
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
+def pack(model: nn.Module) -> int:
+    """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place; -> how many were packed."""
+    count = 0
+    with torch.no_grad():
+        for m in _plain_linears(model):
+            w = m.weight
+            if w.device.type != "cpu" or w.is_mkldnn or supported(w.dtype):
+                continue
+            if m.bias is not None and m.bias.dtype != w.dtype:
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), ROWS_HINT)
+            m.plain_requires_grad = w.requires_grad
+            m.weight = nn.Parameter(packed, requires_grad=False)
+            m.__class__ = PackedLinear
+            count += 1
+    return count
+
+
+def unpack(model: nn.Module) -> int:
+    """Give every `PackedLinear` of `model` its plain weight back; -> how many were unpacked."""
+    count = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is not PackedLinear:
+                continue
+            if m.weight.is_mkldnn:
+                # The plain weight first, then the class: a forward running meanwhile sees either state.
+                m.weight = nn.Parameter(m.weight.to_dense(), requires_grad=m.plain_requires_grad)
+            m.__class__ = nn.Linear
+            del m.plain_requires_grad
+            count += 1
+    return count
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in plain layout (a copy for a packed weight): for code that only reads weights."""
+    return t.to_dense() if t.is_mkldnn else t
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(type(m) is PackedLinear for m in model.modules())

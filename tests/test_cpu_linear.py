@@ -1,0 +1,129 @@
+"""oneDNN-prepacked CPU linears: same results, plain weights back, engine lifetime, weight readers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import glmapp
+from glmapp import cpu_linear
+from glmapp.backends import RequestHandle
+from glmapp.engine.engine import Engine, EngineConfig
+from glmapp.engine.request import GenerationRequest
+from glmapp.engine.sampling import SamplingParams
+
+DTYPES = [d for d in (torch.float32, torch.bfloat16) if cpu_linear.supported(d) is None]
+pytestmark = pytest.mark.skipif(not DTYPES, reason="no oneDNN in this PyTorch build")
+
+
+def _linears(dtype, bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96, bias=bias), nn.Linear(96, 32, bias=False)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (2, 5, 64), (0, 64)])
+def test_packed_forward_matches_f_linear(dtype, shape):
+    model = _linears(dtype)
+    x = torch.randn(*shape).to(dtype)
+    with torch.inference_mode():
+        want = model(x)
+        assert cpu_linear.pack(model) == 2
+        assert all(type(m) is cpu_linear.PackedLinear and m.weight.is_mkldnn for m in model)
+        got = model(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unpack_gives_back_the_exact_plain_weights(dtype):
+    model = _linears(dtype)
+    model[0].weight.requires_grad_(False)
+    before = [m.weight.detach().clone() for m in model]
+    cpu_linear.pack(model)
+    assert cpu_linear.pack(model) == 0  # already packed
+    assert cpu_linear.is_packed(model)
+    assert cpu_linear.unpack(model) == 2
+    assert not cpu_linear.is_packed(model)
+    for m, w in zip(model, before):
+        assert type(m) is nn.Linear and not m.weight.is_mkldnn
+        assert torch.equal(m.weight, w)
+    assert [m.weight.requires_grad for m in model] == [False, True]  # each weight's flag as it was
+    assert not hasattr(model[0], "plain_requires_grad")
+
+
+def test_only_plain_float_cpu_linears_are_packed():
+    class Sub(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), Sub(8, 8), nn.Linear(8, 8).half(), nn.Embedding(4, 8))
+    assert cpu_linear.pack(model) == 1
+    assert [type(m) for m in model][:3] == [cpu_linear.PackedLinear, Sub, nn.Linear]
+
+
+def test_a_mismatched_input_dtype_still_gets_a_result():
+    model = _linears(torch.float32)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    want = model.double()(x).float()
+    model.float()
+    cpu_linear.pack(model)
+    torch.testing.assert_close(model(x).float(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_reads_a_packed_weight():
+    lin = nn.Linear(16, 8)
+    w = lin.weight.detach().clone()
+    cpu_linear.pack(lin)  # a lone Linear is its own only module
+    assert lin.weight.is_mkldnn
+    assert torch.equal(cpu_linear.plain(lin.weight), w)
+    assert cpu_linear.plain(w) is w
+
+
+@pytest.fixture(scope="module")
+def model_tok(demo_v2):
+    return glmapp.load(str(demo_v2))
+
+
+def _generate(engine, tok, text, n=24):
+    handle = RequestHandle(f"p{id(engine)}-{n}", engine.cancel)
+    engine.submit(handle, GenerationRequest(tok.encode(text), SamplingParams(temperature=0), n, stop_ids=[-1]))
+    return [t for d in handle for t in d.token_ids]
+
+
+def test_the_engine_packs_while_it_runs_and_unpacks_when_it_stops(model_tok):
+    model, tok = model_tok
+    plain_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = Engine(model, tok, EngineConfig(prepack=False))
+    try:
+        assert engine.packed_linears == 0 and not cpu_linear.is_packed(model)
+        want = _generate(engine, tok, "请介绍一下长城。")
+    finally:
+        engine.shutdown()
+    engine = Engine(model, tok, EngineConfig())  # CPU default: packed
+    try:
+        n_linears = sum(type(m) is cpu_linear.PackedLinear for m in model.modules())
+        assert engine.packed_linears == n_linears == 4 * model.config.num_layers + 1
+        assert _generate(engine, tok, "请介绍一下长城。") == want
+    finally:
+        engine.shutdown()
+    assert not cpu_linear.is_packed(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, plain_weights[n]), n
+
+
+def test_weight_readers_work_on_a_packed_model(demo_v2):
+    from glmapp.models.glm_convert import to_transformers_glm
+    from glmapp.quant import quantize_model
+
+    model, _ = glmapp.load(str(demo_v2))
+    ids = torch.tensor([[5, 9, 23, 42, 7]])
+    with torch.inference_mode():
+        want = model(ids).logits
+        cpu_linear.pack(model)
+        ref = to_transformers_glm(model)  # reads plain copies; the model stays packed
+        assert cpu_linear.is_packed(model)
+        torch.testing.assert_close(ref(ids).logits, want, atol=1e-4, rtol=1e-4)
+        quantize_model(model, "int8")  # unpacks, then quantizes the plain weights
+        assert not cpu_linear.is_packed(model)
+        torch.testing.assert_close(model(ids).logits, want, atol=0.1, rtol=0.1)
