@@ -143,7 +143,10 @@ class Scheduler:
             parent = h
         covered = len(blocks) * bs
         partial = alloc.lookup_partial(parent, tokens[covered:limit])
-        if partial is not None:
+        # Less than a block in all (every new ChatGLM conversation shares its first few prompt tokens)
+        # saves nothing worth having: a prefill that starts past 0 needs a masked attention, ~1.5x the
+        # causal one on CPU (bench/RESULTS.md).
+        if partial is not None and covered + partial[1] >= bs:
             blocks.append(partial[0])
             covered += partial[1]
         return blocks, covered, parent, False

@@ -157,6 +157,23 @@ def test_next_turn_prefills_only_the_new_tokens(model_tok):
         engine.shutdown()
 
 
+def test_a_shared_start_shorter_than_a_block_is_not_reused(model_tok):
+    """Conversations that only share ChatGLM's first prompt tokens prefill from 0 (causal attention)."""
+    tok = model_tok[1]
+    engine = make_engine(model_tok)
+    bs = engine.config.block_size
+    try:
+        a = tok.encode("第一个问题：长城有多长？" * 4)
+        collect(submit(engine, a, max_new=2))
+        b = a[:bs // 2] + tok.encode("完全不同的问题：面包怎么做？" * 4, add_special_tokens=False)
+        assert len(b) > 2 * bs and b[bs // 2] != a[bs // 2]
+        assert collect(submit(engine, b, max_new=2))[2].usage.cached_tokens == 0
+        c = a[:bs + 3] + tok.encode("第三个问题。" * 4, add_special_tokens=False)  # one block and a bit shared
+        assert collect(submit(engine, c, max_new=2))[2].usage.cached_tokens >= bs
+    finally:
+        engine.shutdown()
+
+
 def test_comparison_rows_share_the_prompt_blocks(model_tok):
     tok = model_tok[1]
     prompt = tok.encode("比较一下这几个回答：" * 12)  # several full blocks
