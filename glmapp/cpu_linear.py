@@ -92,11 +92,12 @@ def unpack(model: nn.Module) -> int:
         for m in model.modules():
             if type(m) is not PackedLinear:
                 continue
+            requires_grad = m.__dict__.get("plain_requires_grad", False)
             if m.weight.is_mkldnn:
                 # The plain weight first, then the class: a forward running meanwhile sees either state.
-                m.weight = nn.Parameter(m.weight.to_dense(), requires_grad=m.plain_requires_grad)
+                m.weight = nn.Parameter(m.weight.to_dense(), requires_grad=requires_grad)
             m.__class__ = nn.Linear
-            del m.plain_requires_grad
+            m.__dict__.pop("plain_requires_grad", None)
             count += 1
     return count
 
