@@ -8,9 +8,9 @@ in bf16 at 1-512 rows (bench/RESULTS.md, "Prepacked CPU linears").
 
 `pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
 Parameter holds the packed tensor *instead of* the plain one (same size, ±5%); `unpack(model)` restores
-plain `nn.Linear`s. The engine packs when it starts and unpacks when it stops. A packed weight can only
-be multiplied: code that changes weights (quantize, merge) calls `unpack` first, code that reads them
-(save, convert) takes `plain(tensor)`.
+plain `nn.Linear`s. The engine packs when it starts and unpacks when it stops. `state_dict()` (so
+`save_pretrained`) gives plain copies, `load_state_dict` and `.to()`/`.half()` work; code that changes
+weights in place (quantize, merge) calls `unpack` first: a packed tensor can only be multiplied.
 """
 
 from __future__ import annotations
@@ -39,6 +39,35 @@ class PackedLinear(nn.Linear):
         if x.dtype != w.dtype or x.device.type != "cpu":
             return F.linear(x, w.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+
+    # The rest of torch sees a plain linear: state_dict()/save_pretrained() write plain weights,
+    # load_state_dict() loads plain weights and packs them again, .to()/.half()/... unpack first.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if destination[key].is_mkldnn:
+            destination[key] = destination[key].to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = self.weight.is_mkldnn
+        if packed:
+            self._unpack_weight()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if packed:
+            self.weight = nn.Parameter(_packed(self.weight), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        if self.weight.is_mkldnn:
+            self._unpack_weight()
+        return super()._apply(fn, recurse)
+
+    def _unpack_weight(self) -> None:
+        requires_grad = self.__dict__.get("plain_requires_grad", False)
+        self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=requires_grad)
+
+
+def _packed(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), ROWS_HINT)
 
 
 @functools.cache
@@ -77,9 +106,8 @@ def pack(model: nn.Module) -> int:
                 continue
             if m.bias is not None and m.bias.dtype != w.dtype:
                 continue
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), ROWS_HINT)
             m.plain_requires_grad = w.requires_grad
-            m.weight = nn.Parameter(packed, requires_grad=False)
+            m.weight = nn.Parameter(_packed(w), requires_grad=False)
             m.__class__ = PackedLinear
             count += 1
     return count
@@ -92,19 +120,12 @@ def unpack(model: nn.Module) -> int:
         for m in model.modules():
             if type(m) is not PackedLinear:
                 continue
-            requires_grad = m.__dict__.get("plain_requires_grad", False)
             if m.weight.is_mkldnn:
-                # The plain weight first, then the class: a forward running meanwhile sees either state.
-                m.weight = nn.Parameter(m.weight.to_dense(), requires_grad=requires_grad)
+                m._unpack_weight()  # the plain weight first, then the class: a forward meanwhile sees either
             m.__class__ = nn.Linear
             m.__dict__.pop("plain_requires_grad", None)
             count += 1
     return count
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """The tensor in plain layout (a copy for a packed weight): for code that only reads weights."""
-    return t.to_dense() if t.is_mkldnn else t
 
 
 def is_packed(model: nn.Module) -> bool:

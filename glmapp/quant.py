@@ -460,8 +460,7 @@ def write_int4_checkpoint(model_or_path, out) -> Path:
             raise QuantizationError(f"Cannot write int4 from a {model_mode(model)} model: load it full precision.")
         source = Path(model.config.name_or_path)
         names = {f"{p}.weight" for p in linear_names(model)}
-        state = int4_state_dict(((k, cpu_linear.plain(v.detach()).cpu()) for k, v in model.state_dict().items()),
-                                names)
+        state = int4_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names)
     else:
         source = Path(model_or_path)
         config = read_config(source)

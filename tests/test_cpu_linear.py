@@ -71,13 +71,27 @@ def test_a_mismatched_input_dtype_still_gets_a_result():
     torch.testing.assert_close(model(x).float(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_plain_reads_a_packed_weight():
-    lin = nn.Linear(16, 8)
-    w = lin.weight.detach().clone()
-    cpu_linear.pack(lin)  # a lone Linear is its own only module
-    assert lin.weight.is_mkldnn
-    assert torch.equal(cpu_linear.plain(lin.weight), w)
-    assert cpu_linear.plain(w) is w
+def test_state_dict_load_and_to_see_plain_weights():
+    model = _linears(torch.float32)
+    x = torch.randn(3, 64)
+    want_state = {k: v.clone() for k, v in model.state_dict().items()}
+    want = model(x).detach()
+    cpu_linear.pack(model)
+    state = model.state_dict()
+    assert state.keys() == want_state.keys()
+    for k, v in state.items():  # save_pretrained writes these
+        assert not v.is_mkldnn and torch.equal(v, want_state[k]), k
+    other = _linears(torch.float32)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    cpu_linear.pack(other)
+    other.load_state_dict(state)  # loads plain weights, stays packed
+    assert all(m.weight.is_mkldnn for m in other)
+    torch.testing.assert_close(other(x), want, atol=1e-5, rtol=1e-5)
+    doubled = model.to(torch.float64)  # unpacks, then converts
+    assert all(not m.weight.is_mkldnn and m.weight.dtype == torch.float64 for m in doubled)
+    torch.testing.assert_close(doubled(x.double()).float(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +126,9 @@ def test_the_engine_packs_while_it_runs_and_unpacks_when_it_stops(model_tok):
         assert torch.equal(p, plain_weights[n]), n
 
 
-def test_weight_readers_work_on_a_packed_model(demo_v2):
+def test_weight_readers_work_on_a_packed_model(demo_v2, tmp_path):
+    from safetensors.torch import load_file
+
     from glmapp.models.glm_convert import to_transformers_glm
     from glmapp.quant import quantize_model
 
@@ -120,8 +136,12 @@ def test_weight_readers_work_on_a_packed_model(demo_v2):
     ids = torch.tensor([[5, 9, 23, 42, 7]])
     with torch.inference_mode():
         want = model(ids).logits
+        plain = {k: v.clone() for k, v in model.state_dict().items()}
         cpu_linear.pack(model)
-        ref = to_transformers_glm(model)  # reads plain copies; the model stays packed
+        model.save_pretrained(tmp_path)  # e.g. after model.chat(), whose engine packed the model
+        saved = load_file(tmp_path / "model.safetensors")
+        assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain)
+        ref = to_transformers_glm(model)  # reads the state dict (plain copies); the model stays packed
         assert cpu_linear.is_packed(model)
         torch.testing.assert_close(ref(ids).logits, want, atol=1e-4, rtol=1e-4)
         quantize_model(model, "int8")  # unpacks, then quantizes the plain weights

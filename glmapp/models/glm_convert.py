@@ -6,8 +6,6 @@ out of `query_key_value`, names are mapped, nothing else changes.
 
 from transformers import GlmConfig, GlmForCausalLM
 
-from glmapp.cpu_linear import plain
-
 
 def to_transformers_glm(model, attn_implementation: str = "eager") -> GlmForCausalLM:
     """Build a GlmForCausalLM holding our model's weights (qkv split, names mapped)."""
@@ -28,7 +26,7 @@ def to_transformers_glm(model, attn_implementation: str = "eager") -> GlmForCaus
     ref_cfg._attn_implementation = attn_implementation
     dtype = model.transformer.output_layer.weight.dtype
     ref = GlmForCausalLM(ref_cfg).to(dtype=dtype, device=model.transformer.output_layer.weight.device).eval()
-    src = {k: plain(v) for k, v in model.state_dict().items()}
+    src = dict(model.state_dict())
     q_size = c.num_attention_heads * c.kv_channels
     kv_size = c.num_kv_groups * c.kv_channels
     dst = {
