@@ -82,7 +82,8 @@ def supported(dtype: torch.dtype) -> str | None:
     if not ok:
         return f"this PyTorch build or CPU has no oneDNN {dtype} support"
     try:  # a missing or broken op must not reach a request
-        w, x = torch.randn(8, 16).to(dtype), torch.randn(3, 16).to(dtype)
+        gen = torch.Generator().manual_seed(0)  # not the global generator: users' seeded streams stay as they are
+        w, x = torch.randn(8, 16, generator=gen).to(dtype), torch.randn(3, 16, generator=gen).to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, ROWS_HINT),
                                                None, "none", [], "")
         if not torch.allclose(y.float(), F.linear(x, w).float(), atol=0.1, rtol=0.05):

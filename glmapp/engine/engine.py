@@ -116,6 +116,7 @@ class Engine:
         self._cancels: set[str] = set()
         self._wake = threading.Condition()
         self._alive = True
+        self._restore_weights = True
         self.steps = 0
         self.error_count = 0
         self._thread = threading.Thread(target=self._loop, name="glmapp-engine", daemon=True)
@@ -128,7 +129,7 @@ class Engine:
             raise
         # A daemon thread killed inside a torch op at interpreter exit aborts the process: stop cleanly.
         ref = weakref.ref(self)
-        atexit.register(lambda: (engine := ref()) is not None and engine.shutdown())
+        atexit.register(lambda: (engine := ref()) is not None and engine.shutdown(restore_weights=False))
 
     def _static_decoder(self, model, num_blocks: int) -> StaticDecoder | None:
         cfg, device = self.config, self.cache.k.device
@@ -205,8 +206,11 @@ class Engine:
             self._wake.notify()
         return future.result(timeout)
 
-    def shutdown(self) -> None:
+    def shutdown(self, restore_weights: bool = True) -> None:
+        """Stop the engine thread; it ends what is queued or running and, unless told not to (exiting),
+        gives the model its plain CPU weights back."""
         with self._wake:
+            self._restore_weights = restore_weights
             self._alive = False
             self._wake.notify()
         if threading.current_thread() is not self._thread:
@@ -251,7 +255,7 @@ class Engine:
             self._finish(seq, "cancelled", "The engine was shut down.")
         for _, future in self._calls:
             future.set_exception(RuntimeError("the engine was shut down"))
-        if self.packed_linears:  # the model leaves the engine as it came: plain weights
+        if self.packed_linears and self._restore_weights:  # the model leaves as it came: plain weights
             cpu_linear.unpack(self.model)
 
     def _cancel_now(self, ids: set[str]) -> None:
