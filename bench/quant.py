@@ -27,7 +27,8 @@ from glmapp.cpu_threads import single_threaded
 from glmapp.demo import SIZES, make_demo
 from glmapp.quant import MODES, QuantizedLinear, available_modes, linear_weight_bytes
 
-KERNELS = {8: ("rowscale", "int8pack", "dequantize"), 4: ("split", "nibbles_int8pack", "tinygemm", "dequantize")}
+KERNELS = {8: ("rowscale", "int8pack", "int8pack_bf16", "rowscale_bf16", "dequantize"),
+           4: ("split", "nibbles_int8pack", "nibbles_int8pack_bf16", "split_bf16", "tinygemm", "dequantize")}
 
 
 def best_ms(fns: dict, repeats: int, budget_s: float = 1.5) -> dict:
@@ -115,8 +116,8 @@ PREVIOUS = {  # QuantizedLinear's CPU forward before glmapp.quant_kernels, for c
 
 def chat_speed(path, device, dtypes, new_tokens, chats=2):
     """Per mode and dtype: linear-weight memory after chatting (packed copies included) and the best of
-    `chats` greedy decodes; for bf16 on CPU also int8/int4 on the previous kernels, and int4 with
-    tinygemm's packed copy allowed."""
+    `chats` greedy decodes; on CPU also int8/int4 on the previous kernels (rowscale/split), and for bf16
+    int4 with tinygemm's packed copy allowed."""
     base_model, _ = glmapp.load(str(path), device=device, dtype="bfloat16")
     base = linear_weight_bytes(base_model)
     del base_model
@@ -126,9 +127,10 @@ def chat_speed(path, device, dtypes, new_tokens, chats=2):
     unavailable = available_modes(device)
     actual = (quant_kernels.DISPATCH, quant_kernels.INT4_PACKED_COPY)
     runs = [(mode, dtype, "dispatch") for dtype in dtypes for mode in MODES]
+    if device == "cpu":
+        runs += [(mode, dtype, "previous") for dtype in dtypes for mode in ("int8", "int4")]
     if device == "cpu" and "bfloat16" in dtypes:
-        runs += [("int8", "bfloat16", "previous"), ("int4", "bfloat16", "previous"),
-                 ("int4", "bfloat16", "tinygemm copy")]
+        runs += [("int4", "bfloat16", "tinygemm copy")]
     for mode, dtype, kernels in runs:
         if unavailable[mode]:
             print(f"| {mode} | {dtype} | | unavailable: {unavailable[mode]} | |")
@@ -162,6 +164,7 @@ def main():
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-chat", action="store_true")
+    ap.add_argument("--skip-tables", action="store_true")
     args = ap.parse_args()
     if args.size == "6b":  # ChatGLM2-6B's shapes, random weights (a GPU run: see bench/gpu_checks.sh)
         from engine import SIZES_6B
@@ -173,7 +176,7 @@ def main():
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
     hidden, ffn = SIZES[args.size]["hidden_size"], SIZES[args.size]["ffn_hidden_size"]
     rows = [int(r) for r in args.rows.split(",")]
-    for dtype in dtypes:  # dense_h_to_4h and dense_4h_to_h
+    for dtype in [] if args.skip_tables else dtypes:  # dense_h_to_4h and dense_4h_to_h
         for shape in ((2 * ffn, hidden), (hidden, ffn)):
             linear_table(shape, getattr(torch, dtype), device, rows, args.repeats)
     if args.skip_chat:

@@ -339,8 +339,11 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
     def add(t):
         nonlocal total
-        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # a packed CPU weight (glmapp.cpu_linear) has no storage
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
 
     for path in linear_names(model):

@@ -4,8 +4,11 @@ dtype and number of activation rows (`DISPATCH`).
 Notable choices:
 - CPU choices are measured (bench/quant.py, table in bench/RESULTS.md "Quantization"): ATen's packed
   kernels win in bf16 up to 16-32 rows and lose in fp32 (up to 2× slower at 1 row, 7-40× from 8
-  rows on; tinygemm's x86 vector code is bf16 only), so fp32 keeps the plain-torch forwards. fp16 on CPU dequantizes first, as
-  before: fp16 x @ q.T can overflow before the scale, and ATen's kernels are slow in fp16 there.
+  rows on; tinygemm's x86 vector code is bf16 only). So fp32 activations take a bf16 detour
+  (`in_bf16`, on CPUs with bf16 hardware): int8 1 row 0.26 ms vs 1.98 fp32 rowscale, 512 rows 8.4 vs
+  31.5 (5632×1024); the rounding of x to bf16 is finer than the weight's own quantization step.
+  fp16 on CPU dequantizes first, as before: fp16 x @ q.T can overflow before the scale, and ATen's
+  kernels are slow in fp16 there.
 - CUDA choices are NOT measured (no GPU was lent to the session that wrote them): int8 rows <= 8 use
   ATen's `_weight_int8pack_mm` CUDA kernel, int4 bf16 rows <= 64 use tinygemm
   (`_weight_int4pack_mm`, sm80+, as gpt-fast/torchao). A kernel that is missing or raises at its
@@ -44,9 +47,9 @@ DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, run
 # model's big linears (bench/RESULTS.md). CUDA bounds are guesses to measure: tinygemm loses to a
 # dense GEMM past ~64 rows in torchao's A6000 numbers (torchao/prototype/hqq/README.md).
 DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("cpu", 8, torch.float32): ((None, "rowscale"),),
+    ("cpu", 8, torch.float32): ((16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
     ("cpu", 8, torch.bfloat16): ((32, "int8pack"), (None, "rowscale")),
-    ("cpu", 4, torch.float32): ((None, "split"),),
+    ("cpu", 4, torch.float32): ((32, "nibbles_int8pack_bf16"), (None, "split_bf16"), (None, "split")),
     ("cpu", 4, torch.bfloat16): ((32, "tinygemm"), (16, "nibbles_int8pack"), (None, "split")),
     ("cuda", 8, torch.bfloat16): ((8, "int8pack"),),
     ("cuda", 8, torch.float16): ((8, "int8pack"),),
@@ -56,6 +59,11 @@ DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]]
 
 # May int4 keep tinygemm's second copy of its weight on this device type? (see the module docstring)
 INT4_PACKED_COPY = {"cpu": False, "cuda": True}
+
+# ATen's CPU `_weight_int8pack_mm` (torch 2.13, AVX-512) crashes or returns wrong sums unless K is a
+# multiple of its 16-wide vectors (K = 2, 4: segfault; K = 8, 24: wrong results; every K % 16 == 0 right,
+# any N and rows). ChatGLM's K (4096, 13696 -> 6848 per nibble plane) are multiples; other shapes go elsewhere.
+INT8PACK_K_MULTIPLE = 16
 
 GROUP_SIZES = (256, 128, 64, 32)  # what both tinygemm kernels accept; the scale is per row anyway
 INNER_K_TILES = (8, 4, 2)  # CUDA tinygemm's packing: K must be a multiple of 16 * inner k-tiles
@@ -104,8 +112,22 @@ def tinygemm(m, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(x.contiguous(), pack.weight, pack.group_size, pack.scales_and_zeros)
 
 
+def in_bf16(kernel):
+    """`kernel` run on x rounded to bf16, the result back in x's dtype: for fp32 activations on CPU, where
+    ATen's packed kernels are fast in bf16 only. bf16 keeps 8 mantissa bits: its rounding (2^-9 relative)
+    is several times finer than the int8 weight's own (half a step of max|row|/127) and int4's."""
+
+    def run(m, x: torch.Tensor) -> torch.Tensor:
+        return kernel(m, x.to(torch.bfloat16)).to(x.dtype)
+
+    run.__name__ = run.__qualname__ = f"{kernel.__name__}_bf16"
+    return run
+
+
 KERNELS = {DEQUANTIZE: dequantize_linear, "rowscale": rowscale, "split": split, "int8pack": int8pack,
-           "nibbles_int8pack": nibbles_int8pack, "tinygemm": tinygemm}
+           "nibbles_int8pack": nibbles_int8pack, "tinygemm": tinygemm,
+           "int8pack_bf16": in_bf16(int8pack), "nibbles_int8pack_bf16": in_bf16(nibbles_int8pack),
+           "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split)}
 
 
 # ---- tinygemm's copy of an int4 weight ---------------------------------------------------------------
@@ -211,9 +233,23 @@ def choose(m, x: torch.Tensor) -> str:
 
 def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
     """May `kernel` run this module's weight on this device, for activations of `dtype`?"""
-    return (kernel, device.type) not in _BROKEN and (
-        kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
-                                 and tinygemm_fits(m.out_features, m.in_features, device, dtype)))
+    if (kernel, device.type) in _BROKEN:
+        return False
+    if kernel.startswith("int8pack") and m.in_features % INT8PACK_K_MULTIPLE:
+        return False
+    if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:
+        return False
+    if kernel.endswith("_bf16"):
+        return device.type != "cpu" or _cpu_has_bf16()
+    return kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
+                                    and tinygemm_fits(m.out_features, m.in_features, device, dtype))
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """bf16 compute in hardware (AVX-512 and up): without it the bf16 detour of fp32 activations is
+    emulated and was never measured, so fp32 stays with the fp32 kernels there."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def linear(m, x: torch.Tensor) -> torch.Tensor:

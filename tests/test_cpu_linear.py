@@ -132,12 +132,16 @@ def test_weight_readers_work_on_a_packed_model(demo_v2, tmp_path):
     from glmapp.models.glm_convert import to_transformers_glm
     from glmapp.quant import quantize_model
 
+    from glmapp.quant import linear_weight_bytes
+
     model, _ = glmapp.load(str(demo_v2))
     ids = torch.tensor([[5, 9, 23, 42, 7]])
     with torch.inference_mode():
         want = model(ids).logits
         plain = {k: v.clone() for k, v in model.state_dict().items()}
+        plain_bytes = linear_weight_bytes(model)
         cpu_linear.pack(model)
+        assert linear_weight_bytes(model) == plain_bytes  # counted by element, packed or not
         model.save_pretrained(tmp_path)  # e.g. after model.chat(), whose engine packed the model
         saved = load_file(tmp_path / "model.safetensors")
         assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain)
