@@ -36,7 +36,8 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if not w.is_mkldnn:
             return F.linear(x, w, self.bias)
-        if x.dtype != w.dtype or x.device.type != "cpu":
+        if x.dtype != w.dtype or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            # (the packed op has no autograd formula: a backward through it, e.g. LoRA training, goes plain)
             return F.linear(x, w.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 

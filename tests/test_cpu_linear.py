@@ -71,6 +71,18 @@ def test_a_mismatched_input_dtype_still_gets_a_result():
     torch.testing.assert_close(model(x).float(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_gradients_flow_through_a_packed_linear():
+    """LoRA training on a model an engine has packed: the input's gradient is what a plain linear gives."""
+    model = _linears(torch.float32)
+    x = torch.randn(4, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    cpu_linear.pack(model)
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)
+
+
 def test_state_dict_load_and_to_see_plain_weights():
     model = _linears(torch.float32)
     x = torch.randn(3, 64)
