@@ -1,10 +1,10 @@
 """oneDNN-prepacked weights for the full-precision linears of a model on CPU.
 
 `F.linear` on CPU sends fp32 to the BLAS (MKL in the PyTorch wheels), which on this project's AMD EPYC
-reads weights at ~21 GB/s at one row and is 2-3× slower than oneDNN from 2 rows on; bf16 goes to oneDNN
-but re-reads the plain layout each call. oneDNN's own blocked layout (`mkldnn._reorder_linear_weight`,
-what inductor's weight prepacking uses) made a 5632×1024 linear 1.5-2.9× faster in fp32 and 1.1-1.6×
-in bf16 at 1-512 rows (bench/RESULTS.md, "Prepacked CPU linears").
+reads weights at ~21 GB/s at one row; bf16 goes to oneDNN but on the plain layout. oneDNN's own blocked
+layout (`mkldnn._reorder_linear_weight`, what inductor's weight prepacking uses) made the mid model's big
+linears 2.2-4.2× faster in fp32 and 1.04-1.7× in bf16 at 1-512 rows (~48 GB/s at one row;
+`bench/cpu_linear.py`, bench/RESULTS.md "Prepacked CPU linears").
 
 `pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
 Parameter holds the packed tensor *instead of* the plain one (same size, ±5%); `unpack(model)` restores
@@ -108,8 +108,13 @@ def pack(model: nn.Module) -> int:
                 continue
             if m.bias is not None and m.bias.dtype != w.dtype:
                 continue
+            try:
+                packed = _packed(w)
+            except RuntimeError as e:  # a shape oneDNN refuses: that linear stays plain, the rest go on
+                log.warning("linear %s stays unpacked (%s)", tuple(w.shape), e)
+                continue
             m.plain_requires_grad = w.requires_grad
-            m.weight = nn.Parameter(_packed(w), requires_grad=False)
+            m.weight = nn.Parameter(packed, requires_grad=False)
             m.__class__ = PackedLinear
             count += 1
     return count
