@@ -85,6 +85,31 @@ def test_mixed_adapter_batch_matches_merged_models(model_tok, adapters_dir, demo
         torch.testing.assert_close(mixed[row], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_mixed_ranks_and_a_replaced_adapter_in_one_batch(model_tok, adapters_copy, demo_v2, make_peft_adapter):
+    """The stacked multi-adapter path: ranks 4 and 8 side by side, then one name reloaded with other
+    weights and targets (cached stacks must not serve the old ones); fp32 logits to 1e-4."""
+    root = adapters_copy("mixed_ranks")
+    make_peft_adapter(demo_v2, root / "big", TARGET_SETS["all"], seed=7, r=8, alpha=16)
+    model, tok = model_tok
+    manager = AdapterManager.of(model)
+    for name in ("qkv", "big"):
+        manager.load(name, root)
+    ids = torch.tensor([tok.encode("秩不同的适配器。")] * 3)
+    s = ids.shape[1]
+    rows = lambda i: torch.arange(i * s, (i + 1) * s)  # noqa: E731
+    groups = [("big", rows(0)), ("qkv", rows(2))]
+    with manager.rows(groups):
+        mixed = logits(model, ids)
+    torch.testing.assert_close(mixed[0], logits(merged_model(demo_v2, root, "big"), ids[:1])[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[2], logits(merged_model(demo_v2, root, "qkv"), ids[:1])[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], logits(glmapp.load(str(demo_v2))[0], ids[1:2])[0], atol=1e-5, rtol=1e-5)
+    manager.load("mlp", root, name="qkv")  # same name, other weights and targets
+    with manager.rows(groups):
+        again = logits(model, ids)
+    torch.testing.assert_close(again[2], logits(merged_model(demo_v2, root, "mlp"), ids[:1])[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again[0], mixed[0], atol=1e-5, rtol=1e-5)
+
+
 def run(engine, prompt, adapter, n=16):
     h = RequestHandle(f"{adapter}-{os.urandom(4).hex()}", engine.cancel)
     engine.submit(h, GenerationRequest(prompt, SamplingParams(temperature=0), n, stop_ids=[-1], adapter=adapter))
