@@ -6,7 +6,9 @@ Notable choices:
   never leaves a half-applied adapter.
 - Target modules are wrapped once in `LoraLinear`, which keeps the base module (full precision or
   quantized) and adds `scale * B(A(x))` per adapter. One batch may mix adapters: the engine tells
-  the manager which token rows use which adapter for the current step (`AdapterManager.rows`).
+  the manager which token rows use which adapter for the current step (`AdapterManager.rows`); with
+  several adapters in a step each module runs them stacked (one [sum r, in] A, one [out, sum r] B, each
+  token masked to its own adapter's columns), which costs the same ops however many adapters compare.
 - Adapter names and paths are confined to the adapters folder; hub ids resolve through the
   Hugging Face cache.
 """
