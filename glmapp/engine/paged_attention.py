@@ -56,6 +56,36 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, bloc
     return torch.einsum("bgql,blgd->bgqd", probs, values).reshape(b, h, d).to(q.dtype)
 
 
+def paged_decode_rows(q, k_cache, v_cache, row_slots: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
+    """Decode attention row by row over exactly each row's context slots (`row_slots[b]`, in order): no
+    padding, no mask, no padded slot read. The CPU path where rows are few or long (see `rows_cheaper`)."""
+    b, h, d = q.shape
+    g = k_cache.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.float().view(b, g, h // g, d)
+    out = torch.empty_like(q)
+    for i, slots in enumerate(row_slots):
+        keys, values = k_cache[slots].float(), v_cache[slots].float()  # [L, G, D]
+        probs = (torch.einsum("gqd,lgd->gql", qg[i], keys) * scale).softmax(-1)
+        out[i] = torch.einsum("gql,lgd->gqd", probs, values).reshape(h, d)
+    return out
+
+
+# CPU cost model of the two torch decode paths, µs, fitted on the mid model's shapes (G = 2, D = 64, 2 threads;
+# bf16 and fp32 within ~10%, /tmp-style probe, bench/RESULTS.md): the reference pays once per call plus per
+# padded token of every row, `paged_decode_rows` pays per row plus per real token.
+_REFERENCE_CALL_US, _REFERENCE_TOKEN_US = 60.0, 0.36
+_ROW_US, _ROW_TOKEN_US = 33.0, 0.21
+
+
+def rows_cheaper(lengths: list[int], block_size: int) -> bool:
+    """Is `paged_decode_rows` expected to beat the reference for decode rows of these context lengths?
+    (one row: always; many short rows: no; long or uneven rows: yes)"""
+    padded = -(-max(lengths) // block_size) * block_size
+    reference = _REFERENCE_CALL_US + _REFERENCE_TOKEN_US * padded * len(lengths)
+    return _ROW_US * len(lengths) + _ROW_TOKEN_US * sum(lengths) < reference
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size: int,
                         scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K Triton decode attention (see the module docstring); writes into `out` when given."""

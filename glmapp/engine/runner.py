@@ -3,7 +3,8 @@ paged KV cache, sample one token for every sequence that reached its end. Knows 
 
 The batch is "varlen": all new tokens of all sequences in one [1, N] row with explicit positions.
 Attention writes the step's keys/values into their slots first, then decode rows attend together
-(`paged_attention.paged_decode`: the Triton kernel on CUDA, gather + mask elsewhere) and prefill chunks
+(`paged_attention.paged_decode`: the Triton kernel on CUDA, gather + mask elsewhere; on CPU row by row
+over exact context slots when its cost model says so, `paged_decode_rows`) and prefill chunks
 attend one by one. Decode-only steps without LoRA rows go to the static-shape path instead when the
 engine has one (`static_decode.py`: CUDA graphs).
 """
@@ -16,7 +17,7 @@ import torch
 
 from glmapp.adapters import AdapterManager
 from glmapp.engine.kv_cache import PagedKVCache
-from glmapp.engine.paged_attention import paged_decode
+from glmapp.engine.paged_attention import paged_decode, paged_decode_rows, rows_cheaper
 from glmapp.engine.sampling import sample
 from glmapp.engine.static_decode import StaticDecoder
 from glmapp.models.chatglm import attention
@@ -32,16 +33,19 @@ class StepContext:
     decode_tables: torch.Tensor | None  # [B, W] int32 block table of each decode row (padded)
     decode_lengths: torch.Tensor | None  # [B] int32 context length of each decode row, its new token included
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first token index, n, context slots, offset)
+    decode_slots: list[torch.Tensor] | None = None  # CPU: each decode row's context slots (row-by-row path)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.slots] = k[0]
         vc[self.slots] = v[0]
-        if self.decode_index is not None:
+        if self.decode_slots is not None:
+            rows = paged_decode_rows(q[0, self.decode_index], kc, vc, self.decode_slots)
+        elif self.decode_index is not None:
             rows = paged_decode(q[0, self.decode_index], kc, vc, self.decode_tables, self.decode_lengths,
                                 self.cache.block_size)
-            if not self.prefills:
-                return rows[None]  # decode-only steps: rows are already in token order
+        if self.decode_index is not None and not self.prefills:
+            return rows[None]  # decode-only steps: rows are already in token order
         out = torch.empty_like(q[0])
         if self.decode_index is not None:
             out[self.decode_index] = rows
@@ -110,6 +114,8 @@ class ModelRunner:
                                           torch.int32)
             ctx.decode_lengths = self._dev([n for _, _, n in decode_rows], torch.int32)
             ctx.decode_index = self._dev([i for i, _, _ in decode_rows])
+            if self.device.type == "cpu" and rows_cheaper([n for _, _, n in decode_rows], bs):
+                ctx.decode_slots = [self._slots(bt, 0, n) for _, bt, n in decode_rows]
         input_ids = self._dev([ids])
         pos = self._dev([positions])
         groups = [(name, self._dev(rows)) for name, rows in adapter_rows.items()]

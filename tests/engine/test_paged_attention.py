@@ -12,7 +12,9 @@ import torch
 from glmapp.engine.paged_attention import (
     paged_decode,
     paged_decode_reference,
+    paged_decode_rows,
     paged_decode_triton,
+    rows_cheaper,
 )
 from glmapp.models.chatglm import attention
 
@@ -67,6 +69,31 @@ def test_reference_matches_sdpa_and_ignores_padding(heads, groups, head_dim, blo
                                                        block_size, width)
     out = paged_decode_reference(q, kc, vc, tables, lens, block_size)
     torch.testing.assert_close(out, sdpa_rows(q, keys, values), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,groups,head_dim,block_size,width", CASES)
+def test_row_by_row_path_matches_sdpa_and_reads_only_its_slots(heads, groups, head_dim, block_size, width, dtype):
+    lengths = lengths_for(block_size, width)
+    q, kc, vc, tables, lens, keys, values = make_batch(lengths, heads, groups, head_dim, block_size, width, dtype)
+    row_slots = []
+    for row, n in enumerate(lengths):
+        pos = torch.arange(n)
+        row_slots.append(tables[row, pos // block_size].long() * block_size + pos % block_size)
+    out = paged_decode_rows(q, kc, vc, row_slots)  # every slot it does not own is NaN
+    assert out.dtype == dtype
+    want = sdpa_rows(q.float(), [k.float() for k in keys], [v.float() for v in values])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(paged_decode_rows(q, kc, vc, row_slots, scale=0.3).float(),
+                               paged_decode_reference(q, kc, vc, tables, lens, block_size, scale=0.3).float(),
+                               atol=tol, rtol=tol)
+
+
+def test_row_by_row_is_chosen_for_few_or_long_rows_only():
+    assert rows_cheaper([1], 16) and rows_cheaper([3000], 16)  # one row: nothing to pad
+    assert rows_cheaper([2000] * 8, 16) and rows_cheaper([1500, 20, 30, 40], 16)  # long or uneven rows
+    assert not rows_cheaper([20] * 32, 16) and not rows_cheaper([50] * 4, 16)  # many short, even rows
 
 
 # Triton fixes interpreter mode when it is first imported, and this process may use the compiled kernels (on
