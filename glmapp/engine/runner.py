@@ -109,13 +109,15 @@ class ModelRunner:
         ctx = StepContext(self.cache, self._dev(torch.cat(slots)), None, None, None, prefills)
         if decode_rows:
             bs = self.cache.block_size
-            width = max(-(-n // bs) for _, _, n in decode_rows)
-            ctx.decode_tables = self._dev([bt[:width] + [0] * (width - len(bt)) for _, bt, _ in decode_rows],
-                                          torch.int32)
-            ctx.decode_lengths = self._dev([n for _, _, n in decode_rows], torch.int32)
+            lengths = [n for _, _, n in decode_rows]
             ctx.decode_index = self._dev([i for i, _, _ in decode_rows])
-            if self.device.type == "cpu" and rows_cheaper([n for _, _, n in decode_rows], bs):
+            if self.device.type == "cpu" and rows_cheaper(lengths, bs):
                 ctx.decode_slots = [self._slots(bt, 0, n) for _, bt, n in decode_rows]
+            else:
+                width = -(-max(lengths) // bs)
+                ctx.decode_tables = self._dev([bt[:width] + [0] * (width - len(bt)) for _, bt, _ in decode_rows],
+                                              torch.int32)
+                ctx.decode_lengths = self._dev(lengths, torch.int32)
         input_ids = self._dev([ids])
         pos = self._dev([positions])
         groups = [(name, self._dev(rows)) for name, rows in adapter_rows.items()]
