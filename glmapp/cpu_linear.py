@@ -72,12 +72,18 @@ def _packed(w: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def cpu_has_bf16() -> bool:
+    """bf16 compute in hardware (AVX-512 and up), as oneDNN reports it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
 def supported(dtype: torch.dtype) -> str | None:
     """None when this build and CPU can run packed linears in `dtype`, else why not."""
     if dtype == torch.float32:
         ok = torch.backends.mkldnn.is_available()
     elif dtype == torch.bfloat16:
-        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ok = cpu_has_bf16()
     else:
         return f"{dtype} linears are not packed (oneDNN packing is used for float32 and bfloat16)"
     if not ok:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from glmapp import cpu_linear
+
 log = logging.getLogger(__name__)
 
 DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, runs anywhere
@@ -239,17 +241,10 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:
         return False
-    if kernel.endswith("_bf16"):
-        return device.type != "cpu" or _cpu_has_bf16()
+    if kernel.endswith("_bf16"):  # without bf16 hardware the detour is emulated and was never measured
+        return device.type != "cpu" or cpu_linear.cpu_has_bf16()
     return kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
                                     and tinygemm_fits(m.out_features, m.in_features, device, dtype))
-
-
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    """bf16 compute in hardware (AVX-512 and up): without it the bf16 detour of fp32 activations is
-    emulated and was never measured, so fp32 stays with the fp32 kernels there."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def linear(m, x: torch.Tensor) -> torch.Tensor:
