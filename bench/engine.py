@@ -70,13 +70,15 @@ def prompt_ids(tok, n: int, salt: int = 0) -> list[int]:
     return tok.prefix_ids + ids
 
 
-def ours_run(engine, tok, prompts, new_tokens):
-    """Submit all prompts at once; -> (wall seconds, tokens generated, seconds to first token of request 0)."""
+def ours_run(engine, tok, prompts, new_tokens, adapters=None):
+    """Submit all prompts at once (row i on adapters[i], if given); -> (wall seconds, tokens generated,
+    seconds to first token of request 0)."""
     handles = []
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         h = RequestHandle(f"b{time.perf_counter_ns()}-{i}", engine.cancel)
-        engine.submit(h, GenerationRequest(p, SamplingParams(temperature=0), new_tokens, stop_ids=[-1]))
+        engine.submit(h, GenerationRequest(p, SamplingParams(temperature=0), new_tokens, stop_ids=[-1],
+                                           adapter=adapters[i] if adapters else None))
         handles.append(h)
     first, total = None, 0
     for i, h in enumerate(handles):
@@ -190,24 +192,27 @@ def main():
                      f"{static.replays if static else 0}")
         extra.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     engine.shutdown()
-    if device.type == "cuda":  # the same decode without static shapes / CUDA graphs
-        del engine
-        torch.cuda.empty_cache()
-        plain = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb,
-                                                static_decode=False))
-        ours_run(plain, tok, [prompt_ids(tok, 16)], 4)
-        varlen = decode_rate(plain, tok, n_prompt, n_new, rep, salt=7)
+    packed = engine.packed_linears
+    del engine
+
+    def decode_without(**setting) -> float:
+        """Our batch-1 decode again, on a fresh engine with one setting changed."""
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        other = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb, **setting))
+        ours_run(other, tok, [prompt_ids(tok, 16)], 4)
+        rate = decode_rate(other, tok, n_prompt, n_new, rep, salt=7)
+        other.shutdown()
+        return rate
+
+    if device.type == "cuda":
+        varlen = decode_without(static_decode=False)
         extra.append(f"batch-1 decode, varlen step without CUDA graphs: {varlen:.1f} tok/s "
                      f"(static + graphs {ours_decode / varlen:.2f}x)")
-        plain.shutdown()
-    elif engine.packed_linears:  # the same decode with the plain (BLAS) linears
-        del engine
-        plain = Engine(model, tok, EngineConfig(max_batch_tokens=2048, max_seqs=64, kv_cache_mb=kv_mb, prepack=False))
-        ours_run(plain, tok, [prompt_ids(tok, 16)], 4)
-        unpacked = decode_rate(plain, tok, n_prompt, n_new, rep, salt=7)
+    elif packed:
+        unpacked = decode_without(prepack=False)
         extra.append(f"batch-1 decode with plain (not prepacked) linears: {unpacked:.1f} tok/s "
                      f"(prepacked {ours_decode / unpacked:.2f}x)")
-        plain.shutdown()
 
     print(f"\n{'measure':32s} {'glmapp':>10s} {'transformers':>13s} {'ratio':>7s}  (transformers cache)")
     for name, ours, theirs, cache in rows:

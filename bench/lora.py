@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import glmapp
+from engine import ours_run  # bench/engine.py
 from glmapp.adapters import TARGETS, AdapterManager
-from glmapp.backends import RequestHandle
 from glmapp.cpu_threads import single_threaded
 from glmapp.demo import make_demo
 from glmapp.engine.engine import Engine, EngineConfig
-from glmapp.engine.request import GenerationRequest
-from glmapp.engine.sampling import SamplingParams
 
 
 def write_adapter(model, folder: Path, rank: int, seed: int) -> None:
@@ -44,19 +41,8 @@ def write_adapter(model, folder: Path, rank: int, seed: int) -> None:
 
 def run(engine, prompts, adapters, new_tokens) -> float:
     """Aggregate tokens/s of all prompts at once, row i on adapters[i]."""
-    handles = []
-    t0 = time.perf_counter()
-    for i, (p, a) in enumerate(zip(prompts, adapters)):
-        h = RequestHandle(f"l{time.perf_counter_ns()}-{i}", engine.cancel)
-        engine.submit(h, GenerationRequest(p, SamplingParams(temperature=0), new_tokens, stop_ids=[-1], adapter=a))
-        handles.append(h)
-    total = 0
-    for h in handles:
-        for delta in h:
-            if delta.error:
-                raise RuntimeError(delta.error)
-            total += len(delta.token_ids)
-    return total / (time.perf_counter() - t0)
+    wall, tokens, _ = ours_run(engine, None, prompts, new_tokens, adapters)
+    return tokens / wall
 
 
 def main():
