@@ -5,13 +5,14 @@ Notable choices:
 - Every encode with special tokens prepends `[gMASK] sop`; no bos is ever used; padding is on the left.
 - v3 role-token strings typed by a user are plain text unless `encode_special_tokens=True` (injection guard).
   Only the four role tokens are recognised then, so words like "sop" in text stay text.
-- `StreamDecoder` turns generated ids into text deltas that never split a UTF-8 character.
+- `StreamDecoder` turns generated ids into text deltas that never split a UTF-8 character and join to `decode`.
 - `train_demo_tokenizer` builds a small model with the same layout as the official tokenizer.model
   (BPE, byte fallback at ids 3..258 so "\\n" is 13, identity normalisation) for tests and the demo checkpoint.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from pathlib import Path
@@ -226,12 +227,15 @@ def detect_family(directory: Path) -> str:
 
 
 class StreamDecoder:
-    """Incremental detokenizer: `push(id)` returns newly final text, holding back incomplete UTF-8.
+    """Incremental detokenizer: `push(id)` returns newly final text; `flush()` returns the rest.
 
+    The deltas joined equal `tokenizer.decode(ids)` exactly, U+FFFD for invalid bytes included (as
+    SentencePiece and the reference implementation show them). Only a UTF-8 sequence that is incomplete at
+    the end of the ids so far, and could still become a character, is held back. An incremental UTF-8
+    decoder fed the trailing byte-fallback pieces tells the two apart; the text itself always comes from
+    SentencePiece, whose U+FFFD count (one per invalid byte) differs from Python's.
     Decodes only the window from the last stable offset, so the cost per token stays small; since both
     texts compared start at the same id, SentencePiece's leading-space stripping cancels out.
-    Byte sequences that can never become valid UTF-8 (only a broken or random model makes them) are
-    dropped instead of being shown as U+FFFD.
     """
 
     def __init__(self, tokenizer: ChatGLMTokenizer, skip_special_tokens: bool = False):
@@ -241,25 +245,39 @@ class StreamDecoder:
         self.text = ""
         self._prefix_offset = 0  # window start
         self._read_offset = 0  # ids before this are already emitted
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # the trailing byte pieces
 
     def _decode(self, start: int, stop: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip_special_tokens)
 
+    def _incomplete_tail(self, token_id: int) -> bool:
+        """Whether the ids so far end in byte pieces that more bytes could still make into a character."""
+        sp = self.tokenizer.sp
+        if 2 < token_id < self.tokenizer.sp_vocab_size and sp.is_byte(token_id):
+            self._utf8.decode(bytes([int(sp.id_to_piece(token_id)[3:5], 16)]))  # piece "<0xNN>"
+        else:  # any other id ends the byte run (decode splits runs there too)
+            self._utf8.reset()
+        return bool(self._utf8.getstate()[0])
+
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if self._incomplete_tail(token_id):
+            return ""
         done = self._decode(self._prefix_offset, self._read_offset)
         full = self._decode(self._prefix_offset)
-        if len(full) <= len(done) or full.endswith("\ufffd"):
+        if len(full) <= len(done):
             return ""
-        delta = full[len(done):].replace("\ufffd", "")
+        delta = full[len(done):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         self.text += delta
         return delta
 
     def flush(self) -> str:
-        """Whatever is still held back (an invalid byte tail decodes to U+FFFD here)."""
+        """Whatever is still held back (a reply cut mid-character ends in U+FFFD, as in the full decode)."""
         done = self._decode(self._prefix_offset, self._read_offset)
-        delta = self._decode(self._prefix_offset)[len(done):].replace("\ufffd", "")
+        delta = self._decode(self._prefix_offset)[len(done):]
         self._prefix_offset = self._read_offset = len(self.ids)
+        self._utf8.reset()
         self.text += delta
         return delta

@@ -178,16 +178,76 @@ def test_stream_decoder_holds_incomplete_bytes_until_flush(tokenizer):
     stream = StreamDecoder(tokenizer)
     text = "".join(stream.push(i) for i in ids)
     assert text == "ok "
-    assert stream.flush() == ""  # the incomplete emoji is dropped, never shown as U+FFFD
+    tail = stream.flush()  # a reply cut mid-character ends as the full decode shows it
+    assert tail == "\ufffd" * 3 and text + tail == tokenizer.decode(ids)
 
 
-def test_stream_decoder_drops_invalid_bytes_mid_stream(tokenizer):
+def test_stream_decoder_emits_invalid_bytes_mid_stream_as_decode_does(tokenizer):
     lone = tokenizer.sp.piece_to_id("<0x80>")  # a continuation byte with no lead byte: never valid
     ids = tokenizer.sp.encode("a", add_bos=False) + [lone] + tokenizer.sp.encode("b 好", add_bos=False)
     stream = StreamDecoder(tokenizer)
-    deltas = [stream.push(i) for i in ids] + [stream.flush()]
-    assert not any("\ufffd" in d for d in deltas)
-    assert "".join(deltas).replace(" ", "") == "ab好"
+    deltas = [stream.push(i) for i in ids]
+    assert "\ufffd" in "".join(deltas)  # shown while streaming, not held back to the end
+    assert "".join(deltas) + stream.flush() == tokenizer.decode(ids) == "a\ufffd b 好"
+    stream = StreamDecoder(tokenizer)  # bytes that no later byte can complete are not held back
+    assert [stream.push(i) for i in _byte_ids(tokenizer, b"\xe4\xbd\xc0\x80")] == ["", "", "\ufffd" * 3, "\ufffd"]
+
+
+def _byte_ids(tokenizer, data: bytes) -> list[int]:
+    return [tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in data]
+
+
+def _random_ids(tokenizer, rng) -> list[int]:
+    """Ids a broken model might emit: text pieces, specials and byte pieces forming valid, invalid and cut UTF-8."""
+    n = tokenizer.sp_vocab_size
+    chars = ["你", "😀", "é", "𠀀", "👍🏽", "ꙮ"]
+    ids: list[int] = []
+    for _ in range(rng.randrange(1, 25)):
+        kind = rng.randrange(7)
+        if kind == 0:
+            ids += tokenizer.sp.encode(rng.choice(["hello", " world", "\n", "好", "  x"]))
+        elif kind == 1:
+            ids += _byte_ids(tokenizer, rng.choice(chars).encode())
+        elif kind == 2:  # a character cut short
+            data = rng.choice(chars).encode()
+            ids += _byte_ids(tokenizer, data[: rng.randrange(1, len(data))])
+        elif kind == 3:  # lone continuation bytes, overlong, surrogate, out-of-range and invalid lead bytes
+            ids += _byte_ids(tokenizer, rng.choice([b"\x80", b"\xbf\xbf", b"\xc0\x80", b"\xed\xa0\x80",
+                                                    b"\xf4\x90\x80\x80", b"\xff", b"\xe4\x41"]))
+        elif kind == 4:
+            ids.append(rng.randrange(0, n))
+        elif kind == 5:
+            ids.append(rng.choice(list(tokenizer.special_tokens.values()) + [0, 1, 2]))
+        else:
+            ids += _byte_ids(tokenizer, bytes([rng.randrange(256)]))
+    return ids
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_stream_decoder_equals_decode_on_random_ids(tokenizer, skip):
+    import random
+
+    rng = random.Random(14)
+    saw_invalid = saw_held = 0
+    for _ in range(400):
+        ids = _random_ids(tokenizer, rng)
+        stream = StreamDecoder(tokenizer, skip_special_tokens=skip)
+        deltas, texts = [], []
+        for i, token_id in enumerate(ids):
+            deltas.append(stream.push(token_id))
+            texts.append(tokenizer.decode(ids[: i + 1], skip_special_tokens=skip))
+        deltas.append(stream.flush())
+        expected = tokenizer.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == stream.text == expected, ids
+        # What was emitted is final: the decode of every longer prefix starts with it (no U+FFFD that
+        # later turns into a real character, no character split).
+        emitted = ""
+        for i, delta in enumerate(deltas[:-1]):
+            emitted += delta
+            assert all(t.startswith(emitted) for t in texts[i:]), ids
+            saw_held += emitted != texts[i]
+        saw_invalid += "\ufffd" in expected
+    assert saw_invalid > 50 and saw_held > 50  # the cases that matter were generated
 
 
 def test_stream_decoder_window_stays_small(tokenizer):

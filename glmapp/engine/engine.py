@@ -331,5 +331,5 @@ class Engine:
                 token_ids: list[int] | None = None) -> None:
         state: RequestState = seq.payload
         self.scheduler.finish(seq)
-        text += state.decoder.flush().rstrip("\ufffd")  # a reply cut mid-character drops the partial bytes
+        text += state.decoder.flush()  # the reply is the full decode, U+FFFD included
         state.handle.put(Delta(text, token_ids or [], reason, error, self._usage(seq)))
