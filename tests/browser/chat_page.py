@@ -21,7 +21,7 @@ def request_id(stats: str) -> str:
     return stats.rsplit("req-", 1)[1].strip() if "req-" in stats else ""
 
 
-def wait_finished(page, previous: str = "", timeout: float = 30_000) -> str:
+def wait_finished(page, previous: str = "", timeout: float = 90_000) -> str:
     """Wait until the stats line shows a finished request other than the one in `previous`; return it."""
     page.wait_for_function(
         """([sel, prev]) => { const t = (document.querySelector(sel) || {}).innerText || "";
@@ -63,3 +63,13 @@ def choose(page, elem_id: str, option: str) -> None:
 
 def dropdown_value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input").input_value()
+
+
+def wait_model_info(page, row: str, value: str, timeout: float = 120_000) -> None:
+    """Wait until the Model tab's info table has `value` in its `row` cell: the table is the reload's output,
+    so this holds only once the reload finished (the progress text above it may name the value earlier)."""
+    page.wait_for_function(
+        """([row, value]) => [...document.querySelectorAll('#model-info tr')].some(tr => {
+            const cells = [...tr.querySelectorAll('td, th')].map(c => c.innerText.trim());
+            return cells.length >= 2 && cells[0] === row && cells[1] === value; })""",
+        arg=[row, value], timeout=timeout)

@@ -108,7 +108,7 @@ def dialogs() -> list[str]:
 def page(browser, app_server, dialogs):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
-    page.set_default_timeout(30_000)
+    page.set_default_timeout(60_000)  # generous: CI shares 2 cores; a wait that passes returns at once
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(app_server.url)
     page.locator("#chat-input textarea").wait_for()

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 from chat_page import (bot_messages, choose, dropdown_value, new_tokens, open_tab, send, set_number, stats_text,
-                       user_messages, wait_finished)
+                       user_messages, wait_finished, wait_model_info)
 
 ADAPTER_STATUS = "(document.querySelector('#adapter-status')||{}).textContent||''"
 
@@ -59,7 +59,8 @@ def test_undo_puts_the_message_back_and_clear_empties_the_chat(page):
 
     page.locator("#undo-btn").click()
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 1")
-    assert page.locator("#chat-input textarea").input_value() == "second message"
+    # The textbox is another output of the same event: wait for it too rather than read it at once.
+    page.wait_for_function("() => document.querySelector('#chat-input textarea')?.value === 'second message'")
 
     page.locator("#clear-btn").click()
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 0")
@@ -177,7 +178,8 @@ def test_compare_with_two_adapters_streams_both_columns_and_records_a_vote(page,
     assert all(outputs)
     page.locator("#compare-note").locator("textarea, input").first.fill("A reads better")
     page.locator("#vote-A").click()
-    page.get_by_text("Saved").first.wait_for()
+    # Only the vote's own status line: a plain text match would also find the label "Note (saved with the vote)".
+    page.wait_for_function("() => (document.querySelector('#vote-status')?.innerText || '').startsWith('Saved')")
     entry = json.loads(app_server.comparisons.read_text(encoding="utf-8").splitlines()[-1])
     assert entry["vote"] == "A" and entry["note"] == "A reads better" and entry["prompt"] == "Write a poem"
     assert [c["label"] for c in entry["columns"]] == ["A", "B"]
@@ -197,7 +199,7 @@ def test_model_panel_reloads_in_another_dtype_and_keeps_the_chat_and_adapter(pag
     assert "float32" in page.locator("#model-info").inner_text()
     page.locator("#dtype-choice").get_by_text("bfloat16").click()
     page.locator("#reload-btn").click()
-    page.wait_for_function("() => document.querySelector('#model-info')?.innerText.includes('bfloat16')")
+    wait_model_info(page, "Dtype", "bfloat16")
     page.screenshot(path=str(artifacts / "model-tab-after-reload.png"))
     page.locator("button[role=tab]:has-text('Chat')").first.click()
     send(page, "after reload")
@@ -206,7 +208,7 @@ def test_model_panel_reloads_in_another_dtype_and_keeps_the_chat_and_adapter(pag
     page.locator("button[role=tab]:has-text('Model')").first.click()
     page.locator("#dtype-choice").get_by_text("float32").click()  # leave the shared server as it was
     page.locator("#reload-btn").click()
-    page.wait_for_function("() => document.querySelector('#model-info')?.innerText.includes('float32')")
+    wait_model_info(page, "Dtype", "float32")
 
 
 def test_switching_quantization_keeps_the_chat_and_the_adapter(page):
@@ -219,8 +221,7 @@ def test_switching_quantization_keeps_the_chat_and_the_adapter(page):
         open_tab(page, "Model")
         choose(page, "quant-choice", mode)
         page.locator("#quant-reload-btn").click()
-        page.wait_for_function("m => new RegExp('Quantization\\\\s+' + m + '\\\\b').test("
-                               "document.querySelector('#model-info')?.innerText || '')", arg=mode)
+        wait_model_info(page, "Quantization", mode)
         open_tab(page, "Chat")
         send(page, f"after {mode}")
         stats = wait_finished(page, stats)
