@@ -92,8 +92,16 @@ def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model:
     for trigger in (model["adapter_load"].click, model["adapter_spec"].submit):
         trigger(on_load, [model["adapter_spec"], adapter], [*everything, model["adapter_spec"]], **quick)
     model["adapter_refresh"].click(on_refresh, adapter, everything, **quick)
-    demo.load(on_refresh, adapter, everything, concurrency_limit=None, api_visibility="private",
-              show_progress="hidden")  # a new tab sees the adapters folder as it is now
+
+    def on_page_load():
+        # Choices and the table only: the tab's choice is None at load, and writing it (or the dropdowns'
+        # values) here would undo a pick made before this event's answer arrived.
+        choices = picker.choices()
+        return (*(gr.update(choices=choices) for _ in pickers), picker.table(None),
+                *(gr.update(choices=choices) for _ in compare_dropdowns))
+
+    demo.load(on_page_load, None, [*pickers, model["adapter_table"], *compare_dropdowns], concurrency_limit=None,
+              api_visibility="private", show_progress="hidden")  # a new tab sees the adapters folder as it is now
 
 
 def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> dict:
