@@ -2,14 +2,21 @@
 
 The HTML page needs no network: formulas are converted to MathML by `mdtex2html` (rendered natively
 by browsers), styles are inline, and a Content-Security-Policy forbids any script.
+
+Message text is made inert before conversion (render.safe_markdown), and the converted HTML goes through
+one more pass with a real HTML parser, since the converters add markup of their own: latex2mathml turns
+`\href{javascript:...}{x}` into `<mrow href="javascript:...">`. That pass keeps a URL attribute only for
+http(s), mailto or a relative URL, turns an image into a link, and drops scripts, styles and comments.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 import tempfile
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import mdtex2html
@@ -36,6 +43,63 @@ code {{ font-family: ui-monospace, monospace; }} .meta {{ color: #57606a; font-s
 """
 
 
+_URL_ATTRS = {"href", "src", "xlink:href", "action", "formaction", "background", "poster", "cite", "srcset"}
+_SAFE_SCHEMES = {"http", "https", "mailto"}
+_URL_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
+_DROPPED_WITH_CONTENT = {"script", "style"}
+
+
+def _safe_url(value: str) -> bool:
+    # Browsers ignore ASCII whitespace and control characters in a scheme (`java\tscript:`); the parser has
+    # already decoded entities (`&#106;avascript:`).
+    compact = re.sub(r"[\x00-\x20\x7f]+", "", value)
+    scheme = _URL_SCHEME.match(compact)
+    return scheme is None or scheme.group(1).lower() in _SAFE_SCHEMES
+
+
+class _InertHtml(HTMLParser):
+    """Re-writes an HTML fragment keeping text and tags, minus script-capable URLs and remote fetches."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self._skip = 0  # inside <script>/<style>
+
+    def handle_starttag(self, tag, attrs, closing=""):
+        if tag in _DROPPED_WITH_CONTENT:
+            self._skip += not closing
+            return
+        if tag == "img":  # an image is shown as a link to it: the page itself fetches nothing
+            src, alt = dict(attrs).get("src") or "", dict(attrs).get("alt") or "image"
+            self.out.append(f'<a href="{html.escape(src)}">{html.escape(alt)}</a>' if _safe_url(src)
+                            else html.escape(alt))
+            return
+        kept = "".join(f' {name}="{html.escape(value or "")}"' for name, value in attrs
+                       if not name.startswith("on") and (name not in _URL_ATTRS or _safe_url(value or "")))
+        self.out.append(f"<{tag}{kept}{closing}>")
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs, closing=" /")
+
+    def handle_endtag(self, tag):
+        if tag in _DROPPED_WITH_CONTENT:
+            self._skip = max(0, self._skip - 1)
+        elif tag != "img":
+            self.out.append(f"</{tag}>")
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.out.append(html.escape(data, quote=False))
+
+
+def inert_html(fragment: str) -> str:
+    """`fragment` with every URL attribute limited to http(s)/mailto/relative, images as links, no scripts."""
+    parser = _InertHtml()
+    parser.feed(fragment)
+    parser.close()
+    return "".join(parser.out)
+
+
 def export_dir() -> Path:
     path = Path(tempfile.gettempdir()) / "glmapp-exports"
     path.mkdir(parents=True, exist_ok=True)
@@ -59,7 +123,7 @@ def render_html_page(record: dict) -> str:
     """A standalone page for a conversation record; message text is made inert before conversion."""
     parts = []
     for m in record["messages"]:
-        body = mdtex2html.convert(safe_markdown(m["content"]), extensions=["fenced_code", "tables"])
+        body = inert_html(mdtex2html.convert(safe_markdown(m["content"]), extensions=["fenced_code", "tables"]))
         parts.append(f'<div class="msg {html.escape(m["role"])}"><div class="role">{html.escape(m["role"])}</div>'
                      f"{body}</div>")
     model = record.get("model") or {}
