@@ -9,8 +9,9 @@ Notable choices:
   the manager which token rows use which adapter for the current step (`AdapterManager.rows`); with
   several adapters in a step each module runs them stacked (one [sum r, in] A, one [out, sum r] B, each
   token masked to its own adapter's columns), which costs the same ops however many adapters compare.
-- Adapter names and paths are confined to the adapters folder; hub ids resolve through the
-  Hugging Face cache.
+- Two ways to name an adapter (`resolve_adapter(confine=...)`): the web UI and HTTP API are confined to
+  the adapters folder; the command line and the Python API accept any path. Hub ids resolve through the
+  Hugging Face cache, and are downloaded (adapter files only, size-capped) by `glmapp.adapter_hub`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from glmapp import cpu_linear
+from glmapp import adapter_hub, cpu_linear
 from glmapp.errors import AdapterError
 
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_NAME = re.compile(r"^[\w][\w.\-]{0,127}$")
 
 
 @dataclass
@@ -204,40 +205,45 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
-def resolve_adapter(spec: str, adapters_dir: str | Path) -> tuple[str, Path]:
-    """An adapter name or relative path inside `adapters_dir`, or a hub id -> (display name, folder)."""
+def resolve_adapter(spec: str, adapters_dir: str | Path, *, confine: bool,
+                    download: Callable[[str], Path] | None = None) -> tuple[str, Path]:
+    """An adapter spec -> (display name, folder).
+
+    `confine=True` is for names from the web UI and the HTTP API: only folders inside `adapters_dir` (no
+    absolute paths, `~`, `..` or symlinks out of it), or hub ids. `confine=False` is for the command line and
+    the Python API, whose user owns the file system: any existing path (absolute, `~`, `..`, symlinks) is
+    used as given, else a folder name in `adapters_dir`, else a hub id.
+    A hub id not in the Hugging Face cache is fetched with `download(repo_id) -> folder`; None: cache only."""
     root = Path(adapters_dir)
     spec = (spec or "").strip()
     if not spec:
         raise AdapterError("No adapter given.")
     p = Path(spec)
-    if p.is_absolute() or spec.startswith("~") or ".." in p.parts:
+    if not confine and p.expanduser().exists():
+        folder = p.expanduser()
+        if not folder.is_dir():
+            raise AdapterError(f"Adapter path {spec!r} is not a folder.")
+        return folder.resolve().name, folder
+    if confine and (p.is_absolute() or spec.startswith("~") or ".." in p.parts):
         raise AdapterError(f"Adapter path {spec!r} is outside the adapters folder; put the adapter inside "
                            f"{root.name!r}/ and use its folder name.")
     candidate = root / p
     if candidate.exists() or candidate.is_symlink():
-        if not _inside(root, candidate):
+        if confine and not _inside(root, candidate):
             raise AdapterError(f"Adapter {spec!r} points outside the adapters folder (symlink); copy it in.")
         if not candidate.is_dir():
             raise AdapterError(f"Adapter {spec!r} is not a folder.")
         return spec, candidate
-    if spec.count("/") == 1 and all(_NAME.match(part) for part in spec.split("/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return spec, Path(snapshot_download(spec, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached; try the network unless offline
-            from huggingface_hub.constants import HF_HUB_OFFLINE
-
-            if not HF_HUB_OFFLINE:
-                try:
-                    return spec, Path(snapshot_download(spec))
-                except Exception as e:  # noqa: BLE001 - network/auth/unknown id
-                    raise AdapterError(f"Adapter {spec!r} is not in the adapters folder, and downloading it "
-                                       f"from the hub failed ({type(e).__name__}).") from None
-            raise AdapterError(f"Adapter {spec!r} is not in the adapters folder nor in the Hugging Face "
-                               f"cache (offline).") from None
-    raise AdapterError(f"No adapter named {spec!r} in the adapters folder {root.name!r}/.")
+    if adapter_hub.is_hub_id(spec):
+        folder = adapter_hub.cached(spec)
+        if folder is not None:
+            return spec, folder
+        if download is None:
+            raise AdapterError(f"Adapter {spec!r} is not in the adapters folder nor in the Hugging Face cache; "
+                               f"load it by hub id in the Model tab first.")
+        return spec, download(spec)
+    where = f"the adapters folder {root.name!r}/" + ("" if confine else " nor a path that exists")
+    raise AdapterError(f"No adapter named {spec!r} in {where}.")
 
 
 class AdapterManager:
@@ -318,10 +324,18 @@ class AdapterManager:
             modules[base_path] = (a.float(), b.float() * scale)
         return LoraWeights(name, f"{name}#{next(self._uids)}", modules, describe(folder, name))
 
-    def load(self, spec: str, adapters_dir: str | Path, name: str | None = None) -> LoraWeights:
-        """Load (or replace) an adapter by name/path inside `adapters_dir` or hub id."""
-        display, folder = resolve_adapter(spec, adapters_dir)
-        weights = self.validate(name or display, folder)
+    def load(self, spec: str, adapters_dir: str | Path, name: str | None = None, *, confine: bool = False,
+             download: Callable[[str], Path] | None = adapter_hub.download) -> LoraWeights:
+        """Load (or replace) an adapter by path, folder name in `adapters_dir` or hub id.
+
+        The default suits the Python API and the command line (any path the caller gives, hub downloads);
+        the web app passes `confine=True` (see `resolve_adapter`)."""
+        display, folder = resolve_adapter(spec, adapters_dir, confine=confine, download=download)
+        return self.load_folder(name or display, folder)
+
+    def load_folder(self, name: str, folder: Path) -> LoraWeights:
+        """Validate the adapter in `folder` and install it under `name`."""
+        weights = self.validate(name, folder)
         self.install(weights)
         return weights
 

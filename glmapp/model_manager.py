@@ -17,11 +17,13 @@ import gc
 import threading
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 import glmapp
-from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapters
+from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapters, resolve_adapter
 from glmapp.backends import LocalBackend
 from glmapp.checkpoint import DEFAULT_MODEL
 from glmapp.errors import AdapterError, CheckpointError, GlmappError
@@ -157,16 +159,25 @@ class BackendManager:
         backend = self._backend
         return AdapterManager.of(backend.model).names() if backend is not None else []
 
-    def load_adapter(self, spec: str, *, reload: bool = False) -> AdapterInfo:
+    def load_adapter(self, spec: str, *, reload: bool = False,
+                     download: Callable[[str], Path] | None = None) -> AdapterInfo:
         """Make `spec` (folder name in the adapters folder, or hub id) resident; instant if it already is.
 
+        Names are confined to the adapters folder (they come from the web UI and the HTTP API). A hub id not
+        in the cache is fetched with `download` (None: refused). The download runs without the adapter lock,
+        so other tabs pick and load adapters meanwhile; the lock is taken only to install.
         Raises AdapterError (nothing changes on the model) when it cannot be loaded."""
         spec = (spec or "").strip()
         with self._adapter_lock:
-            adapters = AdapterManager.of(self.backend.model)
-            if not reload and spec in adapters.adapters:
-                return adapters.adapters[spec].info
-            return adapters.load(spec, self.adapters_dir).info
+            resident = AdapterManager.of(self.backend.model).adapters
+            if not reload and spec in resident:
+                return resident[spec].info
+        name, folder = resolve_adapter(spec, self.adapters_dir, confine=True, download=download)
+        with self._adapter_lock:
+            adapters = AdapterManager.of(self.backend.model)  # the model may have been reloaded meanwhile
+            if not reload and name in adapters.adapters:
+                return adapters.adapters[name].info  # another tab loaded it meanwhile
+            return adapters.load_folder(name, folder).info
 
     # ---- reload -----------------------------------------------------------------------------------
     def reload(self, dtype: str, progress=None) -> ReloadResult:

@@ -153,13 +153,18 @@ def test_merge_export_then_reload_equals_merged_in_memory(demo_v2, adapters_dir,
     torch.testing.assert_close(logits(reloaded, ids), logits(merged_model(demo_v2, adapters_dir, "all"), ids))
 
 
-def test_merge_cli(demo_v2, adapters_dir, tmp_path):
+def test_merge_cli(demo_v2, adapters_dir, tmp_path, monkeypatch):
     from glmapp.cli import main
 
     assert main(["merge", str(demo_v2), "qkv", "--out", str(tmp_path / "m"), "--adapters-dir",
                  str(adapters_dir)]) == 0
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["torch_dtype"] == "float16" and cfg["model_type"] == "chatglm"
+    # `glmapp merge BASE ./my-lora`: a path outside the adapters folder, as a user types it
+    shutil.copytree(adapters_dir / "qkv", tmp_path / "my-lora")
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", str(demo_v2), "./my-lora", "--out", "m2"]) == 0
+    assert json.loads((tmp_path / "m2" / "config.json").read_text()) == cfg
 
 
 def test_unload_restores_the_base(model_tok, adapters_dir):
@@ -236,20 +241,38 @@ def test_bad_adapters_get_clear_errors_and_leave_the_model_untouched(model_tok, 
 
 
 @pytest.mark.parametrize("spec", ["../adapters/qkv", "/etc/passwd", "~/.ssh", "sub/../../x"])
-def test_adapter_paths_cannot_escape_the_adapters_folder(model_tok, adapters_dir, spec):
+def test_confined_adapter_paths_cannot_escape_the_adapters_folder(model_tok, adapters_dir, spec):
     manager = AdapterManager.of(model_tok[0])
     with pytest.raises(AdapterError, match="outside the adapters folder|No adapter named"):
-        manager.load(spec, adapters_dir)
+        manager.load(spec, adapters_dir, confine=True)
 
 
-def test_symlink_out_of_the_adapters_folder_is_refused(model_tok, adapters_dir, tmp_path):
+def test_symlink_out_of_the_adapters_folder_is_refused_when_confined(model_tok, adapters_dir, tmp_path):
     root = tmp_path / "adapters"
     root.mkdir()
     (root / "sneaky").symlink_to(adapters_dir / "qkv")
     manager = AdapterManager.of(model_tok[0])
     with pytest.raises(AdapterError, match="symlink"):
-        manager.load("sneaky", root)
+        manager.load("sneaky", root, confine=True)
     assert list_adapters(root) == []
+    assert manager.load("sneaky", root).name == "sneaky"  # the Python API follows the caller's symlink
+
+
+def test_the_python_api_takes_any_path_the_caller_gives(model_tok, adapters_dir, tmp_path, monkeypatch):
+    """The command line and the Python API belong to the user of the machine: absolute, ~, ../ and symlinked
+    paths outside the adapters folder all load (the adapters folder itself is empty here)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    shutil.copytree(adapters_dir / "qkv", home / "my-lora")
+    (work / "adapters").mkdir(parents=True)
+    (work / "link").symlink_to(adapters_dir / "mlp")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    manager = AdapterManager.of(model_tok[0])
+    loaded = [manager.load(spec, "adapters").name for spec in
+              (str(adapters_dir / "all"), "~/my-lora", "../home/my-lora", "./link")]
+    assert loaded == ["all", "my-lora", "my-lora", "mlp"]
+    with pytest.raises(AdapterError, match="No adapter named 'nowhere' in the adapters folder 'adapters'/ nor a path"):
+        manager.load("nowhere", "adapters")
 
 
 def test_unknown_adapter_name_offline(model_tok, adapters_dir):
@@ -277,7 +300,7 @@ def test_chat_api_and_cli_take_an_adapter(model_tok, adapters_dir, demo_v2):
     bad = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--model", str(demo_v2), "--adapters-dir",
                           str(adapters_dir), "--adapter", "../x"], input="", capture_output=True, text=True,
                          timeout=180)
-    assert bad.returncode == 2 and "outside the adapters folder" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "No adapter named '../x'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "bnb-nf4"])

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import sys
 
+from glmapp import commands
 from glmapp.ui.config import AppConfig, ConfigError, load_config
-from glmapp.ui.layout import CSS, build_ui
+from glmapp.ui.server import LoginRequired, ServerLimits
 
-__all__ = ["AppConfig", "ConfigError", "build_ui", "launch", "load_config"]
+__all__ = ["AppConfig", "ConfigError", "ServerLimits", "build_ui", "launch", "load_config"]
 
 
-def launch(config: AppConfig, *, block: bool = True):
+def __getattr__(name: str):
+    if name == "build_ui":  # imports gradio: only when asked, so `python app.py --help` answers at once
+        from glmapp.ui.layout import build_ui
+
+        return build_ui
+    raise AttributeError(f"module 'glmapp.ui' has no attribute {name!r}")
+
+
+def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None):
     """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
     import gradio as gr
+    from starlette.middleware import Middleware
 
     from glmapp.model_manager import BackendManager
+    from glmapp.ui.layout import CSS, build_ui
 
     credentials = config.credentials()  # a bad --auth-file fails before the model is loaded
     manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
@@ -22,15 +33,17 @@ def launch(config: AppConfig, *, block: bool = True):
                                   quant=config.quant, engine_config=config.engine_config())
     if manager.demo:
         print(f"[demo] Serving the demo checkpoint ({manager.name}): random weights, replies are gibberish. "
-              f"For real weights: huggingface-cli download THUDM/chatglm2-6b, or python app.py --model PATH.",
+              f"For real weights: {commands.download()}, or {commands.RUN_APP_WITH_MODEL}.",
               file=sys.stderr)
-    demo = build_ui(manager, config)
+    limits = limits or ServerLimits()
+    demo = build_ui(manager, config, limits)
     demo.queue(default_concurrency_limit=config.max_concurrency)
     _app, local_url, share_url = demo.launch(
         server_name=config.host, server_port=config.port, share=config.share, auth=credentials or None,
         auth_message="glmapp: log in with the user name and password you were given." if credentials else None,
         prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
-        footer_links=["api", "settings"],
+        footer_links=["api", "settings"], state_session_capacity=limits.max_sessions,
+        max_file_size=limits.max_upload, app_kwargs={"middleware": [Middleware(LoginRequired)]},
     )
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:

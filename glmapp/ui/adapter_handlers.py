@@ -5,6 +5,9 @@ Notable choices:
   passed as `adapter=` with each request. Loading makes an adapter resident on the shared model, but
   another session's replies change only if that session picks it too.
 - Loaded adapters stay resident, so switching back and forth is instant.
+- Only "Load by hub id" may download (adapter files only, size-capped, see `glmapp.adapter_hub`), and
+  not for anonymous visitors of an app others can reach (`hub_downloads`); the download does not hold
+  the adapter lock, so other tabs keep switching adapters meanwhile.
 - A load that fails (bad files, escape attempt, hub id not found) shows a warning and the previous
   choice stays active. Gradio's dropdown cannot disable single entries, so adapters whose metadata
   already shows an error are listed marked "unavailable" (the reason is in the table) and refused.
@@ -12,10 +15,13 @@ Notable choices:
 
 from __future__ import annotations
 
-import gradio as gr
+from pathlib import Path
+from typing import Callable
 
-from glmapp.errors import GlmappError
+from glmapp import adapter_hub
+from glmapp.errors import AdapterError, GlmappError
 from glmapp.model_manager import format_bytes
+from glmapp.ui import notices
 from glmapp.ui.render import safe_markdown
 
 BASE = "none"  # dropdown value of the base model (no adapter)
@@ -31,9 +37,30 @@ def adapter_label(active: str | None) -> str:
     return BASE_LABEL if not active else active
 
 
+def refuse_downloads(why: str) -> Callable[[str], Path]:
+    """A `download` that fetches nothing and says why (adapters already in the Hugging Face cache still load)."""
+    def refuse(repo_id: str) -> Path:
+        raise AdapterError(f"{repo_id!r} is not in the Hugging Face cache, and {why}")
+    return refuse
+
+
+def hub_downloads(config) -> Callable[[str], Path]:
+    """How "Load by hub id" fetches a hub id for this app: anyone on an app only this machine reaches, only
+    logged-in users (--auth) on an app others reach; never anonymous visitors of a public link or address."""
+    public = config.share or config.host not in ("127.0.0.1", "localhost", "::1")
+    if public and not (config.auth or config.auth_file):
+        return refuse_downloads("this app is reachable by others without a login (--share or --host without "
+                                "--auth), so visitors cannot make it download from the hub. Put the adapter in "
+                                "the adapters folder, or restart with --auth USER:PASS.")
+    return adapter_hub.download
+
+
 class AdapterHandlers:
-    def __init__(self, manager):
+    def __init__(self, manager, download: Callable[[str], Path] | None = None):
+        """`download(repo_id) -> folder` fetches hub ids typed in "Load by hub id" (see `hub_downloads`);
+        None: only adapters already in the Hugging Face cache load by hub id."""
         self.manager = manager
+        self.download = download or refuse_downloads("downloads from the hub are off in this app.")
 
     # ---- what is shown ------------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
@@ -104,21 +131,21 @@ class AdapterHandlers:
                                 active)
         if spec == BASE:
             return None, self.status(None)
-        return self._load(spec, active, reload=True)
+        return self._load(spec, active, reload=True, download=self.download)
 
-    def _load(self, spec: str, active: str | None, reload: bool) -> tuple[str | None, str]:
+    def _load(self, spec: str, active: str | None, reload: bool, download=None) -> tuple[str | None, str]:
         try:
-            info = self.manager.load_adapter(spec, reload=reload)
+            info = self.manager.load_adapter(spec, reload=reload, download=download)
         except GlmappError as e:  # AdapterError, or the model is reloading
             return self._refuse(spec, str(e), active)
-        gr.Info(f"Adapter {info.name} is active in this tab (rank {info.r}, alpha {info.alpha:g}); "
+        notices.info(f"Adapter {info.name} is active in this tab (rank {info.r}, alpha {info.alpha:g}); "
                 f"the next reply uses it.")
         return info.name, self.status(info.name)
 
     def _refuse(self, spec: str, why: str, active: str | None) -> tuple[str | None, str]:
         message = (f"Could not load adapter {spec!r}: {why} Still using {adapter_label(active)}."
                    if spec else f"No adapter given: {why}")
-        gr.Warning(message)
+        notices.warning(message)
         return active, f"⚠️ {cell(message)}\n\n{self.status(active)}"
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gradio as gr
 
 from glmapp.ui import model_handlers
-from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value
-from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings
+from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads
+from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, setting_ranges
 from glmapp.ui.compare_handlers import (
     COLUMN_FIELDS,
     LABELS,
@@ -20,6 +20,7 @@ from glmapp.ui.compare_handlers import (
 from glmapp.ui.config import AppConfig
 from glmapp.ui.export import conversation_record, write_html, write_json
 from glmapp.ui.render import LATEX_DELIMITERS
+from glmapp.ui.server import ServerLimits
 from glmapp.ui.sessions import ActiveRequests
 
 CSS = """
@@ -38,14 +39,14 @@ def gpu_decorator():
     return spaces.GPU
 
 
-def build_ui(manager, config: AppConfig | None = None) -> gr.Blocks:
-    config = config or AppConfig()
+def build_ui(manager, config: AppConfig | None = None, limits: ServerLimits | None = None) -> gr.Blocks:
+    config, limits = config or AppConfig(), limits or ServerLimits()
     active = ActiveRequests()
-    chat = ChatHandlers(manager, active)
-    compare = CompareHandlers(manager, config.comparisons_file, active)
-    picker = AdapterHandlers(manager)
+    chat = ChatHandlers(manager, active, config.max_new_tokens)
+    compare = CompareHandlers(manager, config.comparisons_file, active, config.max_new_tokens)
+    picker = AdapterHandlers(manager, hub_downloads(config))
     choices = picker.choices()
-    with gr.Blocks(title="glmapp · ChatGLM chat") as demo:
+    with gr.Blocks(title="glmapp · ChatGLM chat", delete_cache=limits.cache_sweep) as demo:
         gr.Markdown("## glmapp · chat with ChatGLM on your machine")
         gr.Markdown(model_handlers.demo_banner(manager), elem_id="demo-banner", visible=manager.demo)
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
@@ -107,6 +108,12 @@ def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model:
 def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> dict:
     backend = manager.backend
     d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
+    ranges = setting_ranges(backend.context_length, config.max_new_tokens)  # the handlers check the same table
+
+    def slider(name: str, value, step, elem_id: str, **kw):
+        r = ranges[name]
+        return gr.Slider(r.minimum, r.maximum, value=value, step=step, label=r.label, elem_id=elem_id, **kw)
+
     w = {}
     w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label="LoRA adapter", elem_id="chat-adapter",
                                info="applies to this tab's next reply; details in the Model tab")
@@ -114,16 +121,13 @@ def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> 
                              placeholder="e.g. You are a helpful assistant.",
                              visible=backend.family == "chatglm3")
     with gr.Accordion("Generation settings", open=True):
-        w["max_length"] = gr.Slider(16, backend.context_length, value=d.max_length, step=1, label="Max length",
-                                    info="prompt + reply, in tokens", elem_id="max-length")
-        w["max_new_tokens"] = gr.Slider(1, config.max_new_tokens, value=d.max_new_tokens, step=1,
-                                        label="Max new tokens", elem_id="max-new-tokens")
-        w["temperature"] = gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
-                                     info="0 = greedy (always the same reply)", elem_id="temperature")
-        w["top_p"] = gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id="top-p")
-        w["top_k"] = gr.Slider(0, 200, value=d.top_k, step=1, label="Top k", info="0 = off", elem_id="top-k")
-        w["repetition_penalty"] = gr.Slider(0.5, 2, value=d.repetition_penalty, step=0.01,
-                                            label="Repetition penalty", elem_id="repetition-penalty")
+        w["max_length"] = slider("max_length", d.max_length, 1, "max-length", info="prompt + reply, in tokens")
+        w["max_new_tokens"] = slider("max_new_tokens", d.max_new_tokens, 1, "max-new-tokens")
+        w["temperature"] = slider("temperature", d.temperature, 0.01, "temperature",
+                                  info="0 = greedy (always the same reply)")
+        w["top_p"] = slider("top_p", d.top_p, 0.01, "top-p")
+        w["top_k"] = slider("top_k", d.top_k, 1, "top-k", info="0 = off")
+        w["repetition_penalty"] = slider("repetition_penalty", d.repetition_penalty, 0.01, "repetition-penalty")
         w["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
     return w
 
@@ -147,22 +151,27 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
             with gr.Row():
                 export_json = gr.Button("Export JSON", size="sm", elem_id="export-json-btn")
                 export_html = gr.Button("Export HTML", size="sm", elem_id="export-html-btn")
-            export_file = gr.File(label="Download", elem_id="export-file", interactive=False)
+            # Shown once there is something to download (an empty upload box reads as an invitation to drop files).
+            export_file = gr.File(label="Download", elem_id="export-file", interactive=False, visible=False)
         with gr.Column(scale=2):
             settings = create_settings_panel(manager, config, adapter_choices)
     messages = gr.State([])
     setting_inputs = [settings[k] for k in ("system", "max_length", "max_new_tokens", "temperature", "top_p",
                                             "top_k", "repetition_penalty", "seed")]
     outputs = [chatbot, messages, textbox, stats]
-    generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden")
-    send_event = dict(fn=gpu(chat.send), inputs=[textbox, messages, *setting_inputs, adapter], outputs=outputs,
-                      **generate)
-    textbox.submit(api_name="chat", **send_event)
-    send.click(api_visibility="private", **send_event)
-    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs, adapter], outputs, api_visibility="private",
-                     **generate)
-    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs, adapter], outputs, api_visibility="private",
-                 **generate)
+    # Raw values reach the handlers (preprocess=False), which check them and name a bad one; the quick
+    # `accept` step moves the message out of the box, then `reply` streams without writing the box.
+    generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
+                    preprocess=False, api_visibility="private")
+    for trigger in (textbox.submit, send.click):
+        # "multiple": the default ("once") silently drops an Enter while an earlier one is pending.
+        trigger(chat.accept, [textbox, messages, *setting_inputs, adapter], [chatbot, messages, textbox],
+                concurrency_limit=None, show_progress="hidden", preprocess=False, api_visibility="private",
+                trigger_mode="multiple").success(gpu(chat.reply), [messages, *setting_inputs, adapter], outputs,
+                                                 **generate)
+    gr.api(gpu(chat.api_chat), api_name="chat", concurrency_id="generate", concurrency_limit=config.max_concurrency)
+    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs, adapter], outputs, **generate)
+    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs, adapter], outputs, **generate)
     stop.click(chat.stop, None, None, concurrency_limit=None, api_visibility="private", show_progress="hidden")
     undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
                api_visibility="private")
@@ -174,7 +183,8 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
             record = conversation_record(history, system or "", vars(manager.info()),
                                          dict(zip(["max_length", "max_new_tokens", "temperature", "top_p",
                                                    "top_k", "repetition_penalty", "seed", "adapter"], values)))
-            return write_json(record, "conversation") if kind == "json" else write_html(record)
+            path = write_json(record, "conversation") if kind == "json" else write_html(record)
+            return gr.File(path, visible=True)
         return handler
 
     export_json.click(export("json"), [messages, *setting_inputs, adapter], export_file, concurrency_limit=None,
@@ -187,6 +197,7 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
 def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, adapter_choices: list) -> dict:
     gpu = gpu_decorator()
     d = ChatSettings.defaults(manager.backend.family, manager.backend.context_length, config.max_new_tokens)
+    ranges = setting_ranges(manager.backend.context_length, config.max_new_tokens)
     gr.Markdown("One prompt, several columns, each with its own LoRA adapter (or the base model) and sampling "
                 "settings. All columns are submitted together and the engine decodes them **as one batched generation**, so they stream at the "
                 "same time; each column shows its own tokens/s.")
@@ -195,8 +206,9 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, ada
                             placeholder="Type a prompt · Enter runs all columns · Shift+Enter adds a line")
         with gr.Column(scale=1):
             n_columns = gr.Radio([2, 3, 4], value=2, label="Columns", elem_id="compare-n")
-            max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(256, config.max_new_tokens), step=1,
-                                       label="Max new tokens", elem_id="compare-max-new-tokens")
+            r = ranges["max_new_tokens"]
+            max_new_tokens = gr.Slider(r.minimum, r.maximum, value=min(256, r.maximum), step=1, label=r.label,
+                                       elem_id="compare-max-new-tokens")
     run = gr.Button("Run all columns", variant="primary", elem_id="compare-run")
     columns, column_inputs, outputs, stats, adapters = [], [], [], [], []
     with gr.Row(equal_height=False):
@@ -208,9 +220,10 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, ada
                 with gr.Accordion(f"{label} settings", open=False):
                     column_inputs += [
                         adapters[-1],
-                        gr.Slider(0, 1.5, value=d.temperature, step=0.01, label="Temperature",
-                                  elem_id=f"compare-temperature-{label}"),
-                        gr.Slider(0.01, 1, value=d.top_p, step=0.01, label="Top p", elem_id=f"compare-top-p-{label}"),
+                        gr.Slider(ranges["temperature"].minimum, ranges["temperature"].maximum, value=d.temperature,
+                                  step=0.01, label="Temperature", elem_id=f"compare-temperature-{label}"),
+                        gr.Slider(ranges["top_p"].minimum, ranges["top_p"].maximum, value=d.top_p, step=0.01,
+                                  label="Top p", elem_id=f"compare-top-p-{label}"),
                         gr.Number(value=i + 1, precision=0, label="Seed (-1 = random)",
                                   elem_id=f"compare-seed-{label}"),
                     ]
@@ -226,7 +239,8 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, ada
     vote_status = gr.Markdown("", elem_id="vote-status")
     with gr.Row():
         export = gr.Button("Export comparison (JSON)", size="sm", elem_id="compare-export-btn")
-        export_file = gr.File(label="Download", elem_id="compare-export-file", interactive=False)
+        export_file = gr.File(label="Download", elem_id="compare-export-file", interactive=False,
+                              visible=False)  # shown once a comparison was exported
 
     def show_columns(n):
         n = int(n)
@@ -237,13 +251,15 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, ada
                      api_visibility="private")
     run_event = dict(fn=gpu(compare.run), inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
                      outputs=[*outputs, *stats, record], concurrency_id="generate",
-                     concurrency_limit=config.max_concurrency, show_progress="hidden")
+                     concurrency_limit=config.max_concurrency, show_progress="hidden",
+                     preprocess=False)  # raw values: the handler checks them and names a bad one
     run.click(api_name="compare", **run_event)
     prompt.submit(api_visibility="private", **run_event)
     for choice, button in vote_buttons.items():
         button.click(lambda n, r, c=choice: compare.vote(c, n, r), [note, record], vote_status,
                      concurrency_limit=None, api_visibility="private")
-    export.click(compare.export, record, export_file, concurrency_limit=None, api_visibility="private")
+    export.click(lambda r: gr.File(compare.export(r), visible=True), record, export_file, concurrency_limit=None,
+                 api_visibility="private")
     assert len(column_inputs) == MAX_COLUMNS * len(COLUMN_FIELDS)
     return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import gradio as gr
-
+from glmapp import commands
 from glmapp.errors import GlmappError
 from glmapp.model_manager import ReloadFailed, ReloadResult
+from glmapp.ui import notices
 
 
 def model_info_markdown(manager) -> str:
@@ -22,8 +22,8 @@ def demo_banner(manager) -> str:
     why = f"\n\nWhy: {manager.notice}" if manager.notice else ""
     return ("⚠️ **Demo checkpoint: tiny model with random weights, so replies are gibberish.** Everything else "
             "works for real. To chat with ChatGLM2-6B, download it once with "
-            "`huggingface-cli download THUDM/chatglm2-6b` and restart `python app.py`, or point the app at a "
-            "checkpoint folder with `python app.py --model PATH`." + why)
+            f"`{commands.download()}` and restart `{commands.RUN_APP}`, or point the app at a "
+            f"checkpoint folder with `{commands.RUN_APP_WITH_MODEL}`." + why)
 
 
 def quant_choices(manager) -> list[tuple[str, str]]:
@@ -44,14 +44,14 @@ def switch_quantization(manager, mode: str, progress=None) -> str:
     try:
         result = manager.quantize(mode, report)
     except ReloadFailed as e:
-        raise gr.Error(f"{e} Adapters: {adapters_note(e.result).strip(' ()') or 'none'}.") from None
+        raise notices.error(f"{e} Adapters: {adapters_note(e.result).strip(' ()') or 'none'}.") from None
     except GlmappError as e:
-        raise gr.Error(f"Quantization {mode!r} not loaded, the current model keeps serving: {e}") from None
+        raise notices.error(f"Quantization {mode!r} not loaded, the current model keeps serving: {e}") from None
     except (RuntimeError, MemoryError) as e:  # the previous mode could not be loaded again either
-        raise gr.Error(f"Switching to {mode!r} failed and the previous model could not be loaded again: "
-                       f"{type(e).__name__}: {e}. Restart the app.") from None
+        raise notices.error(f"Switching to {mode!r} failed and the previous model could not be loaded again: "
+                            f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
-    gr.Info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
+    notices.info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
     return model_info_markdown(manager)
 
 
@@ -64,22 +64,22 @@ def reload_model(manager, dtype: str, progress=None) -> str:
     try:
         result = manager.reload(dtype, report)
     except ReloadFailed as e:
-        raise gr.Error(f"Reload as {dtype} failed: {e}. The previous model was loaded again "
-                       f"({e.result.info.dtype}){adapters_note(e.result)}.") from None
+        raise notices.error(f"Reload as {dtype} failed: {e}. The previous model was loaded again "
+                            f"({e.result.info.dtype}){adapters_note(e.result)}.") from None
     except GlmappError as e:
-        raise gr.Error(f"Reload failed: {e}") from None
+        raise notices.error(f"Reload failed: {e}") from None
     except (RuntimeError, MemoryError) as e:  # even the previous model could not be loaded again
-        raise gr.Error(f"Reload failed and the previous model could not be loaded again: "
-                       f"{type(e).__name__}: {e}. Restart the app.") from None
+        raise notices.error(f"Reload failed and the previous model could not be loaded again: "
+                            f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
-    gr.Info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
+    notices.info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
     return model_info_markdown(manager)
 
 
 def _warn_dropped(result: ReloadResult) -> None:
     if result.dropped:
-        gr.Warning("Could not re-apply to the reloaded model: " +
-                   "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
+        notices.warning("Could not re-apply to the reloaded model: " +
+                        "; ".join(f"{name} ({why})" for name, why in result.dropped.items()))
 
 
 def adapters_note(result: ReloadResult) -> str:

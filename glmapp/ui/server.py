@@ -1,0 +1,79 @@
+"""How the web app is served: what visitors can make the server keep, and the login on every route.
+
+Notable choices:
+- Gradio's defaults keep the state of 10,000 browser tabs, accept uploads of any size and keep them
+  for good. `ServerLimits` bounds each (the app has no upload widget: the route stays open in Gradio,
+  so uploads are small and swept).
+- Gradio checks the login on most routes but not all (`/gradio_api/heartbeat/{session}`,
+  `/gradio_api/cancel`, `/gradio_api/reset`, ... answer anonymous callers). `LoginRequired` is an ASGI
+  middleware in front of every route: with a login configured, only the login page and what it loads
+  are served without one. It asks Gradio's own `/gradio_api/user` endpoint function who is logged in,
+  so the cookie and token rules stay Gradio's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    # Browser tabs whose state (chat history, adapter choice, component values: ~0.2 MB each) is kept;
+    # beyond it the least recently used tab's state is dropped (Gradio's `state_session_capacity`).
+    max_sessions: int = 1000
+    max_upload: str = "1mb"  # Gradio's `max_file_size`: larger uploads are refused with 413
+    # Gradio's `delete_cache` (every, older than) in seconds: uploads and exported files are deleted after
+    # an hour (and all of them when the app stops).
+    cache_sweep: tuple[int, int] = (3600, 3600)
+
+
+# What the login page itself loads (seen in a browser): the page, its scripts, styles and fonts, the form;
+# and startup-events, which Gradio's launch calls on itself without a login (it runs once, then is a no-op).
+PUBLIC_PATHS = {("GET", "/"), ("HEAD", "/"), ("POST", "/login"), ("POST", "/login/"), ("GET", "/theme.css"),
+                ("GET", "/favicon.ico"), ("GET", "/gradio_api/startup-events")}
+PUBLIC_PREFIXES = ("/assets/", "/static/")
+USER_ROUTE = "/gradio_api/user"
+
+
+def is_public(method: str, path: str) -> bool:
+    return (method, path) in PUBLIC_PATHS or (method in ("GET", "HEAD") and path.startswith(PUBLIC_PREFIXES))
+
+
+class LoginRequired:
+    """ASGI middleware: with a login configured, a request without one gets Gradio's own 401 answer."""
+
+    def __init__(self, app):
+        self.app = app
+        self._current_user = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        gradio_app = scope["app"]  # Starlette puts the application (Gradio's App) in every scope
+        if gradio_app.auth is None and gradio_app.auth_dependency is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "http" and is_public(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)
+        if await self._user(gradio_app, Request(scope)) is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        blocks = gradio_app.get_blocks()
+        response = JSONResponse({"detail": {"error": "Not authenticated", "auth_message": blocks.auth_message}},
+                                status_code=401)
+        await response(scope, receive, send)
+
+    async def _user(self, gradio_app, request: Request):
+        if self._current_user is None:
+            self._current_user = next(r.endpoint for r in routes(gradio_app) if r.path == USER_ROUTE)
+        return await self._current_user(request)
+
+
+def routes(app):
+    """Every route of a FastAPI app with its full path, methods and endpoint (included routers flattened)."""
+    from fastapi.routing import iter_route_contexts
+
+    return list(iter_route_contexts(app.routes))
