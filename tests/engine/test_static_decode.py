@@ -32,24 +32,32 @@ def test_static_decode_gives_the_varlen_tokens_for_a_mixed_batch(model_tok):
     assert stats["free_blocks"] == stats["num_blocks"]
 
 
-def test_padding_rows_write_only_into_the_spare_block(model_tok):
-    tok = model_tok[1]
-    engine = make_engine(model_tok, static_decode=True, max_seqs=8)
+def _run_and_keep_keys(model_tok, prompts, **cfg):
+    """Greedy 12-token replies of `prompts` run together, and a copy of the key cache after them."""
+    engine = make_engine(model_tok, max_seqs=8, **cfg)
     try:
-        spare = engine.allocator.num_blocks  # the cache's extra block, never handed out
-        bs = engine.config.block_size
-        cache_k = engine.cache.k
-        owned = torch.ones(cache_k.shape[1], dtype=torch.bool)
-        owned[spare * bs:(spare + 1) * bs] = False
-        handles = [submit(engine, p, SamplingParams(temperature=0), 12) for p in prompts_of(tok, 3)]
-        outs = [collect(h)[0] for h in handles]  # 3 rows run padded to a bucket of 4
-        written = cache_k[:, spare * bs].abs().sum().item()
+        handles = [submit(engine, p, SamplingParams(temperature=0), 12) for p in prompts]
+        outs = [collect(h)[0] for h in handles]
+        return outs, engine.cache.k.clone(), engine.allocator.num_blocks, engine.config.block_size
     finally:
         engine.shutdown()
-    assert written > 0
+
+
+def test_padding_rows_write_only_into_the_spare_block(model_tok):
+    prompts = prompts_of(model_tok[1], 3)
+    outs, keys, spare, bs = _run_and_keep_keys(model_tok, prompts, static_decode=True)  # 3 rows padded to 4
+    plain_outs, plain_keys, _, _ = _run_and_keep_keys(model_tok, prompts, static_decode=False)  # no padding
+    owned = torch.ones(keys.shape[1], dtype=torch.bool)  # every slot but the spare block's (spare = the
+    owned[spare * bs:(spare + 1) * bs] = False  # cache's extra block, never handed out)
+    assert keys[:, ~owned].abs().sum() > 0  # the padding rows did write, into the spare block
+    # Elsewhere the cache holds what the same requests write without padding rows: the requests' own keys,
+    # and zeros in the blocks no request used.
+    stray = ((keys[:, owned] != 0) != (plain_keys[:, owned] != 0)).sum().item()
+    assert stray == 0, f"{stray} key values written outside the requests' slots and the spare block"
+    torch.testing.assert_close(keys[:, owned], plain_keys[:, owned])
     alone = [run_batch(model_tok, [p], [SamplingParams(temperature=0)], [12], static_decode=True)[0][0]
-             for p in prompts_of(tok, 3)]
-    assert outs == alone
+             for p in prompts]
+    assert outs == plain_outs == alone
 
 
 def test_static_path_declines_prefill_and_adapter_rows(model_tok):
