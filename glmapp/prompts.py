@@ -6,7 +6,7 @@ Notable choices:
 - `fit_prompt` drops the oldest rounds (keeping a v3 system message) until the prompt fits, else `InputTooLong`.
 - v3 tool calls are parsed with `ast` (literal values only); nothing from the model is ever evaluated.
 - KV-cache continuation: v2 follows the official encoding; v3 does not re-insert `[gMASK] sop` mid-stream
-  (see `V3_CONTINUATION_REINSERTS_PREFIX`).
+  (see `build_continuation_ids`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,6 @@ import json
 import unicodedata
 
 from glmapp.errors import InputError, InputTooLong
-
-CHAT_DEFAULTS = {
-    "chatglm2": dict(max_length=8192, top_p=0.8, temperature=0.8),
-    "chatglm3": dict(max_length=8192, top_p=0.8, temperature=0.8),
-}
-
-# The official v3 stream_chat re-encodes the new turn with build_chat_input, which puts `[gMASK] sop` in the
-# middle of the cached sequence (spec §6, §10.12). A full re-encode of the same conversation has the prefix only
-# once, so we leave it out: cached and uncached turns then see identical ids.
-V3_CONTINUATION_REINSERTS_PREFIX = False
 
 TRAINING_TIME_PLACEHOLDER = "[[训练时间]]"
 TRAINING_TIME_VALUE = "2023年"
@@ -84,8 +74,10 @@ def build_continuation_ids(tokenizer, query: str, history, role: str = "user") -
         text = "\n\n" + _v2_round_text(len(history) + 1, query)
         # Spec §6 "v2 KV reuse": the dummy "▁" SentencePiece adds at the start is dropped.
         return tokenizer.encode(text, add_special_tokens=False)[1:]
-    ids = list(tokenizer.prefix_ids) if V3_CONTINUATION_REINSERTS_PREFIX else []
-    return ids + tokenizer.build_single_message(role, "", query) + [tokenizer.get_command("<|assistant|>")]
+    # The official v3 stream_chat re-encodes the new turn with build_chat_input, which puts `[gMASK] sop` in the
+    # middle of the cached sequence (spec §6, §10.12). A full re-encode of the same conversation has the prefix
+    # only once, so we leave it out: cached and uncached turns then see identical ids.
+    return tokenizer.build_single_message(role, "", query) + [tokenizer.get_command("<|assistant|>")]
 
 
 # ---- history ----------------------------------------------------------------------------------------
