@@ -4,18 +4,27 @@ The session's conversation is a list of OpenAI-style {"role", "content"} dicts (
 in `gr.State`; it is converted to the model family's history format for each request, so a long
 conversation stays fully visible even when the oldest rounds no longer fit the prompt.
 
-Every streaming handler yields `(chatbot, messages, textbox, stats)`.
+In the page a message goes through two steps: `accept` moves it from the box into the conversation at
+once (the box is cleared only then), then `reply` streams the answer without touching the box, so what
+the user types meanwhile stays. While a tab's reply streams, a new message from that tab is refused
+with a notice and stays in the box (press Stop, or send it when the reply ends).
+
+Every value from the page or the HTTP API is checked here (`SettingRange`), so a bad one gets a message
+that names the field and its allowed range. Streaming handlers yield `(chatbot, messages, textbox, stats)`.
 """
 
 from __future__ import annotations
 
 import html
+import math
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import gradio as gr
 
 from glmapp import prompts
+from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import GlmappError
 from glmapp.ui.render import chatbot_messages, response_text, safe_markdown
@@ -23,11 +32,48 @@ from glmapp.ui.sessions import ActiveRequests, session_id
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates per second, however fast tokens arrive
 
-# Defaults of the official web demos (THUDM/ChatGLM2-6B web_demo.py, THUDM/ChatGLM3 web_demo_gradio.py).
-DEMO_DEFAULTS = {
-    "chatglm2": dict(max_length=8192, top_p=0.8, temperature=0.95),
-    "chatglm3": dict(max_length=8192, top_p=0.8, temperature=0.6),
-}
+
+
+SEED_MAX = 2**63 - 1  # the engine hashes seeds as int64
+BUSY = ("Your reply is still being written: the message stays in the box. Send it when the reply ends, "
+        "or press Stop first.")
+BUSY_REPLY = "Your reply is still being written: wait for it to end, or press Stop first."
+
+
+@dataclass(frozen=True)
+class SettingRange:
+    """A setting's label in the page and its allowed values; `check` turns a raw value into one of them."""
+
+    label: str
+    minimum: float
+    maximum: float
+    whole: bool = False  # a whole number (sliders with step 1, the seed)
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        return f"{self.label} must be {kind} from {_num(self.minimum)} to {_num(self.maximum)}"
+
+    def check(self, value) -> int | float:
+        """Raise gr.Error naming the field and range unless `value` (number or numeric text) is in range."""
+        number = _to_number(value)
+        if (number is None or not math.isfinite(number) or not self.minimum <= number <= self.maximum
+                or (self.whole and number != int(number))):
+            shown = html.escape(repr(value)[:40])  # toasts render HTML: show the value as text
+            raise gr.Error(f"{self.describe()} (got {shown}).")
+        return int(number) if self.whole else float(number)
+
+
+def setting_ranges(context_length: int, max_new_tokens: int | None = None) -> dict[str, SettingRange]:
+    """The allowed values of every generation setting; the sliders are built from the same table."""
+    return {
+        "max_length": SettingRange("Max length", min(16, context_length), context_length, whole=True),
+        "max_new_tokens": SettingRange("Max new tokens", 1, max_new_tokens or context_length, whole=True),
+        "temperature": SettingRange("Temperature", 0, 1.5),
+        "top_p": SettingRange("Top p", 0.01, 1),
+        "top_k": SettingRange("Top k", 0, 200, whole=True),
+        "repetition_penalty": SettingRange("Repetition penalty", 0.5, 2),
+        "seed": SettingRange("Seed", -1, SEED_MAX, whole=True),  # -1 = random
+    }
 
 
 @dataclass
@@ -50,10 +96,18 @@ class ChatSettings:
         return cls(max_length=min(d["max_length"], context_length), max_new_tokens=max_new_tokens,
                    temperature=d["temperature"], top_p=d["top_p"])
 
+    @classmethod
+    def from_inputs(cls, ranges: dict[str, SettingRange], *, system="", adapter=None, seed=None,
+                    **values) -> ChatSettings:
+        """Settings from raw page or API values, each checked against `ranges` (gr.Error names a bad one)."""
+        checked = {name: ranges[name].check(value) for name, value in values.items()}
+        seed = None if seed is None or seed == "" else ranges["seed"].check(seed)
+        return cls(**checked, seed=None if seed is None or seed < 0 else seed,
+                   system=system if isinstance(system, str) else "", adapter=adapter or None)
+
     def sampling(self) -> SamplingParams:
-        seed = None if self.seed is None or self.seed < 0 else int(self.seed)
-        return SamplingParams(temperature=float(self.temperature), top_p=float(self.top_p) or 1.0,
-                              top_k=int(self.top_k), repetition_penalty=float(self.repetition_penalty), seed=seed)
+        return SamplingParams(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k),
+                              repetition_penalty=float(self.repetition_penalty), seed=self.seed)
 
 
 def to_family_history(family: str, messages: list[dict]) -> list:
@@ -92,13 +146,102 @@ def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = 
 
 
 class ChatHandlers:
-    def __init__(self, manager, active: ActiveRequests | None = None):
+    def __init__(self, manager, active: ActiveRequests | None = None, max_new_tokens: int | None = None):
         self.manager = manager
         self.active = active or ActiveRequests()
+        self.max_new_tokens = max_new_tokens  # the server's cap (--max-new-tokens); None = the context length
+        self._lock = threading.Lock()
+        self._replying: set[str] = set()  # sessions with a reply between `accept` and its end
+
+    def settings(self, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                 adapter=None) -> ChatSettings:
+        """The settings panel's raw values, checked (gr.Error names the first bad one and its range)."""
+        try:
+            context_length = self.manager.backend.context_length
+        except GlmappError as e:
+            raise gr.Error(str(e)) from None
+        return ChatSettings.from_inputs(
+            setting_ranges(context_length, self.max_new_tokens), system=system, adapter=adapter, seed=seed,
+            max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, repetition_penalty=repetition_penalty)
+
+    # ---- the page's two steps: accept, then reply --------------------------------------------------------
+    def accept(self, message, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
+               repetition_penalty, seed, adapter=None, request: gr.Request = None):
+        """Enter / Send: check the message and settings, then show it as the next turn -> (chatbot, messages,
+        textbox). Refused with a notice (the text stays in the box) while this tab's reply streams."""
+        settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 seed, adapter)
+        messages = list(messages or [])
+        query = self._checked_query(message, messages, settings)
+        if not self._claim(session_id(request)):
+            gr.Warning(BUSY)
+            # Ends this step without a second pop-up, so the chained `reply` does not run.
+            raise gr.Error(BUSY, visible=False, print_exception=False)
+        messages.append({"role": "user", "content": query})
+        return chatbot_messages(messages), messages, ""
+
+    def reply(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+              seed, adapter=None, request: gr.Request = None):
+        """Stream the answer to the last message, which `accept` added; the textbox is left as the user has it."""
+        sid = session_id(request)
+        try:
+            messages = list(messages or [])
+            if not messages or messages[-1]["role"] != "user":
+                return
+            query = messages[-1]["content"]
+            try:
+                settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k,
+                                         repetition_penalty, seed, adapter)
+                yield from self._stream(messages[:-1], query, settings, sid, restore_text=query)
+            except gr.Error:  # refused before anything streamed (e.g. the model was reloaded meanwhile)
+                yield chatbot_messages(messages[:-1]), messages[:-1], query, gr.skip()
+                raise
+        finally:
+            self._release(sid)
+
+    def send(self, message, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
+             repetition_penalty, seed, adapter=None, request: gr.Request = None):
+        """Both steps in one call (the HTTP API, scripts): yields (chatbot, messages, textbox, stats)."""
+        args = (system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, adapter)
+        chatbot, messages, textbox = self.accept(message, messages, *args, request=request)
+        yield chatbot, messages, textbox, ""
+        yield from self.reply(messages, *args, request=request)
+
+    def api_chat(self, message: str, system: str = "", max_length: float = 8192, max_new_tokens: float = 256,
+                 temperature: float = 0.95, top_p: float = 0.8, top_k: float = 0, repetition_penalty: float = 1.0,
+                 seed: float = -1, request: gr.Request = None) -> dict:
+        """/gradio_api/call/chat: one message on a new conversation with the base model; streams
+        {"messages": role/content dicts, "stats": the stats line}.
+
+        Values arrive as sent (no component conversion), so text or NaN gets the same named-range message
+        as in the page."""
+        for _, messages, _, stats in self.send(message, [], system, max_length, max_new_tokens, temperature, top_p,
+                                               top_k, repetition_penalty, seed, None, request=request):
+            yield {"messages": messages, "stats": stats}
 
     # ---- streaming -------------------------------------------------------------------------------
+    def _checked_query(self, query, before: list[dict], settings: ChatSettings) -> str:
+        """The cleaned query; raises gr.Error when it is empty or does not fit the prompt."""
+        query = clean_input(query)
+        if not query.strip():
+            raise gr.Error("Empty message: type something to send (control characters are removed).")
+        try:
+            backend = self.manager.backend
+            backend.prepare_chat(query, to_family_history(backend.family, before), self._system(backend, settings),
+                                 settings.max_length)
+        except GlmappError as e:
+            raise gr.Error(str(e)) from None
+        return query
+
+    @staticmethod
+    def _system(backend, settings: ChatSettings) -> str | None:
+        return (settings.system.strip() or None) if backend.family == "chatglm3" else None
+
     def _stream(self, before: list[dict], query: str, settings: ChatSettings, sid: str, restore_text: str = ""):
-        """Generate a reply to `query` after `before`; yields (chatbot, messages, textbox, stats)."""
+        """Generate a reply to `query` after `before`; yields (chatbot, messages, textbox, stats).
+
+        The textbox is only written when a failed reply puts the message back; otherwise it is gr.skip()."""
         query = clean_input(query)
         if not query.strip():
             raise gr.Error("Empty message: type something to send (control characters are removed).")
@@ -111,9 +254,9 @@ class ChatHandlers:
             handles = []
             track = self.active.track(sid)
             stream = backend.chat_stream(
-                query, history, system=(settings.system.strip() or None) if backend.family == "chatglm3" else None,
-                max_length=int(settings.max_length), max_new_tokens=int(settings.max_new_tokens), params=params,
-                adapter=settings.adapter or None, on_handle=lambda h: (handles.append(h), track(h)))
+                query, history, system=self._system(backend, settings), max_length=settings.max_length,
+                max_new_tokens=settings.max_new_tokens, params=params, adapter=settings.adapter,
+                on_handle=lambda h: (handles.append(h), track(h)))
             first = next(stream)  # raises InputError/InputTooLong before anything is shown
         except GlmappError as e:
             raise gr.Error(str(e)) from None
@@ -128,7 +271,8 @@ class ChatHandlers:
                     continue
                 last_yield = now
                 if update.finish_reason is None:
-                    yield chatbot_messages(messages), messages, "", "generating… · " + self._stats(update, settings)
+                    yield (chatbot_messages(messages), messages, gr.skip(),
+                           "generating… · " + self._stats(update, settings))
         finally:
             stream.close()  # a closed tab stops here: chat_stream's own finally cancels the request
             for h in handles:
@@ -140,18 +284,22 @@ class ChatHandlers:
                 yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings)
                 return
         done = self._stats(update, settings) + (f" · {handles[0].id}" if handles else "")
-        yield chatbot_messages(messages), messages, "", done
+        yield chatbot_messages(messages), messages, gr.skip(), done
 
     def _stats(self, update, settings: ChatSettings) -> str:
         return stats_line(update.usage, int(settings.max_length), self.manager.memory(), update.finish_reason,
                           settings.adapter)
 
-    def send(self, message, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
-             repetition_penalty, seed, adapter=None, request: gr.Request = None):
-        """Enter / Send: stream a reply to `message` after the conversation so far (`adapter`: this tab's)."""
-        settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "", adapter or None)
-        yield from self._stream(list(messages or []), message, settings, session_id(request), restore_text=message)
+    def _claim(self, sid: str) -> bool:
+        with self._lock:
+            if sid in self._replying:
+                return False
+            self._replying.add(sid)
+            return True
+
+    def _release(self, sid: str) -> None:
+        with self._lock:
+            self._replying.discard(sid)
 
     def regenerate(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
                    repetition_penalty, seed, adapter=None, request: gr.Request = None):
@@ -160,9 +308,9 @@ class ChatHandlers:
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last_user is None:
             raise gr.Error("Nothing to regenerate yet: send a message first.")
-        settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "", adapter or None)
-        yield from self._stream(messages[:last_user], messages[last_user]["content"], settings, session_id(request))
+        settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 seed, adapter)
+        yield from self._exclusive(messages, messages[:last_user], messages[last_user]["content"], settings, request)
 
     def edit(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
              repetition_penalty, seed, adapter=None, edit: gr.EditData = None, request: gr.Request = None):
@@ -173,9 +321,21 @@ class ChatHandlers:
             raise gr.Error("Only your own messages can be edited.")
         # The chatbot shows escaped Markdown (see render.py); edits come back in that form.
         text = html.unescape(str(edit.value)).replace("\u200b", "")
-        settings = ChatSettings(max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                _seed(seed), system or "", adapter or None)
-        yield from self._stream(messages[:index], text, settings, session_id(request))
+        settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 seed, adapter)
+        yield from self._exclusive(messages, messages[:index], text, settings, request)
+
+    def _exclusive(self, messages, before, query, settings: ChatSettings, request):
+        """Regenerate / edit: one reply per tab at a time, like `accept`; a refused one leaves the chat as it was."""
+        sid = session_id(request)
+        if not self._claim(sid):
+            gr.Warning(BUSY_REPLY)
+            yield chatbot_messages(messages), messages, gr.skip(), gr.skip()
+            return
+        try:
+            yield from self._stream(before, query, settings, sid)
+        finally:
+            self._release(sid)
 
     # ---- instant actions -------------------------------------------------------------------------
     def stop(self, request: gr.Request = None) -> None:
@@ -198,23 +358,30 @@ class ChatHandlers:
         return [], [], "", ""
 
     def closed(self, request: gr.Request = None) -> None:
-        """The tab was closed or reloaded: free its generations."""
-        self.active.cancel(session_id(request))
+        """The tab was closed or reloaded: free its generations (and its reply slot, if a step never ran)."""
+        sid = session_id(request)
+        self.active.cancel(sid)
+        self._release(sid)
 
 
-def _seed(value) -> int | None:
-    if value is None or value == "":
+def _to_number(value) -> float | int | None:
+    if isinstance(value, bool):
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"Seed must be a whole number (got {value!r}); use -1 for a random seed.") from None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                continue
+    return None
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) and abs(x) < 1e15 else f"{x}"
 
 
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-def settings_dict(settings: ChatSettings) -> dict:
-    return asdict(settings)

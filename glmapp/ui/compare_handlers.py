@@ -18,7 +18,7 @@ import gradio as gr
 
 from glmapp.errors import GlmappError
 from glmapp.ui.adapter_handlers import BASE
-from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, clean_input
+from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, SettingRange, clean_input, setting_ranges
 from glmapp.ui.export import write_json
 from glmapp.ui.render import response_text, safe_markdown
 from glmapp.ui.sessions import ActiveRequests, session_id
@@ -26,6 +26,7 @@ from glmapp.ui.sessions import ActiveRequests, session_id
 MAX_COLUMNS = 4
 LABELS = "ABCD"
 COLUMN_FIELDS = ("adapter", "temperature", "top_p", "seed")  # the per-column inputs, in this order
+COLUMNS = SettingRange("Columns", 2, MAX_COLUMNS, whole=True)
 VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie"}
 
 
@@ -38,8 +39,10 @@ def column_stats(usage, finish_reason=None, adapter: str | None = None) -> str:
 
 
 class CompareHandlers:
-    def __init__(self, manager, comparisons_file: str | Path, active: ActiveRequests | None = None):
+    def __init__(self, manager, comparisons_file: str | Path, active: ActiveRequests | None = None,
+                 max_new_tokens: int | None = None):
         self.manager = manager
+        self.max_new_tokens = max_new_tokens  # the server's cap (--max-new-tokens); None = the context length
         self.comparisons_file = Path(comparisons_file)
         self.active = active or ActiveRequests()
         self._file_lock = threading.Lock()
@@ -48,24 +51,29 @@ class CompareHandlers:
         """column_settings: (adapter, temperature, top_p, seed) for each of the 4 columns; adapter is a
         name, or None / "none" for the base model.
 
+        Values arrive as sent (page or HTTP API); each is checked and a bad one gets a message naming it.
         Yields 4 outputs, 4 stats lines and the comparison record (None until all columns finish)."""
         prompt = clean_input(prompt)
         if not prompt.strip():
             raise gr.Error("Empty prompt: type something to compare.")
-        n = max(2, min(MAX_COLUMNS, int(n_columns)))
+        n = COLUMNS.check(n_columns)
         sid = session_id(request)
         try:
             backend = self.manager.backend
         except GlmappError as e:
             raise gr.Error(str(e)) from None
+        ranges = setting_ranges(backend.context_length, self.max_new_tokens)
+        max_new_tokens = ranges["max_new_tokens"].check(max_new_tokens)
         settings = []
         width = len(COLUMN_FIELDS)
         for i in range(n):
             adapter, temperature, top_p, seed = column_settings[width * i: width * (i + 1)]
             adapter = None if adapter in (None, "", BASE) else str(adapter)
-            s = ChatSettings(max_length=backend.context_length, max_new_tokens=int(max_new_tokens),
-                             temperature=temperature, top_p=top_p,
-                             seed=None if seed in (None, "") or int(seed) < 0 else int(seed), adapter=adapter)
+            try:
+                s = ChatSettings.from_inputs(ranges, adapter=adapter, seed=seed, max_length=backend.context_length,
+                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+            except gr.Error as e:
+                raise gr.Error(f"Column {LABELS[i]}: {e.message}") from None
             try:
                 s.sampling()
                 backend.prepare_chat(prompt, [])  # input errors are reported before anything starts

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
 from glmapp.model_manager import BackendManager
-from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, to_family_history
+from glmapp.ui.chat_handlers import BUSY, ChatHandlers, to_family_history
 from glmapp.ui.compare_handlers import CompareHandlers
 from glmapp.ui.config import AppConfig, ConfigError, load_config
 from glmapp.ui.export import conversation_record, render_html_page
@@ -42,7 +44,30 @@ def test_send_streams_and_returns_history_textbox_and_stats(chat):
     chatbot, messages, textbox, stats = updates[-1]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]
     assert chatbot[1]["content"] == safe_markdown(messages[1]["content"])
-    assert textbox == "" and "tokens/s" in stats and "(12 new)" in stats and "req-" in stats
+    assert "tokens/s" in stats and "(12 new)" in stats and "req-" in stats
+    # The box is cleared once, when the message is accepted; the reply never writes it (what the user types
+    # meanwhile stays).
+    assert updates[0][2] == "" and updates[0][1] == [{"role": "user", "content": "hello"}]
+    assert len(updates) > 2 and all(u[2] == gr.skip() for u in updates[1:])
+
+
+def test_a_message_sent_while_the_reply_streams_is_refused_with_a_notice(chat):
+    tab = SimpleNamespace(session_hash="busy-tab")
+    long = {**GREEDY, "max_new_tokens": 2000}
+    gen = chat.send("story", [], **long, request=tab)
+    next(gen), next(gen)  # accepted, and the reply streams
+    with pytest.warns(UserWarning, match="still being written"), pytest.raises(gr.Error) as refused:
+        chat.accept("next question", [], **long, request=tab)
+    assert refused.value.message == BUSY and not refused.value.visible  # the notice is the warning above
+    _, other, _ = chat.accept("other tab", [], **GREEDY, request=SimpleNamespace(session_hash="other"))
+    assert other[-1]["content"] == "other tab"  # only that tab waits
+    with pytest.warns(UserWarning, match="still being written"):
+        assert run(chat.regenerate([{"role": "user", "content": "x"}], **long, request=tab))[3] == gr.skip()
+    chat.stop(tab)
+    *_, stats = run(gen)
+    assert "stopped" in stats
+    _, messages, textbox = chat.accept("next question", [], **GREEDY, request=tab)  # the reply ended: accepted
+    assert messages[-1]["content"] == "next question" and textbox == ""
 
 
 def test_greedy_regenerate_gives_the_same_reply_and_max_new_tokens_caps(chat):
@@ -73,7 +98,7 @@ def test_stop_cancels_only_that_session(chat):
     session_a, session_b = SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
     long = {**GREEDY, "max_new_tokens": 2000}
     gen_a, gen_b = chat.send("story", [], **long, request=session_a), chat.send("story", [], **long, request=session_b)
-    next(gen_a), next(gen_b)
+    next(gen_a), next(gen_b), next(gen_a), next(gen_b)  # accepted, then streaming
     chat.stop(session_a)
     *_, stats_a = run(gen_a)
     *_, stats_b = run(gen_b)
@@ -82,7 +107,7 @@ def test_stop_cancels_only_that_session(chat):
 
 def test_closing_the_stream_cancels_the_generation(chat):
     gen = chat.send("story", [], **{**GREEDY, "max_new_tokens": 2000}, request=SimpleNamespace(session_hash="tab"))
-    next(gen)
+    next(gen), next(gen)  # accepted, then streaming
     assert chat.active.running("tab") == 1
     gen.close()  # what Gradio does when the tab goes away
     assert chat.active.running("tab") == 0
@@ -105,20 +130,58 @@ def test_too_long_message_names_the_limit(chat):
 
 
 def test_engine_error_in_one_request_is_reported_and_the_next_works(chat, monkeypatch):
-    backend = chat.manager.backend
-    real = backend.chat_stream
+    engine = chat.manager.backend.engine
+    norm = chat.manager.backend.model.transformer.encoder.final_layernorm
+    errors = engine.error_count
 
-    def broken(*args, **kwargs):
-        from glmapp.backends import ChatUpdate
+    def fail(*args, **kwargs):  # runs in the engine thread, inside the real step
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        yield ChatUpdate("", [], None, "error", "Generation failed: CUDA out of memory")
+    monkeypatch.setattr(norm, "forward", fail)
+    with pytest.warns(UserWarning, match="Generation failed: RuntimeError: CUDA error"):
+        _, messages, textbox, stats = run(chat.send("hello", [], **GREEDY))
+    assert messages == [] and textbox == "hello" and "failed" in stats  # the message goes back to the box
+    assert engine.error_count == errors + 1
+    monkeypatch.undo()
+    _, messages, _, stats = run(chat.send("hello", [], **GREEDY))
+    assert len(messages) == 2 and "(12 new)" in stats
 
-    monkeypatch.setattr(backend, "chat_stream", broken)
-    _, messages, textbox, stats = run(chat.send("hello", [], **GREEDY))
-    assert messages == [] and textbox == "hello" and "failed" in stats
-    monkeypatch.setattr(backend, "chat_stream", real)
-    _, messages, _, _ = run(chat.send("hello", [], **GREEDY))
-    assert len(messages) == 2
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", NAN, "Top k must be a whole number from 0 to 200"),
+    ("top_k", 2.5, "Top k must be a whole number from 0 to 200"),
+    ("max_new_tokens", INF, "Max new tokens must be a whole number from 1 to 32768"),
+    ("max_length", NAN, "Max length must be a whole number from 16 to 32768"),
+    ("max_length", 99999, "Max length must be a whole number from 16 to 32768"),
+    ("temperature", "hot", "Temperature must be a number from 0 to 1.5"),
+    ("top_p", 0, "Top p must be a number from 0.01 to 1"),
+    ("repetition_penalty", None, "Repetition penalty must be a number from 0.5 to 2"),
+    ("seed", "abc", "Seed must be a whole number from -1 to 9223372036854775807"),
+    ("seed", NAN, "Seed must be a whole number from -1"),
+    ("seed", True, "Seed must be a whole number from -1"),
+])
+def test_every_bad_setting_gets_a_message_naming_the_field_and_its_range(chat, field, value, message):
+    with pytest.raises(gr.Error) as bad:
+        run(chat.send("hello", [], **{**GREEDY, field: value}))
+    assert bad.value.message.startswith(message) and bad.value.visible
+    with pytest.raises(gr.Error) as api:  # the HTTP API's handler gets the raw value the same way
+        run(chat.api_chat("hello", **{**GREEDY, field: value}))
+    assert api.value.message == bad.value.message
+
+
+def test_settings_given_as_numeric_text_are_accepted(chat):
+    _, messages, _, stats = run(chat.send("hello", [], **{**GREEDY, "top_k": "5", "seed": "7",
+                                                          "max_new_tokens": "3"}))
+    assert len(messages) == 2 and "(3 new)" in stats
+
+
+def test_max_new_tokens_above_the_servers_cap_is_refused(manager):
+    capped = ChatHandlers(manager, max_new_tokens=100)
+    with pytest.raises(gr.Error, match="Max new tokens must be a whole number from 1 to 100 \\(got 101\\)"):
+        run(capped.send("hello", [], **{**GREEDY, "max_new_tokens": 101}))
 
 
 def test_family_history_formats():
@@ -151,10 +214,40 @@ def test_exported_html_is_standalone_inert_and_renders_formulas():
     assert "<math" in page and "Content-Security-Policy" in page and "<link" not in page
 
 
-def test_compare_runs_columns_together_and_votes_append_jsonl(manager, tmp_path):
+COLUMNS = [None, 0, 0.8, 1, "none", 0.95, 0.8, 7, None, 0.8, 0.8, 1, None, 0.8, 0.8, 1]  # adapter, t, top_p, seed
+
+
+def test_compare_columns_are_decoded_together_in_the_same_engine_steps(manager, tmp_path):
+    """The engine is held between steps until both columns are submitted: if the handler ran the columns one
+    after another, the second would never arrive; if the engine ran them one after another, the steps would add up."""
+    engine, tab = manager.backend.engine, SimpleNamespace(session_hash="compare-tab")
     compare = CompareHandlers(manager, tmp_path / "votes.jsonl")
-    columns = [None, 0, 0.8, 1, "none", 0.95, 0.8, 7, None, 0.8, 0.8, 1, None, 0.8, 0.8, 1]  # adapter, t, top_p, seed
-    updates = list(compare.run("hello", 2, 10, *columns))
+    release, held = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.call, args=(lambda: (held.set(), release.wait(60)),))
+    holder.start()
+    assert held.wait(30)
+    steps = engine.stats()["steps"]
+    results = []
+    runner = threading.Thread(target=lambda: results.append(list(compare.run("hello", 2, 24, *COLUMNS,
+                                                                             request=tab))))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while compare.active.running("compare-tab") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling a condition the handler sets from its column threads
+    both_submitted = compare.active.running("compare-tab") == 2
+    release.set()
+    runner.join(60)
+    holder.join(10)
+    assert both_submitted and results
+    record = results[0][-1][-1]
+    tokens = [c["completion_tokens"] for c in record["columns"]]
+    assert min(tokens) > 8  # long enough that one-after-another would need many more steps
+    assert engine.stats()["steps"] - steps <= max(tokens) + 1 < sum(tokens)
+
+
+def test_compare_votes_append_jsonl_and_export(manager, tmp_path):
+    compare = CompareHandlers(manager, tmp_path / "votes.jsonl")
+    updates = list(compare.run("hello", 2, 10, *COLUMNS))
     *outputs, record = updates[-1]
     assert record and [c["label"] for c in record["columns"]] == ["A", "B"]
     assert all(c["output"] and c["completion_tokens"] == 10 for c in record["columns"])
@@ -166,6 +259,18 @@ def test_compare_runs_columns_together_and_votes_append_jsonl(manager, tmp_path)
     with pytest.raises(gr.Error):
         compare.vote("C", "", record)
     assert json.loads(open(compare.export(record)).read())["prompt"] == "hello"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("hello", NAN, 10, *COLUMNS), "Columns must be a whole number from 2 to 4"),
+    (("hello", 2, "ten", *COLUMNS), "Max new tokens must be a whole number from 1 to 32768"),
+    (("hello", 2, 10, *COLUMNS[:5], "hot", *COLUMNS[6:]), "Column B: Temperature must be a number from 0 to 1.5"),
+    (("hello", 2, 10, *COLUMNS[:3], INF, *COLUMNS[4:]), "Column A: Seed must be a whole number from -1"),
+])
+def test_compare_names_a_bad_setting_and_its_range(manager, tmp_path, args, message):
+    with pytest.raises(gr.Error) as bad:
+        run(CompareHandlers(manager, tmp_path / "votes.jsonl").run(*args))
+    assert bad.value.message.startswith(message)
 
 
 def test_reload_failure_loads_the_previous_model_again(manager, monkeypatch):
