@@ -2,30 +2,30 @@
 
     model, tokenizer = glmapp.load("THUDM/chatglm2-6b")
     response, history = model.chat(tokenizer, "你好", history=[])
+
+`import glmapp` imports neither torch nor transformers (the command line's `--help` must be instant): the
+model classes below load on first use, and importing them registers the `chatglm` model type with
+transformers' Auto classes.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
 from glmapp.errors import CheckpointError, GlmappError, InputError, InputTooLong, QuantizationError, TokenizerError
-from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
 __all__ = ["load", "ChatGLMConfig", "ChatGLMForConditionalGeneration", "GlmappError", "CheckpointError",
            "TokenizerError", "InputError", "InputTooLong", "QuantizationError"]
 __version__ = "0.1.0"
 
-AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
+_MODEL_CLASSES = ("ChatGLMConfig", "ChatGLMForConditionalGeneration")
 
 
-def _register_models():
-    from glmapp.chat import ChatModel
+def __getattr__(name: str):
+    if name in _MODEL_CLASSES:
+        import glmapp.chat  # noqa: F401 - registers the Auto classes
+        from glmapp.models import chatglm
 
-    for auto in (AutoModel, AutoModelForCausalLM):
-        try:
-            auto.register(ChatGLMConfig, ChatModel, exist_ok=True)
-        except ValueError:  # already registered in this process
-            pass
+        return getattr(chatglm, name)
+    raise AttributeError(f"module 'glmapp' has no attribute {name!r}")
 
 
 def load(model: str, device: str | None = None, dtype: str = "auto", family: str | None = None,
@@ -46,6 +46,3 @@ def load(model: str, device: str | None = None, dtype: str = "auto", family: str
     net = load_model(path, device=device, dtype=dtype, model_cls=ChatModel, family=tokenizer.family,
                      quant=quant)
     return net, tokenizer
-
-
-_register_models()

@@ -137,3 +137,18 @@ class ChatModel(ChatGLMForConditionalGeneration):
         for result in self.stream_chat(tokenizer, query, history, **kwargs):
             pass
         return result
+
+
+def _register_auto_classes() -> None:
+    """`AutoConfig` / `AutoModel(ForCausalLM).from_pretrained` on a ChatGLM folder give our classes, no
+    remote code. Done here, where the model code is imported, so that `import glmapp` stays light."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from glmapp.models.chatglm import ChatGLMConfig
+
+    AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
+    for auto in (AutoModel, AutoModelForCausalLM):
+        auto.register(ChatGLMConfig, ChatModel, exist_ok=True)
+
+
+_register_auto_classes()

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from glmapp import commands
+from glmapp.choices import DEFAULT_MODEL, FAMILIES
 from glmapp.cpu_threads import single_threaded
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
-DEFAULT_MODEL = "THUDM/chatglm2-6b"
-SUPPORTED_FAMILIES = ("chatglm2", "chatglm3")
+SUPPORTED_FAMILIES = FAMILIES
 _ST_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -49,7 +50,7 @@ def resolve(model: str) -> ResolvedCheckpoint:
         raise CheckpointError(
             f"Model folder not found: {model!r}. Give a folder holding config.json, tokenizer.model and "
             f"weights, a hub id such as {DEFAULT_MODEL}, or create a demo checkpoint with "
-            f"`glmapp make-demo --out DIR`."
+            f"`{commands.MAKE_DEMO}`."
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
@@ -69,9 +70,9 @@ def resolve(model: str) -> ResolvedCheckpoint:
             reason += " and HF_HUB_OFFLINE is set"
         raise CheckpointError(
             f"No weights for {model!r}: looked for a local folder named {model!r} and for the hub id, "
-            f"{reason}. To get real weights run `huggingface-cli download {model}` on a machine with "
+            f"{reason}. To get real weights run `{commands.download(model)}` on a machine with "
             f"network access (or copy the folder here and pass --model PATH). To try the app without "
-            f"weights, use the demo checkpoint: `glmapp make-demo --out DIR` or `--demo`."
+            f"weights, use the demo checkpoint: `{commands.MAKE_DEMO}` or `--demo`."
         ) from cache_miss
 
 

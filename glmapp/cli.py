@@ -1,29 +1,44 @@
 """`glmapp <command>`: one dispatch table of subcommands, each a plain function.
 
 Every `GlmappError` becomes a one-paragraph message on stderr and exit code 2, never a traceback.
+Nothing heavy is imported until a command runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
+from glmapp.choices import DEFAULT_MODEL, DEMO_FORMATS, DEMO_SIZES, FAMILIES, QUANT_MODES
 from glmapp.errors import CheckpointError, GlmappError
 
 DEMO_HINT = "Run with --demo to chat with the built-in demo checkpoint (random weights, gibberish replies)."
+CHAT_COMMANDS = ("In the chat, type `clear` to reset the history and `exit` (or `quit`) to quit; Ctrl+C stops a "
+                 "reply, Ctrl+D quits.")
+
+# C0/C1 control characters except newline and tab, and the bidirectional controls: written raw they ring
+# the bell, clear the screen, move the cursor, start escape sequences or reorder the rest of the line.
+_NON_PRINTING = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printing character written as its escape (`\\x07`, `\\x1b`, `\\u202e`).
+
+    The same on a terminal and in a piped transcript: the output stays plain text, and a reader still sees
+    that the model produced the character."""
+    return _NON_PRINTING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from glmapp.checkpoint import DEFAULT_MODEL
-    from glmapp.quant import MODES
-
     p.add_argument("--model", default=None,
                    help=f"folder or hub id (default: {DEFAULT_MODEL}, or the demo checkpoint when it is not found)")
     p.add_argument("--demo", action="store_true", help="use the demo checkpoint (random weights)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
-    p.add_argument("--quant", default=None, choices=MODES,
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16 (default: %(default)s)")
+    p.add_argument("--quant", default=None, choices=QUANT_MODES,
                    help="weight quantization (default: as the checkpoint is stored): int8/int4 = ChatGLM's own "
                         "scheme, bnb-int8/bnb-nf4 = bitsandbytes")
 
@@ -38,8 +53,6 @@ def load_for_cli(args, stdin_is_tty: bool | None = None):
         print(f"[demo] Using the demo checkpoint at {path} (random weights: replies are gibberish).",
               file=sys.stderr)
         return glmapp.load(str(path), device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None))
-    from glmapp.checkpoint import DEFAULT_MODEL
-
     try:
         return glmapp.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
                            quant=getattr(args, "quant", None))
@@ -78,12 +91,15 @@ def cmd_chat(args) -> int:
     sampling = dict(adapter=adapter, max_length=args.max_length, top_p=args.top_p, temperature=args.temperature, top_k=args.top_k,
                     repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
                     system=args.system)
+    echo = not sys.stdin.isatty()  # piped input is not echoed by a terminal: show it, so the transcript reads
     while True:
         try:
             query = input("\nUser: ")
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        if echo:
+            print(printable(query))
         command = query.strip().lower()
         if command in ("exit", "quit", "stop"):
             return 0
@@ -97,16 +113,16 @@ def cmd_chat(args) -> int:
             for response, new_history in model.stream_chat(tokenizer, query, history, **sampling):
                 text = response if isinstance(response, str) else str(response)
                 if text.startswith(shown):
-                    print(text[len(shown):], end="", flush=True)
+                    print(printable(text[len(shown):]), end="", flush=True)
                 else:  # post-processing rewrote earlier text (e.g. strip): show the final form
-                    print("\n" + text, end="", flush=True)
+                    print("\n" + printable(text), end="", flush=True)
                 shown = text
                 history = new_history
         except KeyboardInterrupt:
             print("\n(stopped)")
             continue
         except GlmappError as e:
-            print(f"\n[error] {e}")
+            print(f"\n[error] {printable(str(e))}")
             continue
         stats = model.last_stats
         print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
@@ -132,19 +148,21 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from glmapp.demo import FORMATS, SIZES
-
-    parser = argparse.ArgumentParser(prog="glmapp", description="Run and chat with ChatGLM2/ChatGLM3 models.")
+    parser = argparse.ArgumentParser(prog="glmapp", description="Run and chat with ChatGLM2/ChatGLM3 models.",
+                                     epilog="glmapp chat: " + CHAT_COMMANDS)
     sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="chat in the terminal with streaming output")
+    chat = sub.add_parser("chat", help="chat in the terminal with streaming output",
+                          description="Chat with a ChatGLM2/ChatGLM3 model in the terminal, with streaming output. "
+                                      + CHAT_COMMANDS)
     _add_model_args(chat)
-    chat.add_argument("--max-length", type=int, default=8192, help="prompt + reply tokens")
-    chat.add_argument("--max-new-tokens", type=int, default=None)
-    chat.add_argument("--temperature", type=float, default=0.8)
-    chat.add_argument("--top-p", type=float, default=0.8)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--max-length", type=int, default=8192, help="prompt + reply tokens (default: %(default)s)")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help="reply tokens at most (default: what --max-length leaves after the prompt)")
+    chat.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    chat.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (default: %(default)s)")
+    chat.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     chat.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
     chat.add_argument("--kv-cache-mb", type=float, default=None,
                       help="KV cache budget (default: 90%% of free GPU memory, 512 MB on CPU)")
@@ -154,17 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", default=None, help="LoRA adapter: folder name in --adapters-dir, or a hub id")
     chat.set_defaults(func=cmd_chat)
     demo = sub.add_parser("make-demo", help="write a small random checkpoint in the official format")
-    demo.add_argument("--family", choices=["chatglm2", "chatglm3"], default="chatglm2")
-    demo.add_argument("--out", required=True)
-    demo.add_argument("--size", choices=list(SIZES), default="tiny")
-    demo.add_argument("--format", choices=list(FORMATS), default="safetensors-sharded")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--family", choices=FAMILIES, default="chatglm2", help="(default: %(default)s)")
+    demo.add_argument("--out", required=True, help="folder to write")
+    demo.add_argument("--size", choices=DEMO_SIZES, default="tiny", help="(default: %(default)s)")
+    demo.add_argument("--format", choices=DEMO_FORMATS, default="safetensors-sharded", help="(default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     demo.set_defaults(func=cmd_make_demo)
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base and write the official layout")
     merge.add_argument("base", help="base model folder or hub id")
     merge.add_argument("adapter", help="adapter folder name inside --adapters-dir, or a hub id")
     merge.add_argument("--out", required=True)
-    merge.add_argument("--adapters-dir", default="adapters")
+    merge.add_argument("--adapters-dir", default="adapters", help="(default: %(default)s)")
     merge.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: the base's dtype)")
     merge.set_defaults(func=cmd_merge)
     return parser

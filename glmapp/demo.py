@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from glmapp.choices import DEMO_FORMATS
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmapp.tokenizer import train_demo_tokenizer
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
-FORMATS = ("safetensors-sharded", "safetensors", "bin-sharded")
+FORMATS = DEMO_FORMATS
 # name -> network shape; the tokenizer decides the vocabulary.
 SIZES = {
     "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=160),

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +30,10 @@ import torch
 from torch import nn
 
 from glmapp import cpu_linear, quant_kernels
+from glmapp.choices import QUANT_MODES
 from glmapp.errors import CheckpointError, QuantizationError
 
-MODES = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+MODES = QUANT_MODES
 BITS = {"int8": 8, "int4": 4}
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 ALTERNATIVE = {"bnb-int8": "int8", "bnb-nf4": "int4", "int8": "bnb-int8", "int4": "bnb-nf4"}
@@ -141,11 +144,31 @@ class _PendingLinear(nn.Module):
 # ---- modes and availability -------------------------------------------------------------------------
 @functools.cache
 def _bnb_import_error() -> str | None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything; the reason is reported
-        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e}); pip install bitsandbytes==0.50.2"
+    # Only whether it is installed: importing it costs seconds and logs about optional kernels on every
+    # start, so it is imported when a bnb mode is actually loaded (`_import_bitsandbytes`).
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed; pip install bitsandbytes==0.50.2"
     return None
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package (a faster
+    4-bit CPU kernel from the hub) is absent; its own kernel is used instead, so the user has nothing to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def _import_bitsandbytes():
+    """bitsandbytes, imported on first use of a bnb mode; a broken install raises QuantizationError."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
+    try:
+        import bitsandbytes
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything; the reason is reported
+        raise QuantizationError(f"bitsandbytes cannot be imported ({type(e).__name__}: {e}); "
+                                f"pip install bitsandbytes==0.50.2, or use {ALTERNATIVE['bnb-int8']!r} / "
+                                f"{ALTERNATIVE['bnb-nf4']!r} instead.") from None
+    return bitsandbytes
 
 
 def _bnb_unavailable_reason(device: torch.device) -> str | None:
@@ -177,6 +200,8 @@ def resolve_mode(quant: str | None, quantization_bit: int, device: torch.device)
     if reason is not None:
         raise QuantizationError(f"Quantization {mode!r} is not available on {device}: {reason}. "
                                 f"Use {ALTERNATIVE[mode]!r} instead (same memory class, no extra dependency).")
+    if mode.startswith("bnb-"):
+        _import_bitsandbytes()  # a broken install fails here, before any weight is read
     return mode
 
 
@@ -193,8 +218,7 @@ def bnb_config(mode: str, compute_dtype: torch.dtype):
 def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, device: torch.device,
                dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes linear holding `weight` quantized on `device` (bias kept in `dtype`)."""
-    import bitsandbytes as bnb
-
+    bnb = _import_bitsandbytes()
     cfg = bnb_config(mode, dtype)
     out_features, in_features = weight.shape
     with torch.device("meta"):

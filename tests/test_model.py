@@ -164,7 +164,7 @@ def test_save_pretrained_reloads_with_our_loader(tmp_path, demo_v2):
 
 
 def test_auto_classes_load_our_model_without_remote_code(demo_v2):
-    import glmapp  # noqa: F401 - registers the chatglm model type
+    import glmapp.chat  # noqa: F401 - the model code registers the chatglm model type
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(demo_v2))

@@ -10,6 +10,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from glmapp.choices import DEFAULT_MODEL, DEMO_DEFAULTS, QUANT_MODES
 from glmapp.errors import GlmappError
 
 
@@ -23,7 +24,7 @@ def _opt(default, help: str, env: str, **argparse_kwargs):
 
 @dataclass
 class AppConfig:
-    model: str | None = _opt(None, "model folder or hub id (default: THUDM/chatglm2-6b from the Hugging Face "
+    model: str | None = _opt(None, f"model folder or hub id (default: {DEFAULT_MODEL} from the Hugging Face "
                                    "cache, else the demo checkpoint with a banner)", "GLMAPP_MODEL")
     demo: bool = _opt(False, "use the bundled demo checkpoint (tiny, random weights: replies are gibberish)",
                       "GLMAPP_DEMO")
@@ -54,10 +55,8 @@ class AppConfig:
     def __post_init__(self):
         if self.auth is None:
             self.auth = []
-        from glmapp.quant import MODES
-
-        if self.quant is not None and self.quant not in MODES:
-            raise ConfigError(f"--quant must be one of {', '.join(MODES)} (got {self.quant!r}).")
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r}).")
         for name in ("max_concurrency", "max_new_tokens"):
@@ -116,15 +115,24 @@ def _from_env(f, raw: str):
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 
 
+def _sliders_note() -> str:
+    parts = [f"{family}: temperature {d['temperature']}, top_p {d['top_p']}, max length {d['max_length']}"
+             for family, d in DEMO_DEFAULTS.items()]
+    return "The Chat tab's sliders start at the official demos' values (" + "; ".join(parts) + ")."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="glmapp web app: chat with and compare ChatGLM2/ChatGLM3 models in the browser. "
-                    "Every flag can also be set by the environment variable shown (for Hugging Face Spaces).",
+                    "Every flag can also be set by the environment variable shown (for Hugging Face Spaces). "
+                    + _sliders_note(),
     )
     for f in fields(AppConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [env {f.metadata['env']}]"
+        # The parser's own default stays None (a flag given beats the environment), so the dataclass's is shown.
+        shown_default = f" (default: {f.default})" if f.default not in (None, False) else ""
+        help_text = f"{f.metadata['help']}{shown_default} [env {f.metadata['env']}]"
         kind = _base_type(f)
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
