@@ -241,7 +241,9 @@ class ChatHandlers:
     def _stream(self, before: list[dict], query: str, settings: ChatSettings, sid: str, restore_text: str = ""):
         """Generate a reply to `query` after `before`; yields (chatbot, messages, textbox, stats).
 
-        The textbox is only written when a failed reply puts the message back; otherwise it is gr.skip()."""
+        The textbox is only written when a failed reply puts the message back; otherwise it is gr.skip().
+        The tab's reply slot is freed before the last yield: once the page shows the reply ended, a new
+        message from it is accepted."""
         query = clean_input(query)
         if not query.strip():
             raise gr.Error("Empty message: type something to send (control characters are removed).")
@@ -277,6 +279,7 @@ class ChatHandlers:
             stream.close()  # a closed tab stops here: chat_stream's own finally cancels the request
             for h in handles:
                 self.active.done(sid, h)
+            self._release(sid)
         if update.finish_reason == "error":
             gr.Warning(f"{update.error or 'Generation failed.'} The app keeps running; try again.")
             if not messages[-1]["content"]:
