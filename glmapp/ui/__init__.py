@@ -21,11 +21,8 @@ def __getattr__(name: str):
 
 def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None):
     """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
-    import gradio as gr
-    from starlette.middleware import Middleware
-
     from glmapp.model_manager import BackendManager
-    from glmapp.ui.layout import CSS, build_ui
+    from glmapp.ui.layout import build_ui
 
     credentials = config.credentials()  # a bad --auth-file fails before the model is loaded
     manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
@@ -37,14 +34,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
               file=sys.stderr)
     limits = limits or ServerLimits()
     demo = build_ui(manager, config, limits)
-    demo.queue(default_concurrency_limit=config.max_concurrency)
-    _app, local_url, share_url = demo.launch(
-        server_name=config.host, server_port=config.port, share=config.share, auth=credentials or None,
-        auth_message="glmapp: log in with the user name and password you were given." if credentials else None,
-        prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
-        footer_links=["api", "settings"], state_session_capacity=limits.max_sessions,
-        max_file_size=limits.max_upload, app_kwargs={"middleware": [Middleware(LoginRequired)]},
-    )
+    local_url, share_url = serve(demo, config, credentials, limits)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
         if share_url:
@@ -59,3 +49,21 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
         finally:
             manager.close()
     return demo
+
+
+def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: ServerLimits) -> tuple[str, str | None]:
+    """Start the Gradio server for `demo` (without blocking) -> (local URL, public link or None)."""
+    import gradio as gr
+    from starlette.middleware import Middleware
+
+    from glmapp.ui.layout import CSS
+
+    demo.queue(default_concurrency_limit=config.max_concurrency)
+    _app, local_url, share_url = demo.launch(
+        server_name=config.host, server_port=config.port, share=config.share, auth=credentials or None,
+        auth_message="glmapp: log in with the user name and password you were given." if credentials else None,
+        prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
+        footer_links=["api", "settings"], state_session_capacity=limits.max_sessions,
+        max_file_size=limits.max_upload, app_kwargs={"middleware": [Middleware(LoginRequired)]},
+    )
+    return local_url, share_url

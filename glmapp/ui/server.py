@@ -15,9 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -57,7 +54,11 @@ class LoginRequired:
             return await self.app(scope, receive, send)
         if scope["type"] == "http" and is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
-        if await self._user(gradio_app, Request(scope)) is not None:
+        from starlette.requests import HTTPConnection, Request
+        from starlette.responses import JSONResponse
+
+        connection = Request(scope) if scope["type"] == "http" else HTTPConnection(scope)
+        if await self._user(gradio_app, connection) is not None:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
@@ -66,7 +67,7 @@ class LoginRequired:
                                 status_code=401)
         await response(scope, receive, send)
 
-    async def _user(self, gradio_app, request: Request):
+    async def _user(self, gradio_app, request):
         if self._current_user is None:
             self._current_user = next(r.endpoint for r in routes(gradio_app) if r.path == USER_ROUTE)
         return await self._current_user(request)

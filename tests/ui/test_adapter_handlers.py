@@ -29,6 +29,17 @@ def adapters_dir(adapters_copy):
 
 @pytest.fixture(scope="module")
 def manager(demo_v2, adapters_dir):
+    """Shared by the tests that only load adapters and chat (adapters stay resident: no test depends on
+    which ones another test loaded)."""
+    m = BackendManager.load(str(demo_v2), adapters_dir=str(adapters_dir))
+    yield m
+    m.close()
+
+
+@pytest.fixture()
+def own_manager(demo_v2, adapters_dir):
+    """A manager of its own for a test that reloads or re-quantizes the model (the shared one stays float32,
+    unquantized, whatever order the tests run in)."""
     m = BackendManager.load(str(demo_v2), adapters_dir=str(adapters_dir))
     yield m
     m.close()
@@ -135,8 +146,10 @@ def test_compare_column_with_a_bad_adapter_names_the_column(manager, tmp_path):
         list(compare.run("hello", 2, 4, "qkv", 0, 0.8, 1, "corrupt", 0, 0.8, 1, BASE, 0, 0.8, 1, BASE, 0, 0.8, 1))
 
 
-def test_reload_frees_the_old_model_first_and_keeps_adapters(manager, chat, monkeypatch):
-    manager.load_adapter("all")
+def test_reload_frees_the_old_model_first_and_keeps_adapters(own_manager, monkeypatch):
+    manager, chat = own_manager, ChatHandlers(own_manager)
+    for name in ("all", "qkv", "mlp"):
+        manager.load_adapter(name)
     tuned_before, _ = reply(chat, "all")
     old_model = weakref.ref(manager.backend.model)
     real_load, old_alive_at_load = glmapp.load, []
@@ -157,7 +170,8 @@ def test_reload_frees_the_old_model_first_and_keeps_adapters(manager, chat, monk
     assert reply(chat, "all")[0] == tuned_before  # same weights, same adapter, same greedy reply
 
 
-def test_failed_reload_loads_the_previous_dtype_again_with_its_adapters(manager, chat, monkeypatch):
+def test_failed_reload_loads_the_previous_dtype_again_with_its_adapters(own_manager, monkeypatch):
+    manager, chat = own_manager, ChatHandlers(own_manager)
     import gradio as gr
 
     manager.load_adapter("qkv")
@@ -173,11 +187,12 @@ def test_failed_reload_loads_the_previous_dtype_again_with_its_adapters(manager,
     monkeypatch.setattr("glmapp.load", fail_first)
     with pytest.raises(gr.Error, match="no room for float16.*previous model was loaded again \\(float32\\).*qkv"):
         reload_model(manager, "float16")
-    assert calls == ["float16", "float32"] and manager.info().dtype == "float32"
+    assert calls == ["float16", "auto"] and manager.info().dtype == "float32"  # the previous choice: auto
     assert reply(chat, "qkv")[0] == tuned_before
 
 
-def test_a_request_during_a_reload_gets_a_clear_message(manager, chat, monkeypatch):
+def test_a_request_during_a_reload_gets_a_clear_message(own_manager, monkeypatch):
+    manager, chat = own_manager, ChatHandlers(own_manager)
     import gradio as gr
 
     monkeypatch.setattr(manager, "_backend", None)  # the state between freeing the old model and the new one
@@ -186,7 +201,8 @@ def test_a_request_during_a_reload_gets_a_clear_message(manager, chat, monkeypat
     assert "being reloaded" in __import__("glmapp.ui.model_handlers").ui.model_handlers.model_info_markdown(manager)
 
 
-def test_quantization_switch_keeps_adapters_refuses_unavailable_modes_and_recovers(manager, chat, monkeypatch):
+def test_quantization_switch_keeps_adapters_refuses_unavailable_modes_and_recovers(own_manager, monkeypatch):
+    manager, chat = own_manager, ChatHandlers(own_manager)
     import gradio as gr
 
     from glmapp.ui.model_handlers import quant_choices, switch_quantization
@@ -219,3 +235,86 @@ def test_quantization_switch_keeps_adapters_refuses_unavailable_modes_and_recove
     monkeypatch.undo()
     switch_quantization(manager, "none")
     assert manager.info().quant == "none" and "all" in manager.loaded_adapters()
+
+
+HTML_NAME = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def html_adapters(adapters_copy):
+    """A working adapter and a broken one (no weights), both named with HTML."""
+    return adapters_copy("html-adapters", no_weights=[f"{HTML_NAME} broken"]), HTML_NAME
+
+
+def test_adapter_names_in_pop_ups_show_as_text(demo_v2, html_adapters, capsys):
+    import shutil
+
+    root, name = html_adapters
+    shutil.copytree(root / "qkv", root / name, dirs_exist_ok=True)
+    manager = BackendManager.load(str(demo_v2), adapters_dir=str(root))
+    try:
+        picker = AdapterHandlers(manager)
+        escaped = "&lt;img src=x onerror=alert(1)&gt;"
+        with pytest.warns(UserWarning) as warned:
+            picker.select(f"{name} broken", None)
+        assert escaped in str(warned[0].message) and "<img" not in str(warned[0].message)
+        assert picker.select(name, None)[0] == name  # the name itself is kept as it is
+        shown = capsys.readouterr().out  # gr.Info outside a request prints its message
+        assert f"Adapter {escaped} is active" in shown and "<img" not in shown
+    finally:
+        manager.close()
+
+
+def test_hub_downloads_are_refused_to_anonymous_visitors_of_a_reachable_app():
+    from glmapp import adapter_hub
+    from glmapp.ui.adapter_handlers import hub_downloads
+    from glmapp.ui.config import AppConfig
+
+    assert hub_downloads(AppConfig()) is adapter_hub.download  # only this machine reaches it
+    assert hub_downloads(AppConfig(share=True, auth=["a:b"])) is adapter_hub.download  # every visitor logged in
+    for config in (AppConfig(share=True), AppConfig(host="0.0.0.0")):
+        with pytest.raises(glmapp.errors.AdapterError, match="reachable by others without a login.*--auth"):
+            hub_downloads(config)("someone/lora")
+
+
+def test_load_by_hub_id_on_a_shared_app_says_why_it_is_refused(manager):
+    from glmapp.ui.adapter_handlers import hub_downloads
+    from glmapp.ui.config import AppConfig
+
+    picker = AdapterHandlers(manager, hub_downloads(AppConfig(share=True)))
+    with pytest.warns(UserWarning, match="someone/lora.*reachable by others without a login"):
+        active, _ = picker.load_spec("someone/lora", "qkv")
+    assert active == "qkv" and "someone/lora" not in manager.loaded_adapters()
+
+
+def test_a_hub_download_does_not_block_other_adapter_actions(manager, adapters_dir, tmp_path):
+    """The download runs without the adapter lock: another tab picks an adapter meanwhile; then the
+    downloaded adapter is installed."""
+    import shutil
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    downloaded = tmp_path / "snapshot"
+    shutil.copytree(adapters_dir / "mlp", downloaded)
+
+    def slow_download(repo_id):
+        started.set()
+        assert release.wait(60), "the test never released the download"
+        return downloaded
+
+    results = {}
+    loader = threading.Thread(target=lambda: results.setdefault(
+        "hub", AdapterHandlers(manager, slow_download).load_spec("someone/lora", None)))
+    loader.start()
+    try:
+        assert started.wait(60)
+        other_tab = threading.Thread(target=lambda: results.setdefault(
+            "pick", AdapterHandlers(manager).select("qkv", None)))
+        other_tab.start()
+        other_tab.join(30)
+        assert not other_tab.is_alive(), "picking an adapter waited for another tab's download"
+        assert results["pick"][0] == "qkv"
+    finally:
+        release.set()
+        loader.join(60)
+    assert results["hub"][0] == "someone/lora" and "someone/lora" in manager.loaded_adapters()
