@@ -1,10 +1,9 @@
 """oneDNN-prepacked weights for the full-precision linears of a model on CPU.
 
-`F.linear` on CPU sends fp32 to the BLAS (MKL in the PyTorch wheels), which on this project's AMD EPYC
-reads weights at ~21 GB/s at one row; bf16 goes to oneDNN but on the plain layout. oneDNN's own blocked
-layout (`mkldnn._reorder_linear_weight`, what inductor's weight prepacking uses) made the mid model's big
-linears 2.2-4.2× faster in fp32 and 1.04-1.7× in bf16 at 1-512 rows (~48 GB/s at one row;
-`bench/cpu_linear.py`, bench/RESULTS.md "Prepacked CPU linears").
+`F.linear` on CPU sends fp32 to the BLAS (MKL in the PyTorch wheels); bf16 goes to oneDNN but on the plain
+layout. oneDNN's own blocked layout (`mkldnn._reorder_linear_weight`, what inductor's weight prepacking uses)
+reads big weights faster, in fp32 and bf16, at one row and at many (`bench/cpu_linear.py`; figures in
+bench/RESULTS.md "Prepacked CPU linears"). Small weights stay plain (`PACK_MIN_ELEMENTS`).
 
 `pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
 Parameter holds the packed tensor *instead of* the plain one (same size, ±5%); `unpack(model)` restores
@@ -27,6 +26,13 @@ log = logging.getLogger(__name__)
 # The row count oneDNN is told to expect when it picks the layout; 64 was as fast as 1 at one row and
 # as fast as 512 at 512 rows in fp32 and bf16 (the layout barely depends on it past 8).
 ROWS_HINT = 64
+
+# Which weights are worth packing (bench/cpu_linear.py at one row; bench/RESULTS.md "Which linears to pack").
+# A packed call has a fixed cost that MKL does not have, so small weights are faster plain: packing pays
+# from about 2^16 elements in fp32 (and earlier in bf16); 2^17 leaves a margin. With 64 input features MKL
+# is faster at any size, so such weights (the demo models' output layers) stay plain too.
+PACK_MIN_ELEMENTS = 1 << 17
+PACK_MIN_IN_FEATURES = 128
 
 
 class PackedLinear(nn.Linear):
@@ -104,13 +110,16 @@ def _plain_linears(model: nn.Module):
     return [m for m in model.modules() if type(m) is nn.Linear]
 
 
-def pack(model: nn.Module) -> int:
-    """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place; -> how many were packed."""
+def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_features: int = PACK_MIN_IN_FEATURES) -> int:
+    """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place whose weight is big enough for packing to
+    pay (see `PACK_MIN_ELEMENTS`; tests lower the bounds to pack small ones); -> how many were packed."""
     count = 0
     with torch.no_grad():
         for m in _plain_linears(model):
             w = m.weight
             if w.device.type != "cpu" or w.is_mkldnn or supported(w.dtype):
+                continue
+            if w.numel() < min_elements or w.shape[1] < min_in_features:
                 continue
             if m.bias is not None and m.bias.dtype != w.dtype:
                 continue

@@ -14,6 +14,7 @@ from glmapp.engine.sampling import SamplingParams
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if cpu_linear.supported(d) is None]
 pytestmark = pytest.mark.skipif(not DTYPES, reason="no oneDNN in this PyTorch build")
+ANY_SIZE = dict(min_elements=0, min_in_features=0)  # pack small test linears too (packing them does not pay)
 
 
 def _linears(dtype, bias=True):
@@ -28,7 +29,7 @@ def test_packed_forward_matches_f_linear(dtype, shape):
     x = torch.randn(*shape).to(dtype)
     with torch.inference_mode():
         want = model(x)
-        assert cpu_linear.pack(model) == 2
+        assert cpu_linear.pack(model, **ANY_SIZE) == 2
         assert all(type(m) is cpu_linear.PackedLinear and m.weight.is_mkldnn for m in model)
         got = model(x)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -41,8 +42,8 @@ def test_unpack_gives_back_the_exact_plain_weights(dtype):
     model = _linears(dtype)
     model[0].weight.requires_grad_(False)
     before = [m.weight.detach().clone() for m in model]
-    cpu_linear.pack(model)
-    assert cpu_linear.pack(model) == 0  # already packed
+    cpu_linear.pack(model, **ANY_SIZE)
+    assert cpu_linear.pack(model, **ANY_SIZE) == 0  # already packed
     assert cpu_linear.is_packed(model)
     assert cpu_linear.unpack(model) == 2
     assert not cpu_linear.is_packed(model)
@@ -58,8 +59,20 @@ def test_only_plain_float_cpu_linears_are_packed():
         pass
 
     model = nn.Sequential(nn.Linear(8, 8), Sub(8, 8), nn.Linear(8, 8).half(), nn.Embedding(4, 8))
-    assert cpu_linear.pack(model) == 1
+    assert cpu_linear.pack(model, **ANY_SIZE) == 1
     assert [type(m) for m in model][:3] == [cpu_linear.PackedLinear, Sub, nn.Linear]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_only_weights_big_enough_for_packing_to_pay_are_packed(dtype):
+    k = cpu_linear.PACK_MIN_IN_FEATURES
+    n = cpu_linear.PACK_MIN_ELEMENTS // k
+    narrow = k // 2
+    model = nn.Sequential(nn.Linear(k, n), nn.Linear(k, n - 1), nn.Linear(narrow, 4 * n), nn.Linear(4 * k, 4 * n))
+    model = model.to(dtype)
+    assert cpu_linear.pack(model) == 2
+    assert [type(m) for m in model] == [cpu_linear.PackedLinear, nn.Linear, nn.Linear, cpu_linear.PackedLinear]
+    assert not model[1].weight.is_mkldnn and not model[2].weight.is_mkldnn
 
 
 def test_a_mismatched_input_dtype_still_gets_a_result():
@@ -67,7 +80,7 @@ def test_a_mismatched_input_dtype_still_gets_a_result():
     x = torch.randn(3, 64, dtype=torch.float64)
     want = model.double()(x).float()
     model.float()
-    cpu_linear.pack(model)
+    cpu_linear.pack(model, **ANY_SIZE)
     torch.testing.assert_close(model(x).float(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -78,7 +91,7 @@ def test_gradients_flow_through_a_packed_linear():
     model(x).square().sum().backward()
     want = x.grad.clone()
     x.grad = None
-    cpu_linear.pack(model)
+    cpu_linear.pack(model, **ANY_SIZE)
     model(x).square().sum().backward()
     torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)
 
@@ -88,7 +101,7 @@ def test_state_dict_load_and_to_see_plain_weights():
     x = torch.randn(3, 64)
     want_state = {k: v.clone() for k, v in model.state_dict().items()}
     want = model(x).detach()
-    cpu_linear.pack(model)
+    cpu_linear.pack(model, **ANY_SIZE)
     state = model.state_dict()
     assert state.keys() == want_state.keys()
     for k, v in state.items():  # save_pretrained writes these
@@ -97,7 +110,7 @@ def test_state_dict_load_and_to_see_plain_weights():
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
-    cpu_linear.pack(other)
+    cpu_linear.pack(other, **ANY_SIZE)
     other.load_state_dict(state)  # loads plain weights, stays packed
     assert all(m.weight.is_mkldnn for m in other)
     torch.testing.assert_close(other(x), want, atol=1e-5, rtol=1e-5)
@@ -107,8 +120,8 @@ def test_state_dict_load_and_to_see_plain_weights():
 
 
 @pytest.fixture(scope="module")
-def model_tok(demo_v2):
-    return glmapp.load(str(demo_v2))
+def model_tok(make_checkpoint):
+    return glmapp.load(str(make_checkpoint("chatglm2", size="small")))  # the tiny one's linears are all too small
 
 
 def _generate(engine, tok, text, n=24):
@@ -126,10 +139,13 @@ def test_the_engine_packs_while_it_runs_and_unpacks_when_it_stops(model_tok):
         want = _generate(engine, tok, "请介绍一下长城。")
     finally:
         engine.shutdown()
+    big = {name for name, m in model.named_modules() if type(m) is nn.Linear
+           and m.weight.numel() >= cpu_linear.PACK_MIN_ELEMENTS and m.in_features >= cpu_linear.PACK_MIN_IN_FEATURES}
+    assert 0 < len(big) < 4 * model.config.num_layers + 1  # some linears are packed, some stay plain
     engine = Engine(model, tok, EngineConfig())  # CPU default: packed
     try:
-        n_linears = sum(type(m) is cpu_linear.PackedLinear for m in model.modules())
-        assert engine.packed_linears == n_linears == 4 * model.config.num_layers + 1
+        packed = {name for name, m in model.named_modules() if type(m) is cpu_linear.PackedLinear}
+        assert engine.packed_linears == len(packed) and packed == big
         assert _generate(engine, tok, "请介绍一下长城。") == want
     finally:
         engine.shutdown()
@@ -152,7 +168,7 @@ def test_weight_readers_work_on_a_packed_model(demo_v2, tmp_path):
         want = model(ids).logits
         plain = {k: v.clone() for k, v in model.state_dict().items()}
         plain_bytes = linear_weight_bytes(model)
-        cpu_linear.pack(model)
+        assert cpu_linear.pack(model, **ANY_SIZE) == 4 * model.config.num_layers + 1
         assert linear_weight_bytes(model) == plain_bytes  # counted by element, packed or not
         model.save_pretrained(tmp_path)  # e.g. after model.chat(), whose engine packed the model
         saved = load_file(tmp_path / "model.safetensors")
