@@ -1,10 +1,9 @@
 """CPU thread pools: keep heavy torch work on one thread per process.
 
 Each thread that runs parallel torch code gets its own OpenMP team. With two teams on a machine that
-has few cores, libgomp stops spinning and every parallel region pays a thread wake-up (measured here:
-a small matmul goes from 5 us to 85 us, a decode step of the mid-size model from 27 ms to 34 ms). The
-engine thread is where glmapp computes, so other threads (loading, request handlers) run torch code
-single-threaded, and the engine thread takes the process's thread count.
+has few cores, libgomp stops spinning and every parallel region pays a thread wake-up (figures in
+bench/RESULTS.md, "Engine"). The engine thread is where glmapp computes, so other threads (loading,
+request handlers) run torch code single-threaded, and the engine thread takes the process's thread count.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 dtype and number of activation rows (`DISPATCH`).
 
 Notable choices:
-- CPU choices are measured (bench/quant.py, table in bench/RESULTS.md "Quantization"): ATen's packed
-  kernels win in bf16 up to 16-32 rows and lose in fp32 (up to 2× slower at 1 row, 7-40× from 8
-  rows on; tinygemm's x86 vector code is bf16 only). So fp32 activations take a bf16 detour
-  (`in_bf16`, on CPUs with bf16 hardware): int8 1 row 0.26 ms vs 1.98 fp32 rowscale, 512 rows 8.4 vs
-  31.5 (5632×1024); the rounding of x to bf16 is finer than the weight's own quantization step.
+- CPU choices are measured (bench/quant.py; figures in bench/RESULTS.md "Quantization"): ATen's packed
+  kernels win in bf16 at few rows and lose badly in fp32 (tinygemm's x86 vector code is bf16 only).
+  So fp32 activations take a bf16 detour (`in_bf16`, on CPUs with bf16 hardware), much faster at every
+  row count; the rounding of x to bf16 is finer than the weight's own quantization step.
   fp16 on CPU dequantizes first, as before: fp16 x @ q.T can overflow before the scale, and ATen's
   kernels are slow in fp16 there.
 - CUDA choices are NOT measured (no GPU was lent to the session that wrote them): int8 rows <= 8 use
@@ -22,10 +21,9 @@ Notable choices:
   `copy_`/`load_state_dict`/`weight.data = ...` rebuild it; writes through `.data` that bypass the
   version counter do not: call `module.drop_packed()` after those.
 - That copy is on by default on CUDA only (`INT4_PACKED_COPY`): there it is the only fast int4 path
-  (dequantize + GEMM moves ~9× the bytes tinygemm reads), at the price of int4 needing int8's memory
-  (ChatGLM2-6B: +3.0 GB). On CPU the copy-free kernels are close enough that int4 keeps its memory:
-  mid model, bf16, batch-1 decode 26.0 tok/s with 0.251× the bf16 linear bytes, vs 70.6 tok/s with
-  the copy at 0.509× (int8: 53.3 tok/s at 0.501×; bench/RESULTS.md). Set it True for speed.
+  (dequantize + GEMM moves several times the bytes tinygemm reads), at the price of int4 needing int8's
+  memory. On CPU the copy-free kernels are fast enough that int4 keeps its memory (int4 is chosen for
+  memory); the copy makes CPU int4 decode faster than int8 (bench/RESULTS.md). Set it True for speed.
 """
 
 from __future__ import annotations

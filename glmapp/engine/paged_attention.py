@@ -71,9 +71,9 @@ def paged_decode_rows(q, k_cache, v_cache, row_slots: list[torch.Tensor], scale:
     return out
 
 
-# CPU cost model of the two torch decode paths, µs, fitted on the mid model's shapes (G = 2, D = 64, 2 threads;
-# bf16 and fp32 within ~10%, /tmp-style probe, bench/RESULTS.md): the reference pays once per call plus per
-# padded token of every row, `paged_decode_rows` pays per row plus per real token.
+# CPU cost model of the two torch decode paths, µs per layer, fitted to the table in bench/RESULTS.md "Decode
+# attention at long contexts on CPU": the reference pays once per call plus per padded token of every row,
+# `paged_decode_rows` pays per row plus per real token.
 _REFERENCE_CALL_US, _REFERENCE_TOKEN_US = 60.0, 0.36
 _ROW_US, _ROW_TOKEN_US = 33.0, 0.21
 

@@ -45,8 +45,8 @@ class StaticDecodeContext:
     lengths: torch.Tensor  # [bucket] int32
 
     # Outside torch.compile: traced, the in-place write into the cache (a tensor the compiled graph does not
-    # own) was functionalised into a copy of the whole cache every step (1 GB: 1.4 -> 868 ms per step on
-    # CPU). Compiled graphs now end and restart around attention; the rest of each layer is still fused.
+    # own) was functionalised into a copy of the whole cache every step (bench/RESULTS.md, "Static-shape
+    # decode"). Compiled graphs now end and restart around attention; the rest of each layer is still fused.
     @torch.compiler.disable
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
