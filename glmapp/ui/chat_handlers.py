@@ -27,13 +27,11 @@ from glmapp import prompts
 from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import GlmappError
+from glmapp.ui import notices
 from glmapp.ui.render import chatbot_messages, response_text, safe_markdown
 from glmapp.ui.sessions import ActiveRequests, session_id
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates per second, however fast tokens arrive
-
-
-
 SEED_MAX = 2**63 - 1  # the engine hashes seeds as int64
 BUSY = ("Your reply is still being written: the message stays in the box. Send it when the reply ends, "
         "or press Stop first.")
@@ -159,7 +157,7 @@ class ChatHandlers:
         try:
             context_length = self.manager.backend.context_length
         except GlmappError as e:
-            raise gr.Error(str(e)) from None
+            raise notices.error(e) from None
         return ChatSettings.from_inputs(
             setting_ranges(context_length, self.max_new_tokens), system=system, adapter=adapter, seed=seed,
             max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -231,7 +229,7 @@ class ChatHandlers:
             backend.prepare_chat(query, to_family_history(backend.family, before), self._system(backend, settings),
                                  settings.max_length)
         except GlmappError as e:
-            raise gr.Error(str(e)) from None
+            raise notices.error(e) from None
         return query
 
     @staticmethod
@@ -261,7 +259,7 @@ class ChatHandlers:
                 on_handle=lambda h: (handles.append(h), track(h)))
             first = next(stream)  # raises InputError/InputTooLong before anything is shown
         except GlmappError as e:
-            raise gr.Error(str(e)) from None
+            raise notices.error(e) from None
         messages = [*before, {"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         last_yield = 0.0
         update = first
@@ -281,7 +279,7 @@ class ChatHandlers:
                 self.active.done(sid, h)
             self._release(sid)
         if update.finish_reason == "error":
-            gr.Warning(f"{update.error or 'Generation failed.'} The app keeps running; try again.")
+            notices.warning(f"{update.error or 'Generation failed.'} The app keeps running; try again.")
             if not messages[-1]["content"]:
                 messages = messages[:-2]
                 yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings)

@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from glmapp.errors import GlmappError
+from glmapp.ui import notices
 from glmapp.ui.adapter_handlers import BASE
 from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, SettingRange, clean_input, setting_ranges
 from glmapp.ui.export import write_json
@@ -61,7 +62,7 @@ class CompareHandlers:
         try:
             backend = self.manager.backend
         except GlmappError as e:
-            raise gr.Error(str(e)) from None
+            raise notices.error(e) from None
         ranges = setting_ranges(backend.context_length, self.max_new_tokens)
         max_new_tokens = ranges["max_new_tokens"].check(max_new_tokens)
         settings = []
@@ -80,7 +81,7 @@ class CompareHandlers:
                 if adapter:  # instant when resident
                     self.manager.load_adapter(adapter)
             except GlmappError as e:
-                raise gr.Error(f"Column {LABELS[i]}: {e}") from None
+                raise notices.error(f"Column {LABELS[i]}: {e}") from None
             settings.append(s)
 
         updates: queue.Queue = queue.Queue()
@@ -166,7 +167,8 @@ class CompareHandlers:
         self.comparisons_file.parent.mkdir(parents=True, exist_ok=True)
         with self._file_lock, self.comparisons_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        return f"Saved: **{VOTES[choice]}** → `{self.comparisons_file}`"
+        # The file name only: the server's folders are none of a visitor's business.
+        return f"Saved: **{VOTES[choice]}** → `{self.comparisons_file.name}`"
 
     def export(self, record):
         if not record:

@@ -254,7 +254,8 @@ def test_compare_votes_append_jsonl_and_export(manager, tmp_path):
     assert record and [c["label"] for c in record["columns"]] == ["A", "B"]
     assert all(c["output"] and c["completion_tokens"] == 10 for c in record["columns"])
     assert "tokens/s" in outputs[4] and "tokens/s" in outputs[5] and outputs[2] == outputs[3] == ""
-    assert "Saved" in compare.vote("B", "b wins", record)
+    saved = compare.vote("B", "b wins", record)
+    assert saved.startswith("Saved") and "votes.jsonl" in saved and str(tmp_path) not in saved  # no server path
     assert "Saved" in compare.vote("tie", "", record)
     lines = [json.loads(x) for x in (tmp_path / "votes.jsonl").read_text().splitlines()]
     assert [x["vote"] for x in lines] == ["B", "tie"] and lines[0]["note"] == "b wins"
@@ -273,6 +274,14 @@ def test_compare_names_a_bad_setting_and_its_range(manager, tmp_path, args, mess
     with pytest.raises(gr.Error) as bad:
         run(CompareHandlers(manager, tmp_path / "votes.jsonl").run(*args))
     assert bad.value.message.startswith(message)
+
+
+def test_a_column_error_quoting_an_adapter_name_shows_it_as_text(manager, tmp_path):
+    columns = ["<img src=x onerror=alert(1)>", *COLUMNS[1:]]
+    with pytest.raises(gr.Error) as bad:
+        run(CompareHandlers(manager, tmp_path / "votes.jsonl").run("hello", 2, 10, *columns))
+    assert bad.value.message.startswith("Column A:") and "&lt;img src=x" in bad.value.message
+    assert "<img" not in bad.value.message
 
 
 def test_reload_failure_loads_the_previous_model_again(manager, monkeypatch):
