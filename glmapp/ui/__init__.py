@@ -6,7 +6,7 @@ import sys
 
 from glmapp import commands
 from glmapp.ui.config import AppConfig, ConfigError, load_config
-from glmapp.ui.server import LoginRequired, ServerLimits
+from glmapp.ui.server import ImagePolicy, LoginRequired, ServerLimits
 
 __all__ = ["AppConfig", "ConfigError", "ServerLimits", "build_ui", "launch", "load_config"]
 
@@ -64,6 +64,7 @@ def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: S
         auth_message="glmapp: log in with the user name and password you were given." if credentials else None,
         prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
         footer_links=["api", "settings"], state_session_capacity=limits.max_sessions,
-        max_file_size=limits.max_upload, app_kwargs={"middleware": [Middleware(LoginRequired)]},
+        max_file_size=limits.max_upload,
+        app_kwargs={"middleware": [Middleware(ImagePolicy), Middleware(LoginRequired)]},
     )
     return local_url, share_url

@@ -9,6 +9,10 @@ Notable choices:
   middleware in front of every route: with a login configured, only the login page and what it loads
   are served without one. It asks Gradio's own `/gradio_api/user` endpoint function who is logged in,
   so the cookie and token rules stay Gradio's.
+- Every answer carries a Content-Security-Policy that lets the page load images only from this server
+  (and data:/blob: URLs). Chat text is rendered so that it never makes an image (render.py); this is
+  the second layer, for whatever a renderer might still turn into one: a reply cannot make the
+  visitor's browser call another host and leak the conversation in the URL.
 """
 
 from __future__ import annotations
@@ -78,3 +82,26 @@ def routes(app):
     from fastapi.routing import iter_route_contexts
 
     return list(iter_route_contexts(app.routes))
+
+
+IMAGE_POLICY = "img-src 'self' data: blob:"
+
+
+class ImagePolicy:
+    """ASGI middleware: adds the Content-Security-Policy `IMAGE_POLICY` to every HTTP answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                # Added beside any policy Gradio set (a browser enforces each one), never replacing it.
+                headers = [*message.get("headers", []), (b"content-security-policy", IMAGE_POLICY.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)

@@ -60,14 +60,13 @@ def _send_and_wait_rendered(page, text: str, rendered: str) -> None:
 
 def _assert_nothing_fetched(page, tracker) -> None:
     """Call once the message is fully rendered: no request but the probe's reaches the tracker."""
-    # "No request arrived" needs a point after which one would have: the page now loads a probe image from the
-    # same server. An <img> put into the DOM starts its request at once; images have the same priority, so the
-    # browser sends them in order, and the server records each on arrival. When the probe is in, a request for
-    # any image the message had put in the page (earlier) would be in too.
-    page.evaluate("url => { const probe = new Image(); probe.src = url; document.body.append(probe); }",
-                  f"{tracker.base}/probe.png")
-    tracker.wait_for("/probe.png")
-    assert tracker.paths == ["/probe.png"]
+    # "No request arrived" needs a point after which one would have. The app's image policy (server.py) keeps
+    # the page from loading any image from another host, so the probe is a fetch() from the same page: it arrives
+    # after any image request the rendered message started (those start when the element enters the DOM).
+    # The DOM check below holds the renderer itself to it, whatever the policy does.
+    page.evaluate("url => fetch(url, {mode: 'no-cors'}).catch(() => null)", f"{tracker.base}/probe")
+    tracker.wait_for("/probe")
+    assert tracker.paths == ["/probe"]
     assert page.locator(f'#chatbot img[src^="{tracker.base}"], #chatbot image').count() == 0
 
 
@@ -106,3 +105,20 @@ def test_tilde_and_text_in_math_are_shown_as_typed(page):
     assert shown.locator("del, s").count() == 0  # marked reads `~/x,~` as strikethrough unless escaped
     formula = "".join(shown.locator(".katex-html").inner_text().split())
     assert formula == "<a><b", formula  # not `\lt a\gt`
+
+
+def test_the_page_loads_no_image_from_another_host(page, tracker):
+    """The second layer: whatever ends up in the page, its images come from this server only."""
+    # The image's error event fires only after the browser gave up on it: refused by the policy, or (without
+    # it) after the tracker answered 404, which it does only after recording the request.
+    outcome = page.evaluate("""url => new Promise(done => {
+        let refused = false;
+        document.addEventListener('securitypolicyviolation', e => { if (e.blockedURI.startsWith(url)) refused = true; });
+        const img = new Image();
+        img.onload = img.onerror = () => setTimeout(() => done(refused), 0);
+        img.src = url + '/injected.png';
+        document.body.append(img);
+    })""", tracker.base)
+    assert outcome is True  # the browser reports the image policy refused it
+    assert "/injected.png" not in tracker.paths
+    assert page.locator("#chatbot").count() == 1  # the app itself still renders under the policy
