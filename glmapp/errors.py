@@ -30,3 +30,7 @@ class AdapterError(GlmappError):
 
 class QuantizationError(GlmappError):
     """A quantization mode is unknown, unavailable here, or does not fit the checkpoint."""
+
+
+class EngineStopped(GlmappError, RuntimeError):
+    """The engine thread is shut down or died of an internal error: it takes no more requests."""

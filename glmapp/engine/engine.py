@@ -2,8 +2,14 @@
 
 Clients call `submit(handle, request)` / `cancel(id)` from any thread; the loop admits new requests
 between steps (continuous batching), runs one step, turns sampled ids into text deltas and pushes
-them to each request's handle. A failure inside one request ends that request with an error and the
-engine goes on; an out-of-memory error ends the newest request and shrinks the batch.
+them to each request's handle.
+
+The engine thread survives its own bugs: an exception in any part of a step (queueing, cancelling,
+scheduling, the forward, advancing, finishing) is logged with its traceback and ends the requests it
+touched with an error (all open ones when there is no telling which); the scheduler's queues and the
+block reference counts are then put right and the engine goes on. If the thread dies anyway, every open
+stream ends with an error and `submit` raises `EngineStopped`. An out-of-memory step shrinks the batch
+limits (the newest sequences wait again) and they double back after calm steps.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
 from glmapp.engine.request import Delta, Usage
 from glmapp.engine.runner import ModelRunner
 from glmapp.engine.sampling import SamplingParams
-from glmapp.engine.scheduler import Scheduler, Sequence
+from glmapp.engine.scheduler import FINISHED, Scheduler, Sequence
+from glmapp.errors import EngineStopped
 from glmapp.engine.static_decode import StaticDecoder, static_decode_supported
 from glmapp.tokenizer import StreamDecoder
 
@@ -71,10 +78,12 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay captured CUDA graphs for static decode steps
     compile: bool = False  # torch.compile the static decode step
     prepack: bool | None = None  # oneDNN-packed CPU linears while the engine runs (None: on CPU unless compiling)
+    oom_regrow_steps: int = 16  # successful steps after an out-of-memory before the batch limits double back
 
     def __post_init__(self):
-        if self.block_size < 1 or self.max_seqs < 1 or (self.max_batch_tokens or 1) < 1:
-            raise ValueError("block_size, max_seqs and max_batch_tokens must be positive")
+        if (self.block_size < 1 or self.max_seqs < 1 or (self.max_batch_tokens or 1) < 1
+                or self.oom_regrow_steps < 1):
+            raise ValueError("block_size, max_seqs, max_batch_tokens and oom_regrow_steps must be positive")
 
 
 def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
@@ -106,7 +115,7 @@ class Engine:
         # A GPU runs a 2048-token chunk about as fast as a 512-token one; a CPU needs short chunks to keep
         # running streams flowing while a long prompt is read.
         budget = self.config.max_batch_tokens or (2048 if device.type == "cuda" else 512)
-        self.scheduler = Scheduler(self.allocator, self.config.max_seqs, budget)
+        self.scheduler = Scheduler(self.allocator, self.config.max_seqs, budget, self.config.oom_regrow_steps)
         self.runner = ModelRunner(model, self.cache, self._static_decoder(model, num_blocks))
         self.capacity_tokens = num_blocks * self.config.block_size
         self.context_length = int(model.config.seq_length)
@@ -116,12 +125,14 @@ class Engine:
         self._cancels: set[str] = set()
         self._wake = threading.Condition()
         self._alive = True
+        self._stop_reason = ""  # why submit is refused once the engine stops
+        self._open: dict[str, Sequence] = {}  # every request the engine thread took and has not ended yet
         self._restore_weights = True
         self.steps = 0
-        self.error_count = 0
+        self.error_count = 0  # requests ended by an engine failure (not by bad input)
+        self.packed_linears = 0
         self._thread = threading.Thread(target=self._loop, name="glmapp-engine", daemon=True)
         self._thread.start()
-        self.packed_linears = 0
         try:  # in the engine thread, with its compute threads; before any request
             self.packed_linears = self.call(self._pack)
         except BaseException:
@@ -162,6 +173,8 @@ class Engine:
         seq.payload = RequestState(handle, state, frozenset(request.stop_ids or self.tokenizer.stop_ids),
                                    StreamDecoder(self.tokenizer))
         with self._wake:
+            if not self._alive:
+                raise EngineStopped(self._stop_reason)
             self._inbox.append(seq)
             self._wake.notify()
 
@@ -201,7 +214,7 @@ class Engine:
         future: Future = Future()
         with self._wake:
             if not self._alive:
-                raise RuntimeError("the engine is shut down")
+                raise EngineStopped(self._stop_reason)
             self._calls.append((fn, future))
             self._wake.notify()
         return future.result(timeout)
@@ -211,15 +224,23 @@ class Engine:
         gives the model its plain CPU weights back."""
         with self._wake:
             self._restore_weights = restore_weights
+            if self._alive:
+                self._stop_reason = "The engine is shut down; reload the model to serve again."
             self._alive = False
             self._wake.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
+    def is_running(self) -> bool:
+        """The engine thread is alive (it may still be ending its requests after a shutdown)."""
+        return self._thread.is_alive()
+
     def stats(self) -> dict:
+        sched = self.scheduler
         return {"free_blocks": self.allocator.num_free, "num_blocks": self.allocator.num_blocks,
-                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "steps": self.steps, "capacity_tokens": self.capacity_tokens}
+                "waiting": len(sched.waiting), "running": len(sched.running), "steps": self.steps,
+                "capacity_tokens": self.capacity_tokens, "errors": self.error_count,
+                "max_seqs": sched.max_seqs, "max_batch_tokens": sched.max_batch_tokens}
 
     # ---- engine thread ---------------------------------------------------------------------------------
     def _pack(self) -> int:
@@ -229,61 +250,97 @@ class Engine:
             return 0
         return cpu_linear.pack(self.model)
 
-    def _loop(self) -> None:
-        claim_compute_threads(self.config.num_threads)
-        while True:
-            with self._wake:
-                while self._alive and not (self._inbox or self._cancels or self._calls or self.scheduler.has_work()):
-                    self._wake.wait()
-                if not self._alive:
-                    break
-                inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, set()
-                calls, self._calls = self._calls, []
-            for fn, future in calls:
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(e)
-            for seq in inbox:
-                self.scheduler.add(seq)
-            if cancels:
-                self._cancel_now(cancels)
-            if self.scheduler.has_work():
-                self._step()
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
-            self._finish(seq, "cancelled", "The engine was shut down.")
-        for _, future in self._calls:
-            future.set_exception(RuntimeError("the engine was shut down"))
-        if self.packed_linears and self._restore_weights:  # the model leaves as it came: plain weights
-            cpu_linear.unpack(self.model)
 
-    def _cancel_now(self, ids: set[str]) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if seq.id in ids:
+    def _loop(self) -> None:
+        died: BaseException | None = None
+        try:
+            claim_compute_threads(self.config.num_threads)
+            while True:
+                with self._wake:
+                    while self._alive and not (self._inbox or self._cancels or self._calls
+                                               or self.scheduler.has_work()):
+                        self._wake.wait()
+                    if not self._alive:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                    cancels, self._cancels = self._cancels, set()
+                    calls, self._calls = self._calls, []
+                for fn, future in calls:
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(e)
+                try:
+                    self._iteration(inbox, cancels)
+                except Exception as e:  # noqa: BLE001 - a bug outside the guarded parts: no telling whom it hit
+                    self._internal_error(e, "running a step", list(self._open.values()))
+        except BaseException as e:  # noqa: BLE001 - the thread ends here; _close tells every reader
+            died = e
+            log.critical("The engine thread died; every open request ends with an error.", exc_info=e)
+        finally:
+            self._close(died)
+
+    def _iteration(self, inbox: list[Sequence], cancels: set[str]) -> None:
+        for seq in inbox:
+            self._open[seq.id] = seq
+        failed = []
+        for seq in inbox:
+            try:
+                self.scheduler.add(seq)
+            except Exception as e:  # noqa: BLE001 - reported to that request, once all the others are queued
+                failed.append((seq, e))
+        for seq, e in failed:
+            self._internal_error(e, "queueing it", [seq])
+        for request_id in cancels:
+            seq = self._open.get(request_id)
+            if seq is not None:
                 self._finish(seq, "cancelled")
+        if self.scheduler.has_work():
+            self._step()
+        elif self._open:  # requests the engine took that the scheduler no longer knows: they would wait forever
+            self._internal_error(RuntimeError("requests were lost from the scheduler's queues"), "scheduling",
+                                 list(self._open.values()))
 
     def _step(self) -> None:
-        work = self.scheduler.schedule()
+        try:
+            work = self.scheduler.schedule()
+        except Exception as e:  # noqa: BLE001 - no telling which request it was about: all open ones end
+            self._internal_error(e, "scheduling", list(self._open.values()))
+            return
         if not work:
+            if not self.scheduler.running:  # with nothing running the first waiting request always fits
+                self._internal_error(RuntimeError("no request could be scheduled while none was running"),
+                                     "scheduling", list(self._open.values()))
             return
         try:
             tokens = self.runner.step(work)
         except torch.OutOfMemoryError:
-            victim = self.scheduler.running[-1]
-            self.scheduler.max_seqs = max(1, len(self.scheduler.running) // 2)
-            self._finish(victim, "error", "Out of GPU memory: this request was stopped and the batch shrunk; "
-                                          "try again with a shorter prompt or fewer new tokens.")
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            self._out_of_memory(work)
             return
-        except Exception:  # noqa: BLE001 - find the request that fails, keep the others going
-            self._isolate_failure(work)
+        except Exception as e:  # noqa: BLE001 - find the request that fails, keep the others going
+            self._isolate_failure(work, e)
             return
         self.steps += 1
+        self.scheduler.regrow()
         self._advance(work, tokens)
 
-    def _isolate_failure(self, work) -> None:
+    def _out_of_memory(self, work) -> None:
+        """Shrink the batch and retry; a request that runs out of memory alone, in the smallest chunk, ends."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        sched = self.scheduler
+        if sched.shrink(sum(w.num_tokens for w in work)):
+            log.warning("Out of memory: the batch shrinks to %d sequences and %d tokens per step until %d steps "
+                        "pass without it.", sched.max_seqs, sched.max_batch_tokens, sched.regrow_steps)
+            return
+        self.error_count += 1
+        self._finish(sched.running[-1], "error", "Out of memory even with this request running alone: it was "
+                                                  "stopped; try a shorter prompt or fewer new tokens.")
+
+    def _isolate_failure(self, work, error: Exception) -> None:
         """Re-run each sequence's part alone; the ones that fail again end with an error."""
+        log.error("A model step of %d requests failed; running each alone to find the failing one.", len(work),
+                  exc_info=error)
         for w in work:
             if w.seq.status != "running":
                 continue
@@ -291,6 +348,7 @@ class Engine:
                 tokens = self.runner.step([w])
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 self.error_count += 1
+                log.error("Request %s fails alone too: %s: %s", w.seq.id, type(e).__name__, e)
                 self._finish(w.seq, "error", f"Generation failed: {type(e).__name__}: {e}")
                 continue
             self._advance([w], tokens)
@@ -298,28 +356,33 @@ class Engine:
     def _advance(self, work, tokens: list[int]) -> None:
         it = iter(tokens)
         for w in work:
-            seq = w.seq
-            if seq.num_computed < len(seq.prompt_ids):
-                seq.prefilled_tokens += min(w.num_tokens, len(seq.prompt_ids) - seq.num_computed)
-            seq.num_computed += w.num_tokens
-            self.scheduler.publish(seq)
-            if not w.samples:
-                continue
-            token = next(it)
-            state: RequestState = seq.payload
-            if state.first_token is None:
-                state.first_token = time.perf_counter()
-            if token in state.stop_ids:
-                self._finish(seq, "stop")
-                continue
-            seq.output_ids.append(token)
-            if state.sampling.seen is not None:
-                state.sampling.seen[token] = True
-            text = state.decoder.push(token)
-            if len(seq.output_ids) >= seq.max_new_tokens:
-                self._finish(seq, "length", text=text, token_ids=[token])
-            else:
-                state.handle.put(Delta(text, [token], usage=self._usage(seq)))
+            token = next(it) if w.samples else None
+            try:
+                self._advance_one(w.seq, w.num_tokens, token)
+            except Exception as e:  # noqa: BLE001 - reported to that request, the others go on
+                self._internal_error(e, "advancing it", [w.seq])
+
+    def _advance_one(self, seq: Sequence, num_tokens: int, token: int | None) -> None:
+        if seq.num_computed < len(seq.prompt_ids):
+            seq.prefilled_tokens += min(num_tokens, len(seq.prompt_ids) - seq.num_computed)
+        seq.num_computed += num_tokens
+        self.scheduler.publish(seq)
+        if token is None:
+            return
+        state: RequestState = seq.payload
+        if state.first_token is None:
+            state.first_token = time.perf_counter()
+        if token in state.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        if state.sampling.seen is not None:
+            state.sampling.seen[token] = True
+        text = state.decoder.push(token)
+        if len(seq.output_ids) >= seq.max_new_tokens:
+            self._finish(seq, "length", text=text, token_ids=[token])
+        else:
+            state.handle.put(Delta(text, [token], usage=self._usage(seq)))
 
     def _usage(self, seq: Sequence):
         state: RequestState = seq.payload
@@ -330,6 +393,71 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, text: str = "",
                 token_ids: list[int] | None = None) -> None:
         state: RequestState = seq.payload
-        self.scheduler.finish(seq)
-        text += state.decoder.flush()  # the reply is the full decode, U+FFFD included
-        state.handle.put(Delta(text, token_ids or [], reason, error, self._usage(seq)))
+        try:
+            self.scheduler.finish(seq)
+            text += state.decoder.flush()  # the reply is the full decode, U+FFFD included
+            delta = Delta(text, token_ids or [], reason, error, self._usage(seq))
+        except Exception as e:  # noqa: BLE001 - reported to that request
+            self._internal_error(e, "cancelling it" if reason == "cancelled" else "ending it", [seq])
+            return
+        self._open.pop(seq.id, None)
+        state.handle.put(delta)
+
+    # ---- failures -----------------------------------------------------------------------------------
+    def _internal_error(self, error: BaseException, doing: str, seqs: list[Sequence]) -> None:
+        """An engine bug hit `seqs` while `doing`: end them with an error, then put the queues and the
+        block counts right for the requests still open (and end any the scheduler lost)."""
+        log.error("The engine hit an internal error while %s; %d request(s) end with an error and the engine "
+                  "keeps serving.", doing, len(seqs), exc_info=error)
+        message = (f"The engine hit an internal error while {doing} ({type(error).__name__}: {error}); "
+                   "this request was stopped. Other requests go on.")
+        for seq in seqs:
+            self._abort(seq, message)
+        queued = {id(s) for s in self.scheduler.running} | {id(s) for s in self.scheduler.waiting}
+        for seq in [s for s in self._open.values() if id(s) not in queued or s.status == FINISHED]:
+            self._abort(seq, message)
+        wrong = self.scheduler.reconcile(list(self._open.values()))
+        if wrong:
+            log.warning("%d KV blocks had wrong reference counts after the error; corrected.", wrong)
+
+    def _abort(self, seq: Sequence, message: str) -> None:
+        """End `seq` with an error without trusting the parts that may have failed (nothing is published)."""
+        self._open.pop(seq.id, None)
+        self.error_count += 1
+        try:
+            self.scheduler.drop(seq)
+        except Exception:  # noqa: BLE001 - reconcile() sets the blocks right after
+            log.exception("Dropping request %s failed too.", seq.id)
+        try:
+            usage = self._usage(seq)
+        except Exception:  # noqa: BLE001 - the error matters more than its token counts
+            usage = None
+        seq.payload.handle.put(Delta(finish_reason="error", error=message, usage=usage))
+
+    def _close(self, died: BaseException | None) -> None:
+        """The thread ends (shutdown or death): every open request and pending call gets its answer."""
+        with self._wake:
+            if died is not None:
+                self._stop_reason = (f"The engine stopped after an internal error ({type(died).__name__}: {died}); "
+                                     "reload the model or restart the app.")
+            self._alive = False
+            inbox, self._inbox = self._inbox, []
+            calls, self._calls = self._calls, []
+        for seq in inbox:
+            self._open[seq.id] = seq
+        for seq in list(self._open.values()):
+            try:
+                if died is None:
+                    self._finish(seq, "cancelled", "The engine was shut down.")
+                else:  # the scheduler may be what broke: tell the reader without it
+                    self._open.pop(seq.id, None)
+                    seq.payload.handle.put(Delta(finish_reason="error", error=self._stop_reason))
+            except Exception:  # noqa: BLE001 - the next reader still gets its answer
+                log.exception("Ending request %s at engine stop failed.", seq.id)
+        for _, future in calls:
+            future.set_exception(EngineStopped(self._stop_reason))
+        if self.packed_linears and self._restore_weights:  # the model leaves as it came: plain weights
+            try:
+                cpu_linear.unpack(self.model)
+            except Exception:  # noqa: BLE001 - the engine is gone either way; the model keeps packed weights
+                log.exception("Restoring the plain CPU weights at engine stop failed.")

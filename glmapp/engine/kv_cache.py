@@ -94,6 +94,23 @@ class BlockAllocator:
         if self.ref[block] == 0:
             self.free[block] = None
 
+    def reclaim(self, held) -> int:
+        """Set each block's reference count to `held[block]` (the block tables that really hold it), after an
+        internal error left them unknown. A corrected block also forgets its key. Returns how many were wrong."""
+        wrong = 0
+        for block in range(self.num_blocks):
+            n = held.get(block, 0)
+            if self.ref[block] == n and (n == 0) == (block in self.free):
+                continue
+            wrong += 1
+            self.ref[block] = n
+            self.forget(block)
+            if n:
+                self.free.pop(block, None)
+            else:
+                self.free.setdefault(block, None)
+        return wrong
+
     def forget(self, block: int) -> None:
         key = self.key_of.pop(block, None)
         if key is None:

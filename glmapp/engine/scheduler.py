@@ -3,11 +3,12 @@
 Knows token counts and blocks, never tensors. Each `schedule()` returns the work of one model step:
 running sequences decode one token each; prompts are prefilled in chunks within a token budget so
 streams already running keep flowing; a waiting request is admitted when its blocks fit.
+After an out-of-memory step the batch limits shrink (`shrink`) and double back after calm steps (`regrow`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from glmapp.engine.kv_cache import BlockAllocator, chain_hash
@@ -66,10 +67,14 @@ class ScheduledWork:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_seqs: int = 32, max_batch_tokens: int = 512):
+    def __init__(self, allocator: BlockAllocator, max_seqs: int = 32, max_batch_tokens: int = 512,
+                 regrow_steps: int = 16):
         self.allocator = allocator
         self.block_size = allocator.block_size
-        self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
+        self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens  # lowered for a while after an OOM
+        self.seq_limit, self.token_limit = max_seqs, max_batch_tokens  # the configured values they return to
+        self.regrow_steps = regrow_steps
+        self.calm_steps = 0  # successful steps since the limits last changed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -91,6 +96,23 @@ class Scheduler:
         self._free(seq)
         seq.status = FINISHED
 
+    def drop(self, seq: Sequence) -> None:
+        """Leave after an internal error: give the blocks back without publishing them (their KV may be
+        half written)."""
+        self.running[:] = [s for s in self.running if s is not seq]
+        if any(s is seq for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if s is not seq)
+        self._free(seq)
+        seq.status = FINISHED
+
+    def reconcile(self, open_seqs: list[Sequence]) -> int:
+        """After an internal error: keep only `open_seqs` in the queues and set every block's reference count
+        to the number of their block tables holding it. Returns how many blocks were wrong (leaked or lost)."""
+        keep = {id(s) for s in open_seqs}
+        self.running[:] = [s for s in self.running if id(s) in keep]
+        self.waiting = deque(s for s in self.waiting if id(s) in keep)
+        return self.allocator.reclaim(Counter(b for s in open_seqs for b in s.block_table))
+
     def _free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks first: they are the least likely to be reused
             self.allocator.release(block)
@@ -105,6 +127,32 @@ class Scheduler:
         seq.num_computed, seq.num_registered, seq.last_hash = 0, 0, 0
         seq.status = WAITING
         self.waiting.appendleft(seq)
+
+    # ---- out of memory ------------------------------------------------------------------------------
+    def shrink(self, step_tokens: int) -> bool:
+        """After a step ran out of memory: halve the running batch (the newest wait again, keeping what
+        they generated) or, with one sequence left, the prefill chunk. False when neither can shrink."""
+        self.calm_steps = 0
+        if len(self.running) > 1:
+            self.max_seqs = max(1, len(self.running) // 2)
+            while len(self.running) > self.max_seqs:
+                self.preempt(self.running[-1])
+            return True
+        smallest = min(self.block_size, self.token_limit)
+        if step_tokens > smallest:
+            self.max_batch_tokens = max(smallest, step_tokens // 2)
+            return True
+        return False
+
+    def regrow(self) -> None:
+        """After a successful step: every `regrow_steps` of them, double the limits back toward the configured ones."""
+        if self.max_seqs == self.seq_limit and self.max_batch_tokens == self.token_limit:
+            return
+        self.calm_steps += 1
+        if self.calm_steps >= self.regrow_steps:
+            self.calm_steps = 0
+            self.max_seqs = min(self.seq_limit, self.max_seqs * 2)
+            self.max_batch_tokens = min(self.token_limit, self.max_batch_tokens * 2)
 
     # ---- prefix cache -----------------------------------------------------------------------------
     def publish(self, seq: Sequence) -> None:
