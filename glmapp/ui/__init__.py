@@ -24,7 +24,10 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     from glmapp.model_manager import BackendManager
     from glmapp.ui.layout import build_ui
 
-    credentials = config.credentials()  # a bad --auth-file fails before the model is loaded
+    from glmapp.api import KeyCheck, build_router
+
+    credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
+    api_keys = KeyCheck.of(config)
     manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
                                   max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
                                   quant=config.quant, engine_config=config.engine_config())
@@ -34,7 +37,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
               file=sys.stderr)
     limits = limits or ServerLimits()
     demo = build_ui(manager, config, limits)
-    local_url, share_url = serve(demo, config, credentials, limits)
+    local_url, share_url = serve(demo, config, credentials, limits, build_router(manager, api_keys).routes)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
         if share_url:
@@ -51,8 +54,12 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     return demo
 
 
-def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: ServerLimits) -> tuple[str, str | None]:
-    """Start the Gradio server for `demo` (without blocking) -> (local URL, public link or None)."""
+def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: ServerLimits,
+          api_routes=()) -> tuple[str, str | None]:
+    """Start the Gradio server for `demo` (without blocking) -> (local URL, public link or None).
+
+    `api_routes` (the OpenAI-compatible API's) are given to the FastAPI app when Gradio creates it, so they
+    are there before the server answers and are matched before Gradio's own routes."""
     import gradio as gr
     from starlette.middleware import Middleware
 
@@ -65,6 +72,6 @@ def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: S
         prevent_thread_lock=True, ssr_mode=False, quiet=True, css=CSS, theme=gr.themes.Soft(),
         footer_links=["api", "settings"], state_session_capacity=limits.max_sessions,
         max_file_size=limits.max_upload,
-        app_kwargs={"middleware": [Middleware(ImagePolicy), Middleware(LoginRequired)]},
+        app_kwargs={"middleware": [Middleware(ImagePolicy), Middleware(LoginRequired)], "routes": list(api_routes)},
     )
     return local_url, share_url

@@ -49,12 +49,19 @@ class AppConfig:
                          "GLMAPP_COMPILE")
     adapters_dir: str = _opt("adapters", "folder of PEFT LoRA adapters (one sub-folder each) listed by the adapter "
                                          "picker", "GLMAPP_ADAPTERS_DIR")
+    api_key: list[str] = _opt(None, "bearer key accepted by the OpenAI-compatible API under /v1; repeat for more "
+                                    "keys (env: comma-separated list). No key: the API is open, unless --auth is set",
+                              "GLMAPP_API_KEY", action="append", metavar="KEY")
+    api_keys_file: str | None = _opt(None, "file with one API key per line (# comments allowed)",
+                                     "GLMAPP_API_KEYS_FILE")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
 
     def __post_init__(self):
         if self.auth is None:
             self.auth = []
+        if self.api_key is None:
+            self.api_key = []
         if self.quant is not None and self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -137,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif f.metadata.get("action") == "append":
-            parser.add_argument(flag, action="append", default=None, metavar="USER:PASS", help=help_text)
+            parser.add_argument(flag, action="append", default=None, metavar=f.metadata.get("metavar", "USER:PASS"),
+                                help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser

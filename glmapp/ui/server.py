@@ -7,7 +7,7 @@ Notable choices:
 - Gradio checks the login on most routes but not all (`/gradio_api/heartbeat/{session}`,
   `/gradio_api/cancel`, `/gradio_api/reset`, ... answer anonymous callers). `LoginRequired` is an ASGI
   middleware in front of every route: with a login configured, only the login page and what it loads
-  are served without one. It asks Gradio's own `/gradio_api/user` endpoint function who is logged in,
+  are served without one (and the API's routes, which check their own keys). It asks Gradio's own `/gradio_api/user` endpoint function who is logged in,
   so the cookie and token rules stay Gradio's.
 - Every answer carries a Content-Security-Policy that lets the page load images only from this server
   (and data:/blob: URLs). Chat text is rendered so that it never makes an image (render.py); this is
@@ -43,6 +43,15 @@ def is_public(method: str, path: str) -> bool:
     return (method, path) in PUBLIC_PATHS or (method in ("GET", "HEAD") and path.startswith(PUBLIC_PREFIXES))
 
 
+# The OpenAI-compatible API (glmapp.api) checks its own bearer keys: an API client cannot log in to the page.
+# Only its routes live under these paths (Starlette matches paths literally, so "/v1/../x" is no Gradio route).
+API_PREFIX, API_PATHS = "/v1/", {"/health"}
+
+
+def is_api(path: str) -> bool:
+    return path.startswith(API_PREFIX) or path in API_PATHS
+
+
 class LoginRequired:
     """ASGI middleware: with a login configured, a request without one gets Gradio's own 401 answer."""
 
@@ -56,7 +65,7 @@ class LoginRequired:
         gradio_app = scope["app"]  # Starlette puts the application (Gradio's App) in every scope
         if gradio_app.auth is None and gradio_app.auth_dependency is None:
             return await self.app(scope, receive, send)
-        if scope["type"] == "http" and is_public(scope["method"], scope["path"]):
+        if scope["type"] == "http" and (is_public(scope["method"], scope["path"]) or is_api(scope["path"])):
             return await self.app(scope, receive, send)
         from starlette.requests import HTTPConnection, Request
         from starlette.responses import JSONResponse

@@ -1,0 +1,203 @@
+"""From an API request to engine requests and back: prompt ids, `n` choices, stop strings, async streaming.
+
+Notable choices:
+- Chat prompts are built by `glmapp.prompts` (the one chat format). Unlike the web chat, the API never
+  drops earlier turns to make a prompt fit: a prompt over the limit is a 400 that says the limit.
+- `n` choices are `n` engine requests submitted together, so they batch in the engine (as do requests of
+  other API clients and browser users). A seeded request gives choice i the seed `seed + i`.
+- Stop strings are matched on the text the client sees; text that may be the start of a stop string is
+  held back until it is known not to be one, so a stop string never reaches a stream.
+- The engine streams through per-request queues (`RequestHandle`); each is read in a worker thread of
+  a limiter of our own, so waiting API streams never take the threads Gradio's handlers run in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable
+
+import anyio
+import anyio.to_thread
+
+from glmapp import prompts
+from glmapp.engine.request import GenerationRequest, Usage
+from glmapp.engine.sampling import SamplingParams
+
+_READERS = anyio.CapacityLimiter(4096)  # threads blocked on engine queues (one per running choice)
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error format: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             500: "server_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+def chat_history(family: str, messages) -> tuple[list, str]:
+    """OpenAI messages -> (history in the family's format, last user query); APIError names a bad message."""
+    last = len(messages) - 1
+    if messages[last].role != "user":
+        raise APIError(400, f"The last message must come from the user (messages[{last}] is "
+                            f"{messages[last].role!r}).", f"messages[{last}].role")
+    texts = [prompts.normalize_text(m.text()) for m in messages]
+    if not texts[last].strip():
+        raise APIError(400, "The last user message is empty.", f"messages[{last}].content")
+    if family == "chatglm3":
+        history = [{"role": m.role, "content": t} | ({"metadata": ""} if m.role == "assistant" else {})
+                   for m, t in zip(messages[:last], texts)]
+        return history, texts[last]
+    history, query = [], None
+    for i, m in enumerate(messages[:last]):
+        if m.role == "system":
+            raise APIError(400, "ChatGLM2 models have no system role: put the instructions in the first user "
+                                "message instead.", f"messages[{i}].role")
+        expected = "user" if query is None else "assistant"
+        if m.role != expected:
+            raise APIError(400, f"ChatGLM2 conversations alternate user and assistant messages; messages[{i}] "
+                                f"should be {expected!r}, not {m.role!r}.", f"messages[{i}].role")
+        if query is None:
+            query = texts[i]
+        else:
+            history.append((query, texts[i]))
+            query = None
+    if query is not None:
+        raise APIError(400, f"messages[{last - 1}] and messages[{last}] are both from the user; ChatGLM2 "
+                            "conversations alternate user and assistant messages.", f"messages[{last}].role")
+    return history, texts[last]
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    history, query = chat_history(tokenizer.family, messages)
+    return prompts.build_prompt_ids(tokenizer, query, history)
+
+
+def completion_prompt_ids(tokenizer, prompt: str, param: str) -> list[int]:
+    """A raw prompt: the tokenizer's ids with ChatGLM's `[gMASK] sop` prefix, no chat template."""
+    if not prompt:
+        raise APIError(400, "The prompt is empty.", param)
+    return tokenizer.encode(prompts.normalize_text(prompt))
+
+
+def token_budget(backend, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+    """New tokens this prompt may have; APIError (400, says the limit) when it does not fit."""
+    limit = min(backend.max_input_tokens, backend.context_length - 1)
+    if len(prompt_ids) > limit:
+        raise APIError(400, f"The prompt is {len(prompt_ids)} tokens, over this server's limit of {limit} "
+                            f"tokens (the model's context is {backend.context_length} tokens). Shorten it.",
+                       param, "context_length_exceeded")
+    room = backend.context_length - len(prompt_ids)
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"This model's context is {backend.context_length} tokens: the prompt takes "
+                            f"{len(prompt_ids)}, so at most {room} new tokens fit, but {max_tokens} were asked "
+                            f"for. Lower max_tokens.", "max_tokens", "context_length_exceeded")
+    return max_tokens if max_tokens is not None else room
+
+
+# ---- running choices ----------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    index: int
+    prompt_tokens: int
+    handle: object = None
+    raw: str = ""  # the engine's text so far
+    text: str = ""  # the client-visible text sent so far (or, once finished, all of it)
+    finish_reason: str | None = None  # OpenAI's: "stop" | "length"; or "error"
+    error: str | None = None
+    retry: bool = False  # the error is passing (the model is being reloaded)
+    usage: Usage = field(default_factory=Usage)
+
+
+def chat_visible(family: str) -> Callable[[str], str]:
+    """The chat reply as the web chat shows it (the family's post-processing), from the raw text."""
+    def visible(raw: str) -> str:
+        reply = prompts.process_response(family, raw)
+        return reply if isinstance(reply, str) else str(reply.get("content", ""))
+    return visible
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+async def _next(iterator):
+    return await anyio.to_thread.run_sync(next, iterator, None, limiter=_READERS, abandon_on_cancel=True)
+
+
+async def run_choices(backend, prompts_ids: list[list[int]], params: SamplingParams, n: int, budgets: list[int],
+                      adapter: str | None, stops: list[str], visible: Callable[[str], str] = lambda raw: raw):
+    """Submit n requests per prompt; yield (choice, new visible text) as text arrives, and each choice once
+    more with its `finish_reason` set. Closing the generator (client gone) cancels what still runs."""
+    choices = []
+    for p, ids in enumerate(prompts_ids):
+        for j in range(n):
+            seed = params.seed + j if params.seed is not None else None
+            choice = Choice(len(choices), len(ids))
+            request = GenerationRequest(ids, SamplingParams(params.temperature, params.top_p, params.top_k,
+                                                            params.repetition_penalty, seed), budgets[p],
+                                        adapter=adapter)
+            choice.handle = backend.submit(request)
+            choices.append(choice)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice):
+        iterator = iter(choice.handle)
+        while (delta := await _next(iterator)) is not None:
+            await queue.put((choice, delta))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        open_choices = len(choices)
+        while open_choices:
+            choice, delta = await queue.get()
+            if choice.finish_reason is not None:
+                continue  # cut by a stop string: what it still streams is not wanted
+            choice.raw += delta.text
+            choice.usage = delta.usage or choice.usage
+            new, stopped = _advance(choice, visible, stops, final=delta.finish_reason is not None)
+            if new:
+                yield choice, new
+            if stopped or delta.finish_reason is not None:
+                open_choices -= 1
+                if stopped:
+                    choice.finish_reason = "stop"
+                    choice.handle.cancel()
+                elif delta.finish_reason in ("stop", "length"):
+                    choice.finish_reason = delta.finish_reason
+                else:  # "error", or "cancelled" by a model reload (never by us: we stop reading first)
+                    choice.finish_reason = "error"
+                    choice.error = delta.error or "The generation was cancelled (the model is being reloaded)."
+                    choice.retry = delta.finish_reason == "cancelled"
+                yield choice, ""
+    finally:
+        for task in tasks:
+            task.cancel()
+        for choice in choices:
+            if not choice.handle.done:
+                choice.handle.cancel()
+
+
+def _advance(choice: Choice, visible: Callable[[str], str], stops: list[str], final: bool) -> tuple[str, bool]:
+    """New client-visible text of `choice` and whether a stop string ended it."""
+    text = visible(choice.raw)
+    start = max(0, len(choice.text) - max((len(s) for s in stops), default=0))
+    cuts = [i for s in stops if (i := text.find(s, start)) >= 0]
+    if cuts:
+        text = text[:min(cuts)]
+    elif not final:
+        text = text[:len(text) - _held_back(text, stops)]
+    if not text.startswith(choice.text):  # post-processing rewrote shown text (rare): send nothing more
+        return "", bool(cuts)
+    new, choice.text = text[len(choice.text):], text
+    return new, bool(cuts)

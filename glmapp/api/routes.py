@@ -1,0 +1,303 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions and /health.
+
+They run on the web app's own server (Gradio's FastAPI app, see `glmapp.ui.serve`) and submit to the
+same engine as the browser chat, so API and browser requests batch together.
+
+Notable choices:
+- Bodies are parsed here (not by FastAPI's dependency injection), so a bad field is a 400 in OpenAI's
+  error format that names the field, and nothing changes Gradio's own error answers.
+- The model id is the served model's name (a local folder shows only its folder name, never the server's
+  path); every adapter in the adapters folder and every loaded adapter is a model of its own with
+  `parent` = the base, as vLLM lists LoRA modules. The API loads adapters only from the adapters folder
+  and never downloads from the hub.
+- A client that goes away cancels its requests: a stream when the next chunk cannot be sent, a
+  non-streamed request as soon as the server sees the disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from glmapp.api.generation import (APIError, Choice, chat_prompt_ids, chat_visible, completion_prompt_ids,
+                                   run_choices, token_budget)
+from glmapp.api.keys import KeyCheck
+from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from glmapp.choices import DEMO_DEFAULTS
+from glmapp.engine.sampling import SamplingParams
+from glmapp.errors import AdapterError, GlmappError
+from glmapp.model_manager import ModelReloading
+
+MAX_CHOICES = 64  # prompts x n of one request
+_LOADERS = anyio.CapacityLimiter(2)  # adapter loads (file reads) run off the event loop, apart from Gradio's pool
+
+
+class _ErrorsAsJSON(APIRoute):
+    """Turns APIError (and the model reloading) into OpenAI's error body, for the routes of this router only."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except ModelReloading as e:
+                error = APIError(503, str(e), code="model_reloading")
+            except APIError as e:
+                error = e
+            return JSONResponse(error.body(), status_code=error.status)
+
+        return route
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose source is closed as soon as sending stops (the client went away)."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def base_model_id(name: str) -> str:
+    path = Path(name)
+    return path.name if path.is_dir() else name  # a local checkpoint: its folder name, not the server's path
+
+
+def build_router(manager, keys: KeyCheck) -> APIRouter:
+    """The API's routes for the model `manager` serves; `keys` says who may call them."""
+    router = APIRouter(route_class=_ErrorsAsJSON)
+
+    def authorize(request: Request) -> None:
+        keys.check(request.headers.get("authorization"))
+
+    @router.get("/health")
+    async def health():
+        backend = manager.backend  # 503 while the model reloads
+        return {"status": "ok", "model": base_model_id(manager.name), "engine": backend.engine.stats()}
+
+    @router.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        base = base_model_id(manager.name)
+        return ModelList(data=[ModelCard(id=base, root=base)] +
+                         [ModelCard(id=name, root=name, parent=base) for name in _adapter_names(manager, base)])
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await _parse(request, ChatCompletionRequest)
+        backend = manager.backend
+        adapter = await _adapter(manager, body.model)
+        ids = chat_prompt_ids(backend.tokenizer, body.messages)
+        budgets = [token_budget(backend, ids, body.token_limit(), "messages")]
+        run = _Run(manager, body, [ids], budgets, adapter, "chat.completion", chat_visible(backend.family))
+        return await run.respond(request)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await _parse(request, CompletionRequest)
+        backend = manager.backend
+        adapter = await _adapter(manager, body.model)
+        texts = body.prompts()
+        if not texts or len(texts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"Give 1 to {MAX_CHOICES // body.n} prompts with n={body.n}.", "prompt")
+        ids = [completion_prompt_ids(backend.tokenizer, text, "prompt") for text in texts]
+        budgets = [token_budget(backend, p, body.token_limit(), "prompt") for p in ids]
+        run = _Run(manager, body, ids, budgets, adapter, "text_completion")
+        return await run.respond(request)
+
+    return router
+
+
+# ---- request parts -------------------------------------------------------------------------------------
+async def _parse(request: Request, schema):
+    try:
+        data = await request.json()
+    except ValueError:
+        raise APIError(400, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        param = _param(error["loc"])
+        raise APIError(400, f"{param}: {error['msg']}.", param) from None
+    if (name := body.unsupported()) is not None:
+        raise APIError(400, f"{name} is not supported by this server.", name)
+    return body
+
+
+def _param(loc) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role'; the type tags pydantic adds for unions are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "function"):
+            out += ("." if out else "") + part
+        else:
+            break
+    return out
+
+
+def _adapter_names(manager, base: str) -> list[str]:
+    names = [info.name for info in manager.list_adapters() if info.error is None]
+    names += [name for name in manager.loaded_adapters() if name not in names]
+    return [name for name in names if name != base]
+
+
+async def _adapter(manager, model: str) -> str | None:
+    """The adapter `model` names (loaded if need be), None for the base model; 404 for anything else."""
+    base = base_model_id(manager.name)
+    if model == base:
+        return None
+    if model in manager.loaded_adapters():
+        return model
+    infos = {info.name: info for info in manager.list_adapters()}
+    if model not in infos:
+        served = ", ".join([base, *_adapter_names(manager, base)])
+        raise APIError(404, f"The model {model!r} does not exist here. Models served: {served}.", "model",
+                       "model_not_found")
+    if infos[model].error:
+        raise APIError(400, f"Adapter {model!r} cannot be used: {infos[model].error}", "model")
+    try:
+        # Confined to the adapters folder; no `download`, so a hub id is never fetched from the API.
+        await anyio.to_thread.run_sync(manager.load_adapter, model, limiter=_LOADERS)
+    except AdapterError as e:
+        raise APIError(400, f"Adapter {model!r} cannot be used: {e}", "model") from None
+    return model
+
+
+def _sampling(family: str, body) -> SamplingParams:
+    """Unset temperature / top_p take the official demo's values for the family, as the web chat's sliders."""
+    defaults = DEMO_DEFAULTS[family]
+    try:
+        return SamplingParams(temperature=body.temperature if body.temperature is not None else defaults["temperature"],
+                              top_p=body.top_p if body.top_p is not None else defaults["top_p"], top_k=body.top_k,
+                              repetition_penalty=body.repetition_penalty, seed=body.seed)
+    except GlmappError as e:
+        raise APIError(400, str(e)) from None
+
+
+# ---- answers ------------------------------------------------------------------------------------------
+class _Run:
+    """One API request's choices, answered as one JSON body or as server-sent events."""
+
+    def __init__(self, manager, body, prompt_ids, budgets, adapter, kind: str, visible=None):
+        self.manager, self.body, self.kind = manager, body, kind
+        backend = manager.backend
+        self.events = run_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter,
+                                  body.stop, **({"visible": visible} if visible else {}))
+        self.prompt_tokens = sum(len(p) for p in prompt_ids)
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def usage(self, choices) -> UsageInfo:
+        return UsageInfo.of(self.prompt_tokens, sum(c.usage.completion_tokens for c in choices))
+
+    async def respond(self, request: Request):
+        if self.body.stream:
+            return EventStream(self.sse())
+        return await _unless_disconnected(request, self.whole())
+
+    async def whole(self) -> JSONResponse:
+        finished: dict[int, Choice] = {}
+        async with contextlib.aclosing(self.events):
+            async for choice, _ in self.events:
+                if choice.finish_reason is not None:
+                    finished[choice.index] = choice
+        choices = [finished[i] for i in sorted(finished)]
+        failed = next((c for c in choices if c.finish_reason == "error"), None)
+        if failed is not None:
+            raise self._failure(failed)
+        return JSONResponse({"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
+                             "choices": [self._choice(c, c.text) for c in choices],
+                             "usage": self.usage(choices).model_dump()})
+
+    async def sse(self):
+        chunk_kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        started, finished = set(), []
+        async with contextlib.aclosing(self.events):
+            async for choice, text in self.events:
+                if choice.finish_reason == "error":
+                    yield _event(self._failure(choice).body())
+                    break
+                if not text and choice.finish_reason is None:
+                    continue
+                if self.kind == "chat.completion" and choice.index not in started:
+                    started.add(choice.index)
+                    yield _event(self._chunk(chunk_kind, choice, "", None, role=True, include_usage=include_usage))
+                if text:
+                    yield _event(self._chunk(chunk_kind, choice, text, None, include_usage=include_usage))
+                if choice.finish_reason is not None:
+                    finished.append(choice)
+                    yield _event(self._chunk(chunk_kind, choice, "", choice.finish_reason,
+                                             include_usage=include_usage))
+        if include_usage:
+            yield _event({"id": self.id, "object": chunk_kind, "created": self.created, "model": self.body.model,
+                          "choices": [], "usage": self.usage(finished).model_dump()})
+        yield "data: [DONE]\n\n"
+
+    def _choice(self, choice: Choice, text: str, finish_reason="", role=False) -> dict:
+        reason = choice.finish_reason if finish_reason == "" else finish_reason
+        if self.kind == "text_completion":
+            return {"index": choice.index, "text": text, "logprobs": None, "finish_reason": reason}
+        if finish_reason == "":  # a whole message
+            return {"index": choice.index, "message": {"role": "assistant", "content": text},
+                    "logprobs": None, "finish_reason": reason}
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    def _chunk(self, kind, choice, text, finish_reason, role=False, include_usage=False) -> dict:
+        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.body.model,
+                 "choices": [self._choice(choice, text, finish_reason, role)]}
+        if include_usage:
+            chunk["usage"] = None  # OpenAI: null on every chunk but the last
+        return chunk
+
+    def _failure(self, choice: Choice) -> APIError:
+        if choice.retry:  # cancelled by a model reload
+            return APIError(503, f"{choice.error} Try again in a moment.", code="model_reloading")
+        return APIError(500, f"Generation failed: {choice.error}", code="generation_failed")
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` unless the client disconnects first; then cancel it (its requests are cancelled)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return JSONResponse(APIError(400, "The client closed the connection.").body(), status_code=499)
+    return task.result()
