@@ -135,20 +135,28 @@ async def _next(iterator):
     return await anyio.to_thread.run_sync(next, iterator, None, limiter=_READERS, abandon_on_cancel=True)
 
 
-async def run_choices(backend, prompts_ids: list[list[int]], params: SamplingParams, n: int, budgets: list[int],
-                      adapter: str | None, stops: list[str], visible: Callable[[str], str] = lambda raw: raw):
-    """Submit n requests per prompt; yield (choice, new visible text) as text arrives, and each choice once
-    more with its `finish_reason` set. Closing the generator (client gone) cancels what still runs."""
+def submit_choices(backend, prompts_ids: list[list[int]], params: SamplingParams, n: int, budgets: list[int],
+                   adapter: str | None) -> list[Choice]:
+    """Submit n requests per prompt, all before the first is read (they batch); raises EngineStopped."""
     choices = []
-    for p, ids in enumerate(prompts_ids):
-        for j in range(n):
-            seed = params.seed + j if params.seed is not None else None
-            choice = Choice(len(choices), len(ids))
-            request = GenerationRequest(ids, SamplingParams(params.temperature, params.top_p, params.top_k,
-                                                            params.repetition_penalty, seed), budgets[p],
-                                        adapter=adapter)
-            choice.handle = backend.submit(request)
-            choices.append(choice)
+    try:
+        for p, ids in enumerate(prompts_ids):
+            for j in range(n):
+                seed = params.seed + j if params.seed is not None else None
+                request = GenerationRequest(ids, SamplingParams(params.temperature, params.top_p, params.top_k,
+                                                                params.repetition_penalty, seed), budgets[p],
+                                            adapter=adapter)
+                choices.append(Choice(len(choices), len(ids), backend.submit(request)))
+    except BaseException:
+        for choice in choices:
+            choice.handle.cancel()
+        raise
+    return choices
+
+
+async def stream_choices(choices: list[Choice], stops: list[str], visible: Callable[[str], str] = lambda raw: raw):
+    """Yield (choice, new visible text) as text arrives, and each choice once more with its `finish_reason`
+    set. Closing the generator (the client went away) cancels what still runs."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice):

@@ -31,12 +31,12 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from glmapp.api.generation import (APIError, Choice, chat_prompt_ids, chat_visible, completion_prompt_ids,
-                                   run_choices, token_budget)
+                                   stream_choices, submit_choices, token_budget)
 from glmapp.api.keys import KeyCheck
 from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
-from glmapp.errors import AdapterError, GlmappError
+from glmapp.errors import AdapterError, EngineStopped, GlmappError
 from glmapp.model_manager import ModelReloading
 
 MAX_CHOICES = 64  # prompts x n of one request
@@ -54,6 +54,8 @@ class _ErrorsAsJSON(APIRoute):
                 return await handler(request)
             except ModelReloading as e:
                 error = APIError(503, str(e), code="model_reloading")
+            except EngineStopped as e:
+                error = APIError(503, str(e), code="engine_stopped")
             except APIError as e:
                 error = e
             return JSONResponse(error.body(), status_code=error.status)
@@ -203,8 +205,8 @@ class _Run:
     def __init__(self, manager, body, prompt_ids, budgets, adapter, kind: str, visible=None):
         self.manager, self.body, self.kind = manager, body, kind
         backend = manager.backend
-        self.events = run_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter,
-                                  body.stop, **({"visible": visible} if visible else {}))
+        choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
+        self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
         self.prompt_tokens = sum(len(p) for p in prompt_ids)
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
