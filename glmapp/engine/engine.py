@@ -411,17 +411,17 @@ class Engine:
                   "keeps serving.", doing, len(seqs), exc_info=error)
         message = (f"The engine hit an internal error while {doing} ({type(error).__name__}: {error}); "
                    "this request was stopped. Other requests go on.")
-        for seq in seqs:
-            self._abort(seq, message)
+        ended = [self._abort(seq) for seq in seqs]
         queued = {id(s) for s in self.scheduler.running} | {id(s) for s in self.scheduler.waiting}
-        for seq in [s for s in self._open.values() if id(s) not in queued or s.status == FINISHED]:
-            self._abort(seq, message)
+        ended += [self._abort(s) for s in list(self._open.values()) if id(s) not in queued or s.status == FINISHED]
         wrong = self.scheduler.reconcile(list(self._open.values()))
         if wrong:
             log.warning("%d KV blocks had wrong reference counts after the error; corrected.", wrong)
+        for seq, usage in ended:  # last: a reader told of the error finds the engine already set right
+            seq.payload.handle.put(Delta(finish_reason="error", error=message, usage=usage))
 
-    def _abort(self, seq: Sequence, message: str) -> None:
-        """End `seq` with an error without trusting the parts that may have failed (nothing is published)."""
+    def _abort(self, seq: Sequence) -> tuple[Sequence, Usage | None]:
+        """Take `seq` out without trusting the parts that may have failed (nothing is published)."""
         self._open.pop(seq.id, None)
         self.error_count += 1
         try:
@@ -429,10 +429,9 @@ class Engine:
         except Exception:  # noqa: BLE001 - reconcile() sets the blocks right after
             log.exception("Dropping request %s failed too.", seq.id)
         try:
-            usage = self._usage(seq)
+            return seq, self._usage(seq)
         except Exception:  # noqa: BLE001 - the error matters more than its token counts
-            usage = None
-        seq.payload.handle.put(Delta(finish_reason="error", error=message, usage=usage))
+            return seq, None
 
     def _close(self, died: BaseException | None) -> None:
         """The thread ends (shutdown or death): every open request and pending call gets its answer."""
