@@ -89,8 +89,9 @@ def build_router(manager, keys: KeyCheck) -> APIRouter:
 
     @router.get("/health")
     async def health():
-        backend = manager.backend  # 503 while the model reloads
-        return {"status": "ok", "model": base_model_id(manager.name), "engine": backend.engine.stats()}
+        """For load balancers, so without a key or login: says only whether the model is being served."""
+        manager.backend  # raises ModelReloading (503) while the model reloads
+        return {"status": "ok"}
 
     @router.get("/v1/models")
     async def models(request: Request):
