@@ -208,3 +208,21 @@ def test_out_of_memory_shrinks_the_batch_and_it_grows_back(model_tok, engine):
     assert engine.error_count == 0 and free_blocks(engine) == start
     for p, (tokens, last) in zip(four, results):
         assert last.finish_reason == "length" and tokens == solo(model_tok, p, 48)
+
+
+def test_out_of_memory_with_one_sequence_halves_the_prefill_chunk_then_gives_up():
+    from glmapp.engine.kv_cache import BlockAllocator
+    from glmapp.engine.scheduler import Scheduler, Sequence
+
+    sched = Scheduler(BlockAllocator(64, 16), max_seqs=4, max_batch_tokens=256, regrow_steps=2)
+    sched.add(Sequence("s", list(range(1, 200)), 10))
+    chunks = [sum(w.num_tokens for w in sched.schedule())]
+    while sched.shrink(chunks[-1]):
+        chunks.append(sched.max_batch_tokens)
+    assert chunks == [199, 99, 49, 24, 16]  # down to one block per step, then nothing is left to shrink
+    assert sched.max_seqs == 4  # a single sequence: the sequence limit had nothing to do with it
+    grown = []
+    while sched.max_batch_tokens < 256:
+        sched.regrow()
+        grown.append(sched.max_batch_tokens)
+    assert grown == [16, 32, 32, 64, 64, 128, 128, 256]
