@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from glmapp.api.generation import APIError
 from glmapp.api.keys import KeyCheck
 from glmapp.ui.config import AppConfig, ConfigError, load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def refusal(check: KeyCheck, header: str | None) -> APIError:
@@ -42,3 +50,22 @@ def test_keys_from_flags_environment_and_file(tmp_path):
 def test_an_unreadable_keys_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="--api-keys-file"):
         KeyCheck.of(AppConfig(api_keys_file=str(tmp_path / "missing.txt")))
+
+
+def test_the_app_launched_with_login_and_no_key_serves_the_api_refusing_anonymous_calls(tmp_path):
+    """`launch` (what `python app.py` runs) puts the API on the web app's port."""
+    import httpx
+
+    from glmapp.ui import launch
+
+    config = AppConfig(demo=True, port=_free_port(), auth=["alice:s3cret"], adapters_dir=str(tmp_path),
+                       comparisons_file=str(tmp_path / "votes.jsonl"))
+    demo = launch(config, block=False)
+    try:
+        url = f"http://127.0.0.1:{config.port}"
+        response = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer guess"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "api_key_required"
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/config").status_code == 401  # the page still needs its login
+    finally:
+        demo.close()
