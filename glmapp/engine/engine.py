@@ -265,6 +265,8 @@ class Engine:
                     inbox, self._inbox = self._inbox, []
                     cancels, self._cancels = self._cancels, set()
                     calls, self._calls = self._calls, []
+                for seq in inbox:  # from here on, _close ends it whatever happens
+                    self._open[seq.id] = seq
                 for fn, future in calls:
                     try:
                         future.set_result(fn())
@@ -281,8 +283,6 @@ class Engine:
             self._close(died)
 
     def _iteration(self, inbox: list[Sequence], cancels: set[str]) -> None:
-        for seq in inbox:
-            self._open[seq.id] = seq
         failed = []
         for seq in inbox:
             try:
