@@ -250,7 +250,6 @@ class Engine:
             return 0
         return cpu_linear.pack(self.model)
 
-
     def _loop(self) -> None:
         died: BaseException | None = None
         try:
