@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 STATS = "#chat-stats"
+# Long enough to act while a reply streams on a busy machine: with seed 1 the demo model writes 9,357 tokens before
+# its first stop token, so a reply with this cap lasts 3x longer than one of 3,000 (about 10-25 s on 2 cores).
+# Tests lower the slider where they need short replies.
+MAX_NEW_TOKENS = 9000
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -73,3 +77,13 @@ def wait_model_info(page, row: str, value: str, timeout: float = 120_000) -> Non
             const cells = [...tr.querySelectorAll('td, th')].map(c => c.innerText.trim());
             return cells.length >= 2 && cells[0] === row && cells[1] === value; })""",
         arg=[row, value], timeout=timeout)
+
+
+def run_compare(page, prompt: str, max_new_tokens: int, labels: str = "AB") -> None:
+    """In the Compare tab: run `prompt` in every column and wait until each column's stats say it finished."""
+    set_number(page, "compare-max-new-tokens", max_new_tokens)
+    page.locator("#compare-prompt textarea").fill(prompt)
+    page.locator("#compare-run").click()
+    for label in labels:
+        page.wait_for_function(
+            f"() => /tokens\\/s.*(stop|length)/.test(document.querySelector('#compare-stats-{label}')?.innerText||'')")

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from chat_page import MAX_NEW_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -19,7 +20,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 START_TIMEOUT_S = 120
-MAX_NEW_TOKENS = 3000  # long enough to press Stop mid-stream; tests lower the slider where they need short replies
 MAX_INPUT_TOKENS = 200
 
 if not Path(CHROMIUM).exists():

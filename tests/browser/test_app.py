@@ -4,19 +4,18 @@ adapters + vote, export, reload, two users at once, safe rendering, login. Handl
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 
-from chat_page import (bot_messages, choose, dropdown_value, new_tokens, open_tab, send, set_number, stats_text,
-                       user_messages, wait_finished, wait_model_info)
+from chat_page import (MAX_NEW_TOKENS, bot_messages, choose, dropdown_value, new_tokens, open_tab, run_compare, send,
+                       set_number, user_messages, wait_finished, wait_model_info)
 
 ADAPTER_STATUS = "(document.querySelector('#adapter-status')||{}).textContent||''"
 
 
 def test_reply_streams_and_stop_ends_it_mid_stream(page, artifacts):
     assert "Demo checkpoint" in page.locator("#demo-banner").inner_text()
-    set_number(page, "seed", 1)  # with this seed the demo model writes 3000 tokens without a stop token
+    set_number(page, "seed", 1)  # with this seed the demo model writes MAX_NEW_TOKENS tokens without a stop token
     send(page, "Tell me a long story")
     # While generating, the reply grows in place and the stats line says so.
     page.wait_for_function("""() => (document.querySelector('#chat-stats')||{}).innerText?.includes('generating')
@@ -25,7 +24,7 @@ def test_reply_streams_and_stop_ends_it_mid_stream(page, artifacts):
     page.locator("#stop-btn").click()
     stats = wait_finished(page)
     assert "stopped" in stats
-    assert 0 < new_tokens(stats) < 3000
+    assert 0 < new_tokens(stats) < MAX_NEW_TOKENS
     assert bot_messages(page)[0].strip()
     page.screenshot(path=str(artifacts / "chat-tab.png"))
 
@@ -166,12 +165,7 @@ def test_compare_with_two_adapters_streams_both_columns_and_records_a_vote(page,
     page.locator("#tab-compare-button, button[role=tab]:has-text('Compare')").first.click()
     choose(page, "compare-adapter-A", "qkv")
     choose(page, "compare-adapter-B", "all")
-    set_number(page, "compare-max-new-tokens", 40)
-    page.locator("#compare-prompt textarea").fill("Write a poem")
-    page.locator("#compare-run").click()
-    for label in "AB":
-        page.wait_for_function(
-            f"() => /tokens\\/s.*(stop|length)/.test(document.querySelector('#compare-stats-{label}')?.innerText||'')")
+    run_compare(page, "Write a poem", 40)
     assert page.locator("#compare-stats-A").inner_text().startswith("adapter qkv")
     assert page.locator("#compare-stats-B").inner_text().startswith("adapter all")
     outputs = [page.locator(f"#compare-out-{label}").inner_text().strip() for label in "AB"]

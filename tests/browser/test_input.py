@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from chat_page import bot_messages, open_tab, send, set_number, stats_text, user_messages, wait_finished
+from chat_page import (MAX_NEW_TOKENS, bot_messages, open_tab, run_compare, send, set_number, stats_text,
+                       user_messages, wait_finished)
 from playwright.sync_api import expect
 
 BOT_TEXT_LONGER = """n => (document.querySelector('#chatbot [data-testid="bot"]')?.innerText || '').length > n"""
@@ -24,7 +25,7 @@ def wait_for_more_reply(page, updates: int = 3) -> None:
 
 def test_text_typed_while_a_reply_streams_stays_and_enter_then_is_refused_with_a_notice(page):
     box = page.locator("#chat-input textarea")
-    set_number(page, "seed", 1)  # with this seed the demo model writes 3000 tokens without a stop token
+    set_number(page, "seed", 1)  # with this seed the demo model writes MAX_NEW_TOKENS tokens without a stop token
     send(page, "Tell me a long story")
     page.wait_for_function("""() => (document.querySelector('#chat-stats')||{}).innerText?.includes('generating')
         && document.querySelector('#chatbot [data-testid="bot"]')?.innerText.trim().length > 0""")
@@ -62,12 +63,7 @@ def test_download_boxes_appear_only_once_something_was_exported(page):
     open_tab(page, "Compare")
     expect(page.locator("#compare-export-btn")).to_be_visible()
     expect(page.locator("#compare-export-file")).to_be_hidden()
-    set_number(page, "compare-max-new-tokens", 4)
-    page.locator("#compare-prompt textarea").fill("hello")
-    page.locator("#compare-run").click()
-    for label in "AB":
-        page.wait_for_function(
-            f"() => /tokens\\/s.*(stop|length)/.test(document.querySelector('#compare-stats-{label}')?.innerText||'')")
+    run_compare(page, "hello", 4)
     page.locator("#compare-export-btn").click()
     expect(page.locator("#compare-export-file a[href*='.json']")).to_be_visible()
 
@@ -98,7 +94,7 @@ COLUMN = [None, 0.5, 0.8, 1]                         # repetition penalty, seed 
 def test_api_names_the_bad_field_and_its_range(app_server):
     for data, message in [
         (CHAT[:6] + ["abc"] + CHAT[7:], "Top k must be a whole number from 0 to 200"),
-        (CHAT[:3] + [float("nan")] + CHAT[4:], "Max new tokens must be a whole number from 1 to 3000"),
+        (CHAT[:3] + [float("nan")] + CHAT[4:], f"Max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}"),
         (CHAT[:8] + ["soon"], "Seed must be a whole number from -1 to"),
         (CHAT[:4] + ["warm"] + CHAT[5:], "Temperature must be a number from 0 to 1.5"),
     ]:
