@@ -244,3 +244,45 @@ def test_with_auth_an_anonymous_visitor_cannot_chat(browser, auth_server):
     page.locator("button:has-text('Login')").first.click()
     page.locator("#chat-input textarea").wait_for()
     context.close()
+
+
+def _anonymous_status(url: str, data: dict | None = None) -> int:
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_with_auth_an_anonymous_client_cannot_stop_a_logged_in_users_reply(browser, auth_server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    joined = []  # (session_hash, event_id) of the user's events, as the page sends them
+    page.on("requestfinished", lambda r: joined.append((json.loads(r.post_data or "{}").get("session_hash"),
+                                                        (r.response().json() or {}).get("event_id")))
+            if "/gradio_api/queue/join" in r.url else None)
+    page.goto(auth_server.url)
+    page.locator("input[type=text], input[name=username]").first.fill("alice")
+    page.locator("input[type=password]").first.fill("s3cret")
+    page.locator("button:has-text('Login')").first.click()
+    page.locator("#chat-input textarea").wait_for()
+    set_number(page, "seed", 1)
+    send(page, "Tell me a long story")
+    page.wait_for_function("() => (document.querySelector('#chat-stats')||{}).innerText?.includes('generating')")
+    session, _ = joined[-1]
+    assert session
+    base = auth_server.url + "gradio_api/"
+    # What an attacker who learned the session id tries: each is refused before Gradio sees it.
+    for event_id in {e for _, e in joined if e}:
+        assert _anonymous_status(base + "cancel", {"session_hash": session, "event_id": event_id, "fn_index": 0}) == 401
+    assert _anonymous_status(base + "reset", {"session_hash": session, "event_id": "x"}) == 401
+    assert _anonymous_status(base + f"heartbeat/{session}") == 401
+    shown = len(bot_messages(page)[0])
+    page.wait_for_function("""n => (document.querySelector('#chatbot [data-testid="bot"]')?.innerText || '').length > n
+        && document.querySelector('#chat-stats')?.innerText.includes('generating')""", arg=shown)  # still streaming
+    page.locator("#stop-btn").click()  # the user, logged in, can
+    assert "stopped" in wait_finished(page)
+    context.close()
