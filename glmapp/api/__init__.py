@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP API, served by the web app's own server on the same engine.
 
-`build_router(manager, keys)` makes the routes (`routes.py`); `schemas.py` holds the request and response
-bodies, `generation.py` turns a request into engine requests, `keys.py` checks bearer keys.
+`build_router(manager, keys, limiter)` makes the routes (`routes.py`); `schemas.py` holds the request and
+response bodies, `generation.py` turns a request into engine requests, `keys.py` checks bearer keys,
+`limits.py` rate-limits each key, `metrics.py` serves /metrics.
 """
 
 from glmapp.api.keys import KeyCheck
+from glmapp.api.limits import RateLimiter
 from glmapp.api.routes import build_router
 
-__all__ = ["KeyCheck", "build_router"]
+__all__ = ["KeyCheck", "RateLimiter", "build_router"]

@@ -35,17 +35,22 @@ class KeyCheck:
     def of(cls, config) -> KeyCheck:
         return cls(load_keys(config.api_key, config.api_keys_file), bool(config.auth or config.auth_file))
 
-    def check(self, authorization: str | None) -> None:
-        """Raise APIError(401) unless the `Authorization` header carries an accepted key (or none is needed)."""
+    def check(self, authorization: str | None) -> str | None:
+        """Raise APIError(401) unless the `Authorization` header carries an accepted key (or none is needed).
+
+        Returns which key it was, as "key:N" (N its place in the list: the key itself is never kept for rate
+        limits or shown), or None when the API is open."""
         if self._closed:
             raise APIError(401, "This server requires a login (--auth) and has no API key: restart it with "
                                 "--api-key KEY (or --api-keys-file FILE) and send 'Authorization: Bearer KEY'.",
                            code="api_key_required")
         if not self._keys:
-            return
+            return None
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise APIError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="missing_api_key")
         given = key.strip().encode()
-        if not any(hmac.compare_digest(given, k) for k in self._keys):
+        matches = [hmac.compare_digest(given, k) for k in self._keys]  # all compared: the time tells nothing
+        if not any(matches):
             raise APIError(401, "Incorrect API key.", code="invalid_api_key")
+        return f"key:{matches.index(True)}"

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions and /health.
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /health and /metrics.
 
 They run on the web app's own server (Gradio's FastAPI app, see `glmapp.ui.serve`) and submit to the
 same engine as the browser chat, so API and browser requests batch together.
@@ -12,6 +12,9 @@ Notable choices:
   and never downloads from the hub.
 - A client that goes away cancels its requests: a stream when the next chunk cannot be sent, a
   non-streamed request as soon as the server sees the disconnect.
+- Every answer of these routes is counted for /metrics by route and status (`metrics.py`); generation
+  requests pass the rate limits (`limits.py`) after they are parsed and their tokens counted, and before
+  anything is submitted.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from glmapp.api.generation import (APIError, Choice, chat_prompt_ids, chat_visible, completion_prompt_ids,
                                    stream_choices, submit_choices, token_budget)
 from glmapp.api.keys import KeyCheck
+from glmapp.api.limits import RateLimiter, RateLimited
+from glmapp.api.metrics import APIMetrics
 from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
@@ -44,21 +49,29 @@ _LOADERS = anyio.CapacityLimiter(2)  # adapter loads (file reads) run off the ev
 
 
 class _ErrorsAsJSON(APIRoute):
-    """Turns APIError (and the model reloading) into OpenAI's error body, for the routes of this router only."""
+    """Turns APIError (and the model reloading) into OpenAI's error body, for the routes of this router only,
+    and counts every answer in `metrics` (a subclass per router sets it)."""
+
+    metrics: APIMetrics
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def route(request: Request):
             try:
-                return await handler(request)
+                response = await handler(request)
             except ModelReloading as e:
                 error = APIError(503, str(e), code="model_reloading")
             except EngineStopped as e:
                 error = APIError(503, str(e), code="engine_stopped")
             except APIError as e:
                 error = e
-            return JSONResponse(error.body(), status_code=error.status)
+            else:
+                self.metrics.answered(self.path, getattr(response, "status_code", 200))
+                return response
+            self.metrics.answered(self.path, error.status)
+            headers = error.headers() if isinstance(error, RateLimited) else None
+            return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
         return route
 
@@ -68,11 +81,16 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content, on_close):
+        super().__init__(content)
+        self.on_close = on_close
+
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
         finally:
             await self.body_iterator.aclose()
+            self.on_close()  # also when the client left before the first chunk (the body never started)
 
 
 def base_model_id(name: str) -> str:
@@ -80,18 +98,35 @@ def base_model_id(name: str) -> str:
     return path.name if path.is_dir() else name  # a local checkpoint: its folder name, not the server's path
 
 
-def build_router(manager, keys: KeyCheck) -> APIRouter:
-    """The API's routes for the model `manager` serves; `keys` says who may call them."""
-    router = APIRouter(route_class=_ErrorsAsJSON)
+def build_router(manager, keys: KeyCheck, limiter: RateLimiter | None = None) -> APIRouter:
+    """The API's routes for the model `manager` serves; `keys` says who may call them, `limiter` how often."""
+    metrics = APIMetrics(manager)
+    router = APIRouter(route_class=type("APIRoute", (_ErrorsAsJSON,), {"metrics": metrics}))
 
-    def authorize(request: Request) -> None:
-        keys.check(request.headers.get("authorization"))
+    def authorize(request: Request) -> str:
+        """Who is calling, for the rate limits: the key's "key:N", or the client's address when open."""
+        key = keys.check(request.headers.get("authorization"))
+        return key or f"address:{request.client.host if request.client else 'unknown'}"
+
+    def admit(client: str, prompt_ids: list[list[int]], budgets: list[int], n: int) -> _Meter:
+        meter = _Meter(metrics, limiter, client, time.perf_counter(),
+                       sum(len(p) for p in prompt_ids) + n * sum(budgets))
+        if limiter is not None:
+            limiter.admit(client, meter.charged)
+        return meter
 
     @router.get("/health")
     async def health():
         """For load balancers, so without a key or login: says only whether the model is being served."""
         manager.backend  # raises ModelReloading (503) while the model reloads
         return {"status": "ok"}
+
+    @router.get("/metrics")
+    async def metrics_page(request: Request):
+        """Prometheus' text format; it shows the server's load, so it takes a key like /v1 when one is set."""
+        authorize(request)
+        text, content_type = metrics.page()
+        return Response(text, media_type=content_type)
 
     @router.get("/v1/models")
     async def models(request: Request):
@@ -102,18 +137,20 @@ def build_router(manager, keys: KeyCheck) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
+        client = authorize(request)
         body = await _parse(request, ChatCompletionRequest)
         backend = manager.backend
         adapter = await _adapter(manager, body.model)
         ids = chat_prompt_ids(backend.tokenizer, body.messages)
         budgets = [token_budget(backend, ids, body.token_limit(), "messages")]
-        run = _Run(manager, body, [ids], budgets, adapter, "chat.completion", chat_visible(backend.family))
+        meter = admit(client, [ids], budgets, body.n)
+        with meter.refund_on_error():
+            run = _Run(manager, body, [ids], budgets, adapter, meter, "chat.completion", chat_visible(backend.family))
         return await run.respond(request)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
+        client = authorize(request)
         body = await _parse(request, CompletionRequest)
         backend = manager.backend
         adapter = await _adapter(manager, body.model)
@@ -122,7 +159,9 @@ def build_router(manager, keys: KeyCheck) -> APIRouter:
             raise APIError(400, f"Give 1 to {MAX_CHOICES // body.n} prompts with n={body.n}.", "prompt")
         ids = [completion_prompt_ids(backend.tokenizer, text, "prompt") for text in texts]
         budgets = [token_budget(backend, p, body.token_limit(), "prompt") for p in ids]
-        run = _Run(manager, body, ids, budgets, adapter, "text_completion")
+        meter = admit(client, ids, budgets, body.n)
+        with meter.refund_on_error():
+            run = _Run(manager, body, ids, budgets, adapter, meter, "text_completion")
         return await run.respond(request)
 
     return router
@@ -200,15 +239,53 @@ def _sampling(family: str, body) -> SamplingParams:
 
 
 # ---- answers ------------------------------------------------------------------------------------------
+class _Meter:
+    """One generation request's share of /metrics and of its client's token budget."""
+
+    def __init__(self, metrics: APIMetrics, limiter: RateLimiter | None, client: str, arrived: float,
+                 charged: int):
+        self.metrics, self.limiter, self.client, self.arrived = metrics, limiter, client, arrived
+        self.charged = charged  # tokens taken from the client's budget at admission: prompt + n x max_tokens
+        self.prompt_tokens = charged  # set by the run; until then nothing is given back
+        self.generated: dict[int, int] = {}  # completion tokens seen so far, per choice
+        self.closed = False
+
+    def saw(self, choice: Choice) -> None:
+        if not self.generated:
+            self.metrics.time_to_first_token.observe(time.perf_counter() - self.arrived)
+        new = choice.usage.completion_tokens - self.generated.get(choice.index, 0)
+        self.generated[choice.index] = choice.usage.completion_tokens
+        if new > 0:
+            self.metrics.generated_tokens.inc(new)
+
+    def close(self) -> None:
+        """The request ended: give back the tokens it was charged for but did not use (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.limiter is not None:
+            self.limiter.refund(self.client, self.charged - self.prompt_tokens - sum(self.generated.values()))
+
+    @contextlib.contextmanager
+    def refund_on_error(self):
+        """Everything back if the request fails before it runs (say, the engine stopped)."""
+        try:
+            yield
+        except BaseException:
+            self.prompt_tokens = 0
+            self.close()
+            raise
+
+
 class _Run:
     """One API request's choices, answered as one JSON body or as server-sent events."""
 
-    def __init__(self, manager, body, prompt_ids, budgets, adapter, kind: str, visible=None):
-        self.manager, self.body, self.kind = manager, body, kind
+    def __init__(self, manager, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None):
+        self.manager, self.body, self.kind, self.meter = manager, body, kind, meter
         backend = manager.backend
         choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
         self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
-        self.prompt_tokens = sum(len(p) for p in prompt_ids)
+        self.prompt_tokens = meter.prompt_tokens = sum(len(p) for p in prompt_ids)
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -217,13 +294,17 @@ class _Run:
 
     async def respond(self, request: Request):
         if self.body.stream:
-            return EventStream(self.sse())
-        return await _unless_disconnected(request, self.whole())
+            return EventStream(self.sse(), on_close=self.meter.close)
+        try:
+            return await _unless_disconnected(request, self.whole())
+        finally:
+            self.meter.close()
 
     async def whole(self) -> JSONResponse:
         finished: dict[int, Choice] = {}
         async with contextlib.aclosing(self.events):
             async for choice, _ in self.events:
+                self.meter.saw(choice)
                 if choice.finish_reason is not None:
                     finished[choice.index] = choice
         choices = [finished[i] for i in sorted(finished)]
@@ -240,6 +321,7 @@ class _Run:
         started, finished = set(), []
         async with contextlib.aclosing(self.events):
             async for choice, text in self.events:
+                self.meter.saw(choice)
                 if choice.finish_reason == "error":
                     yield _event(self._failure(choice).body())
                     break

@@ -24,7 +24,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     from glmapp.model_manager import BackendManager
     from glmapp.ui.layout import build_ui
 
-    from glmapp.api import KeyCheck, build_router
+    from glmapp.api import KeyCheck, RateLimiter, build_router
 
     credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
     api_keys = KeyCheck.of(config)
@@ -37,7 +37,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
               file=sys.stderr)
     limits = limits or ServerLimits()
     demo = build_ui(manager, config, limits)
-    local_url, share_url = serve(demo, config, credentials, limits, build_router(manager, api_keys).routes)
+    local_url, share_url = serve(demo, config, credentials, limits, build_router(manager, api_keys, RateLimiter.of(config)).routes)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
         if share_url:

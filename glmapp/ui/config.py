@@ -54,6 +54,11 @@ class AppConfig:
                               "GLMAPP_API_KEY", action="append", metavar="KEY")
     api_keys_file: str | None = _opt(None, "file with one API key per line (# comments allowed)",
                                      "GLMAPP_API_KEYS_FILE")
+    rate_limit_rpm: int | None = _opt(None, "API requests per minute allowed to each API key (or client address "
+                                            "when the API is open); default: no limit", "GLMAPP_RATE_LIMIT_RPM")
+    rate_limit_tpm: int | None = _opt(None, "API tokens per minute allowed to each API key (or client address): "
+                                            "prompt + max_tokens counted at admission, the unused part given back "
+                                            "at the end; default: no limit", "GLMAPP_RATE_LIMIT_TPM")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
 
@@ -73,6 +78,9 @@ class AppConfig:
             raise ConfigError(f"--kv-cache-mb must be at least 1 (got {self.kv_cache_mb}).")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ConfigError(f"--max-input-tokens must be at least 1 (got {self.max_input_tokens}).")
+        for name in ("rate_limit_rpm", "rate_limit_tpm"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 1 and 65535 (got {self.port}).")
 

@@ -45,7 +45,7 @@ def is_public(method: str, path: str) -> bool:
 
 # The OpenAI-compatible API (glmapp.api) checks its own bearer keys: an API client cannot log in to the page.
 # Only its routes live under these paths (Starlette matches paths literally, so "/v1/../x" is no Gradio route).
-API_PREFIX, API_PATHS = "/v1/", {"/health"}
+API_PREFIX, API_PATHS = "/v1/", {"/health", "/metrics"}
 
 
 def is_api(path: str) -> bool:

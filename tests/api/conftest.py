@@ -42,14 +42,14 @@ class Served:
         return OpenAI(base_url=self.api, api_key=key, max_retries=0, timeout=60, **kwargs)
 
 
-def _serve(manager, tmp, **settings):
+def _serve(manager, tmp, limiter=None, **settings):
     from glmapp.ui.layout import build_ui
 
     config = AppConfig(port=_free_port(), adapters_dir=manager.adapters_dir,
                        comparisons_file=str(tmp / "comparisons.jsonl"), **settings)
     limits = ServerLimits()
     demo = build_ui(manager, config, limits)
-    url, _ = serve(demo, config, config.credentials(), limits, build_router(manager, KeyCheck.of(config)).routes)
+    url, _ = serve(demo, config, config.credentials(), limits, build_router(manager, KeyCheck.of(config), limiter).routes)
     return demo, Served(url, manager, base_model_id(manager.name), (config.api_key or [None])[0])
 
 
@@ -75,3 +75,19 @@ def served_with_login(api_manager, tmp_path_factory):
     demo, server = _serve(api_manager, tmp_path_factory.mktemp("api-auth"), auth=["alice:s3cret"], api_key=[API_KEY])
     yield server
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def serve_api(api_manager, tmp_path_factory):
+    """Serve the same model with other settings: serve_api(limiter=..., api_key=[...]) -> Served (closed after
+    the test module)."""
+    demos = []
+
+    def serve_with(limiter=None, **settings) -> Served:
+        demo, server = _serve(api_manager, tmp_path_factory.mktemp("api-more"), limiter, **settings)
+        demos.append(demo)
+        return server
+
+    yield serve_with
+    for demo in demos:
+        demo.close()
