@@ -24,6 +24,7 @@ from typing import Callable
 
 from glmapp.api.generation import APIError
 
+EPSILON = 1e-6  # refills are float sums: 30 s at 2/min may come to 0.9999999 of a request
 MAX_CLIENTS = 10_000  # past this many buckets, the full ones (clients idle for a minute) are forgotten
 
 
@@ -40,7 +41,8 @@ class TokenBucket:
 
     def wait(self, amount: float) -> float:
         """Seconds until `amount` is in the bucket (0: it is now); call refill first."""
-        return max(0.0, (amount - self.level) / self.per_second)
+        missing = amount - self.level
+        return 0.0 if missing <= EPSILON else missing / self.per_second
 
 
 class RateLimiter:
@@ -88,7 +90,7 @@ class RateLimiter:
             waits = {kind: bucket.wait(need[kind]) for kind, bucket in buckets.items()}
             if any(waits.values()):
                 kind = max(waits, key=waits.get)
-                retry_after = max(1, math.ceil(waits[kind]))
+                retry_after = max(1, math.ceil(waits[kind] - EPSILON))
                 limit = self.rpm if kind == "requests" else self.tpm
                 raise RateLimited(f"Rate limit of {limit} {kind} per minute reached for this "
                                   f"{'API key' if client.startswith('key:') else 'client'}: try again in "
