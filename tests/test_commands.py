@@ -48,9 +48,12 @@ def readme_commands() -> list[str]:
     text = README.read_text(encoding="utf-8")
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a line ending in a backslash goes on
             line = line.split(" # ")[0].strip()
-            found += [part.strip() for part in line.split("&&") if part.strip()]
+            # Commands of programs the README's install provides; others (curl in the API examples) are the
+            # user's own tools.
+            parts = [part.strip() for part in line.split("&&")]
+            found += [part for part in parts if part and part.split()[0] in SHELL_PROGRAMS]
     found += [span for span in re.findall(r"`([^`\n]+)`", text) if span.split()[0] in SHELL_PROGRAMS]
     return found
 
