@@ -37,7 +37,8 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
               file=sys.stderr)
     limits = limits or ServerLimits()
     demo = build_ui(manager, config, limits)
-    local_url, share_url = serve(demo, config, credentials, limits, build_router(manager, api_keys, RateLimiter.of(config)).routes)
+    router = build_router(manager, api_keys, RateLimiter.of(config))
+    local_url, share_url = serve(demo, config, credentials, limits, router.routes)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
         if share_url:

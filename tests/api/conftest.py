@@ -49,7 +49,8 @@ def _serve(manager, tmp, limiter=None, **settings):
                        comparisons_file=str(tmp / "comparisons.jsonl"), **settings)
     limits = ServerLimits()
     demo = build_ui(manager, config, limits)
-    url, _ = serve(demo, config, config.credentials(), limits, build_router(manager, KeyCheck.of(config), limiter).routes)
+    router = build_router(manager, KeyCheck.of(config), limiter)
+    url, _ = serve(demo, config, config.credentials(), limits, router.routes)
     return demo, Served(url, manager, base_model_id(manager.name), (config.api_key or [None])[0])
 
 

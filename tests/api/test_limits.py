@@ -7,6 +7,7 @@ import math
 
 import openai
 import pytest
+from test_keys import _free_port
 from test_openai_api import engine_text, error_of
 
 from glmapp.api.limits import RateLimited, RateLimiter
@@ -129,3 +130,25 @@ def test_rate_limit_flags_and_environment_variables():
     assert (limiter.rpm, limiter.tpm) == (30, 5000)
     with pytest.raises(ConfigError, match="--rate-limit-tpm must be at least 1"):
         AppConfig(rate_limit_tpm=0)
+
+
+def test_the_launched_app_limits_each_client_address_when_the_api_is_open(tmp_path):
+    """`launch` (what `python app.py --rate-limit-rpm 1` runs) applies the limit; with no key, per address."""
+    import httpx
+
+    from glmapp.ui import launch
+
+    config = AppConfig(demo=True, port=_free_port(), rate_limit_rpm=1, adapters_dir=str(tmp_path),
+                       comparisons_file=str(tmp_path / "votes.jsonl"))
+    demo = launch(config, block=False)
+    try:
+        url = f"http://127.0.0.1:{config.port}"
+        body = {"model": "x", "prompt": "hi", "max_tokens": 2}
+        body["model"] = httpx.get(url + "/v1/models").json()["data"][0]["id"]  # listing is not limited
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+        response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 429 and response.headers["retry-after"] == "60"
+        assert "for this client" in response.json()["error"]["message"]
+        assert 'status="429"' in httpx.get(url + "/metrics").text  # open API: open metrics
+    finally:
+        demo.close()
