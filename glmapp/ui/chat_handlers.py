@@ -221,9 +221,7 @@ class ChatHandlers:
     # ---- streaming -------------------------------------------------------------------------------
     def _checked_query(self, query, before: list[dict], settings: ChatSettings) -> str:
         """The cleaned query; raises gr.Error when it is empty or does not fit the prompt."""
-        query = clean_input(query)
-        if not query.strip():
-            raise gr.Error("Empty message: type something to send (control characters are removed).")
+        query = _non_empty(query)
         try:
             backend = self.manager.backend
             backend.prepare_chat(query, to_family_history(backend.family, before), self._system(backend, settings),
@@ -242,9 +240,7 @@ class ChatHandlers:
         The textbox is only written when a failed reply puts the message back; otherwise it is gr.skip().
         The tab's reply slot is freed before the last yield: once the page shows the reply ended, a new
         message from it is accepted."""
-        query = clean_input(query)
-        if not query.strip():
-            raise gr.Error("Empty message: type something to send (control characters are removed).")
+        query = _non_empty(query)
         try:
             backend = self.manager.backend
             if settings.adapter:  # instant when resident; loads it again if a model reload could not keep it
@@ -363,6 +359,14 @@ class ChatHandlers:
         sid = session_id(request)
         self.active.cancel(sid)
         self._release(sid)
+
+
+def _non_empty(query) -> str:
+    """The cleaned query; gr.Error when nothing is left to send."""
+    query = clean_input(query)
+    if not query.strip():
+        raise gr.Error("Empty message: type something to send (control characters are removed).")
+    return query
 
 
 def _to_number(value) -> float | int | None:
