@@ -24,6 +24,9 @@ class DenseKVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # tokens committed (all rows advance together)
+        # ChatGLM-6B (v1) prefix-LM: keys at slots < context_length are visible to every query (spec §4). The
+        # whole context must arrive in the first step, since its tokens attend to later context tokens.
+        self.context_length = 0
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int) -> "DenseKVCache":
@@ -40,6 +43,13 @@ class DenseKVCache:
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
+        if self.context_length > start and t > 1:
+            if start or end < self.context_length:
+                raise RuntimeError(f"the bidirectional context (first {self.context_length} tokens) must be "
+                                   f"prefilled in one step, got slots {start}..{end - 1}")
+            slots = torch.arange(end, device=q.device)
+            mask = (slots[None, :] <= slots[:, None]) | (slots[None, :] < self.context_length)
+            return attention(q, keys, values, mask[None, None])
         if t == 1 or start == 0:
             return attention(q, keys, values, None, is_causal=start == 0)
         # New tokens at absolute slots start..end-1 see every earlier slot and themselves.
