@@ -147,6 +147,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from glmapp.train.config import from_args
+    from glmapp.train.run import train
+
+    train(from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmapp", description="Run and chat with ChatGLM2/ChatGLM3 models.",
                                      epilog="glmapp chat: " + CHAT_COMMANDS)
@@ -185,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapters-dir", default="adapters", help="(default: %(default)s)")
     merge.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: the base's dtype)")
     merge.set_defaults(func=cmd_merge)
+    from glmapp.train.config import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="fine-tune a LoRA adapter (QLoRA over a quantized base with --quant)",
+                           description="LoRA / QLoRA fine-tuning with transformers' Trainer and peft; writes a "
+                                       "PEFT adapter folder the app's picker lists.")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -198,3 +198,38 @@ def process_response(family: str, text: str, history=None):
             # Unparseable tool calls fall back to the metadata form instead of raising mid-chat.
             response = {"name": metadata, "content": content}
     return response
+
+
+# ---- training examples ------------------------------------------------------------------------------
+def build_training_rows(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) rows for one conversation, built with the same code as the chat prompts above.
+
+    `messages`: {role, content[, metadata][, tools][, loss]} dicts; `loss: False` leaves an assistant turn
+    untrained. Labels are -100 everywhere except over trained assistant replies and the token that ends each:
+    - chatglm3: one row, the messages encoded one by one (so the prompt before every reply equals
+      `build_prompt_ids` of that turn); the token after a reply is the next role token (a stop id) or eos.
+    - chatglm2: the prompt is the full encoding of the text so far, so an earlier reply inside a later prompt
+      is not tokenised as it was generated; each trained reply gets its own row: `build_prompt_ids` of its turn
+      + reply + eos.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.family == "chatglm2":
+        rows, history = [], []
+        for query, reply in zip(messages[0::2], messages[1::2]):
+            if reply.get("loss", True):
+                prompt = build_prompt_ids(tokenizer, query["content"], history)
+                answer = tokenizer.encode(reply["content"], add_special_tokens=False) + [eos]
+                rows.append((prompt + answer, [-100] * len(prompt) + answer))
+            history.append((query["content"], reply["content"]))
+        return rows
+    ids, labels = list(tokenizer.prefix_ids), [-100] * len(tokenizer.prefix_ids)
+    end_pending = False
+    for message in messages:
+        part = _v3_message_ids(tokenizer, message)
+        trained = message["role"] == "assistant" and message.get("loss", True)
+        # A message's role token is prompt, except after a trained reply: there it is the token ending it.
+        labels.append(part[0] if end_pending else -100)
+        labels += part[1:] if trained else [-100] * (len(part) - 1)
+        ids += part
+        end_pending = trained
+    return [(ids + [eos], labels + [eos if end_pending else -100])]
