@@ -1,4 +1,5 @@
-"""ChatGLM2/3 tokenizer: a SentencePiece model plus special ids appended after its vocab (spec §5.1, §5.2).
+"""ChatGLM tokenizers: v2/v3 (a SentencePiece model plus special ids appended after its vocab, spec §5.1, §5.2)
+and v1 (`ChatGLM1Tokenizer`: ice_text.model, special tokens inside the model, text conventions, spec §5.3).
 
 Notable choices:
 - No transformers base class; the familiar methods (`encode`, `decode`, `__call__`, ...) are provided directly.
@@ -8,6 +9,10 @@ Notable choices:
 - `StreamDecoder` turns generated ids into text deltas that never split a UTF-8 character and join to `decode`.
 - `train_demo_tokenizer` builds a small model with the same layout as the official tokenizer.model
   (BPE, byte fallback at ids 3..258 so "\\n" is 13, identity normalisation) for tests and the demo checkpoint.
+- v1 keeps its special tokens as pieces of the SentencePiece model and looks their ids up by name, so the official
+  ice_text.model (ids 130000+) and the small v1-style demo model (`train_demo_tokenizer_v1`, same pieces, low ids)
+  work alike. Newline, tab and runs of 2..80 spaces become `<n>`, `<|tab|>`, `<|blank_k|>` before SentencePiece
+  and are restored on decode; [gMASK] `<sop>` go *after* the text.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import sentencepiece as spm
 from glmapp.errors import TokenizerError
 
 FAMILIES = ("chatglm2", "chatglm3")
+V1_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
+V1_MAX_BLANK = 80
+V1_VOCAB_FILE = "ice_text.model"
 COMMON_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
@@ -60,6 +68,21 @@ def train_demo_tokenizer(corpus_dir: Path, out_file: Path, vocab_size: int = 400
         )
 
 
+def load_sentencepiece(path: Path, expected: str) -> spm.SentencePieceProcessor:
+    """Open a SentencePiece model, or raise TokenizerError naming the file (never its full path)."""
+    if not path.is_file():
+        raise TokenizerError(
+            f"expected {expected} in the model folder '{path.parent.name}', found no '{path.name}'; "
+            f"copy {expected} from the original checkpoint next to config.json"
+        )
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        # sentencepiece's message holds the absolute path; keep only the file name.
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(path), path.name)
+        raise TokenizerError(f"'{path.name}' is not a SentencePiece model ({reason}); re-download {expected}") from None
+
+
 class ChatGLMTokenizer:
     """SentencePiece tokenizer with ChatGLM2/3 special ids, left padding and `[gMASK] sop` prefix."""
 
@@ -67,19 +90,7 @@ class ChatGLMTokenizer:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         path = Path(vocab_file)
-        if not path.is_file():
-            raise TokenizerError(
-                f"expected tokenizer.model in the model folder '{path.parent.name}', found no '{path.name}'; "
-                "copy tokenizer.model from the original checkpoint next to config.json"
-            )
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as exc:
-            # sentencepiece's message holds the absolute path; keep only the file name.
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(path), path.name)
-            raise TokenizerError(
-                f"'{path.name}' is not a SentencePiece model ({reason}); re-download tokenizer.model"
-            ) from None
+        self.sp = load_sentencepiece(path, "tokenizer.model")
         self.vocab_file = str(path)
         self.family = family
         self.encode_special_tokens = encode_special_tokens
@@ -99,9 +110,12 @@ class ChatGLMTokenizer:
             self._role_pattern = None
 
     @classmethod
-    def from_pretrained(cls, directory, family: str | None = None, **kwargs) -> "ChatGLMTokenizer":
-        """Load `directory/tokenizer.model`; detect the family from tokenizer_config.json when not given."""
+    def from_pretrained(cls, directory, family: str | None = None, **kwargs):
+        """Load `directory/tokenizer.model` (v1: `ice_text.model`, a `ChatGLM1Tokenizer`); detect the family
+        from tokenizer_config.json when not given."""
         directory = Path(directory)
+        if family == "chatglm1" or (family is None and (directory / V1_VOCAB_FILE).is_file()):
+            return ChatGLM1Tokenizer(directory / V1_VOCAB_FILE)
         if family is None:
             family = detect_family(directory)
         return cls(directory / "tokenizer.model", family=family, **kwargs)
@@ -197,6 +211,138 @@ class ChatGLMTokenizer:
             batch["input_ids"].append([PAD_ID] * pad + r)
             batch["attention_mask"].append([0] * pad + [1] * len(r))
             batch["position_ids"].append([0] * pad + list(range(len(r))))
+        if return_tensors == "pt":
+            if len({len(r) for r in batch["input_ids"]}) > 1:
+                raise ValueError("rows of different lengths need padding=True to become one tensor")
+            import torch
+
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        return {k: v[0] for k, v in batch.items()} if single else batch
+
+
+# ---- v1 (ChatGLM-6B, ice_text.model) ----------------------------------------------------------------
+def v1_preprocess(text: str) -> str:
+    """Spec §5.3: newline -> <n>, tab -> <|tab|>, runs of 2..80 spaces -> <|blank_k|> (longest first)."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for k in range(V1_MAX_BLANK, 1, -1):
+        text = text.replace(" " * k, f"<|blank_{k}|>")
+    return text
+
+
+def v1_postprocess(text: str) -> str:
+    """Inverse of `v1_preprocess` on decoded text."""
+    text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+    for k in range(2, V1_MAX_BLANK + 1):
+        text = text.replace(f"<|blank_{k}|>", " " * k)
+    return text
+
+
+V1_USER_SYMBOLS = ("<n>", *V1_SPECIAL_TOKENS, "<|tab|>", *(f"<|blank_{k}|>" for k in range(2, V1_MAX_BLANK + 1)))
+
+
+def train_demo_tokenizer_v1(corpus_dir: Path, out_file: Path, vocab_size: int = 4000) -> None:
+    """A small ice_text.model look-alike: <unk> <s> </s> <pad> at 0..3, `<n>` at 4 as in the official model, then
+    the v1 special, tab and blank pieces as user-defined symbols; BPE with byte fallback on the v1-preprocessed
+    corpus (every *.txt file in `corpus_dir`). Deterministic."""
+    files = sorted(Path(corpus_dir).glob("*.txt"))
+    if not files:
+        raise TokenizerError(f"expected *.txt corpus files in '{Path(corpus_dir).name}', found none")
+    lines = [v1_preprocess(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(0)
+    with open(out_file, "wb") as model_writer:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model_writer, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
+            user_defined_symbols=list(V1_USER_SYMBOLS), normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, character_coverage=0.9995,
+            max_sentence_length=1 << 20, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
+        )
+
+
+class ChatGLM1Tokenizer:
+    """ChatGLM-6B tokenizer (spec §5.3): text ids + [gMASK] <sop>; pad `<pad>` on the left; stop on `<eop>`."""
+
+    family = "chatglm1"
+
+    def __init__(self, vocab_file, **_ignored):
+        path = Path(vocab_file)
+        self.sp = load_sentencepiece(path, V1_VOCAB_FILE)
+        self.vocab_file = str(path)
+        self.sp_vocab_size = self.vocab_size = self.sp.vocab_size()
+        missing = [t for t in V1_USER_SYMBOLS if self.sp.piece_to_id(t) == self.sp.unk_id()]
+        if missing:
+            raise TokenizerError(f"'{path.name}' is not a ChatGLM-6B tokenizer: it has no {missing[0]!r} piece; "
+                                 f"use the ice_text.model of the checkpoint")
+        self.special_tokens = {t: self.sp.piece_to_id(t) for t in V1_SPECIAL_TOKENS}
+        self.id_to_special = {i: t for t, i in self.special_tokens.items()}
+        self.pad_token_id = self.sp.piece_to_id("<pad>")
+        self.unk_token_id = self.sp.unk_id()
+        self.bos_token_id = self.special_tokens["<sop>"]
+        self.eos_token_id = self.special_tokens["<eop>"]
+        self.mask_token_id, self.gmask_token_id = self.special_tokens["[MASK]"], self.special_tokens["[gMASK]"]
+        self.suffix_ids = [self.gmask_token_id, self.bos_token_id]
+        self.prefix_ids: list[int] = []  # v1 puts nothing before the text
+        self.stop_ids = [self.eos_token_id]
+        self._skip = set(self.special_tokens.values()) | {self.pad_token_id, self.unk_token_id, 1, 2}
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "ChatGLM1Tokenizer":
+        return cls(Path(directory) / V1_VOCAB_FILE, **kwargs)
+
+    def get_command(self, token: str) -> int:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        raise KeyError(f"{token!r} is not a special token of chatglm1")
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in self.sp_encode(text)]
+
+    def convert_tokens_to_ids(self, tokens):
+        return self.sp.piece_to_id(tokens) if isinstance(tokens, str) else [self.sp.piece_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        return self.sp.id_to_piece(int(ids)) if isinstance(ids, int) else [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def sp_encode(self, text: str) -> list[int]:
+        """Text ids after the v1 pre-processing (with the dummy "▁" prefix, no special tokens)."""
+        return self.sp.encode(v1_preprocess(text)) if text else []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.sp_encode(text)
+        return ids + self.suffix_ids if add_special_tokens else ids
+
+    def build_inputs_with_special_tokens(self, ids_a: list[int], ids_b: list[int] | None = None) -> list[int]:
+        """a + [gMASK] <sop> (+ b + <eop>), as the official tokenizer (the v1 training layout, spec §6)."""
+        ids = [*ids_a, *self.suffix_ids]
+        return ids if ids_b is None else [*ids, *ids_b, self.eos_token_id]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`: pad and special ids dropped, `<n>`/`<|tab|>`/`<|blank_k|>` turned back into whitespace."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        kept = [int(i) for i in ids if int(i) not in self._skip and 0 <= int(i) < self.sp_vocab_size]
+        return v1_postprocess(self.sp.decode(kept)) if kept else ""
+
+    def __call__(self, texts, return_tensors: str | None = None, padding: bool = True):
+        """Encode one text or a batch, left-padded with `<pad>`; also returns the 2-D position_ids [2, n] per row
+        (pads get 0, spec §4/§5.3)."""
+        single = isinstance(texts, str)
+        rows = [self.encode(t) for t in ([texts] if single else texts)]
+        width = max(len(r) for r in rows) if padding else None
+        batch = {"input_ids": [], "attention_mask": [], "position_ids": []}
+        for r in rows:
+            pad = (width - len(r)) if padding else 0
+            context = r.index(self.bos_token_id)
+            mask_position = r.index(self.gmask_token_id)
+            positions = [i if i < context else mask_position for i in range(len(r))]
+            blocks = [0 if i < context else i - context + 1 for i in range(len(r))]
+            batch["input_ids"].append([self.pad_token_id] * pad + r)
+            batch["attention_mask"].append([0] * pad + [1] * len(r))
+            batch["position_ids"].append([[0] * pad + positions, [0] * pad + blocks])
         if return_tensors == "pt":
             if len({len(r) for r in batch["input_ids"]}) > 1:
                 raise ValueError("rows of different lengths need padding=True to become one tensor")
