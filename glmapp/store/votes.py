@@ -90,6 +90,16 @@ class VoteStore:
             session.flush()
             return self._view(row)
 
+    def record_comparison(self, owner: str, record: dict, choice: str, note: str = "", anonymous: bool = False,
+                          revealed_before_vote: bool = False) -> VoteRecord:
+        """Store a vote on a Compare-tab record (`{"prompt", "model", "columns": [...]}`, as written to
+        comparisons.jsonl)."""
+        if not isinstance(record, dict) or "columns" not in record:
+            raise StoreError("Run a comparison first, then vote: there is no finished comparison to vote on.")
+        return self.record(owner, prompt=str(record.get("prompt", "")), columns=list(record["columns"]), choice=choice,
+                           model=str(record.get("model") or ""), note=note, anonymous=anonymous,
+                           revealed_before_vote=revealed_before_vote)
+
     @staticmethod
     def _view(v: Vote) -> VoteRecord:
         return VoteRecord(id=v.id, owner=v.owner, created_at=as_utc(v.created_at), prompt=v.prompt, model=v.model,
