@@ -11,7 +11,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 
@@ -50,22 +49,14 @@ class GenerationStats:
 class ChatModel(ChatGLMForConditionalGeneration):
     """ChatGLM with the official `chat` / `stream_chat` API (what `glmapp.load` returns)."""
 
-    _backend_lock = threading.Lock()
     engine_config = None  # an EngineConfig for the engine created on first use (None: defaults)
 
     def backend(self, tokenizer):
-        """The LocalBackend (engine thread) serving this model, created on first use."""
+        """The LocalBackend on the one host (and engine) serving this model, started on first use."""
         from glmapp.backends import LocalBackend
 
-        with self._backend_lock:
-            current = self.__dict__.get("_glmapp_backend")
-            if current is None or current.tokenizer is not tokenizer:
-                if current is not None:
-                    current.close()
-                current = LocalBackend(self, tokenizer, engine_config=self.engine_config)
-                self.__dict__["_glmapp_backend"] = current
-                self.__dict__.setdefault("last_stats", GenerationStats())
-            return current
+        self.__dict__.setdefault("last_stats", GenerationStats())
+        return LocalBackend.for_model(self, tokenizer, self.engine_config)
 
     def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: int = 8192,
                     do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,

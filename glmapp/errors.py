@@ -34,3 +34,11 @@ class QuantizationError(GlmappError):
 
 class EngineStopped(GlmappError, RuntimeError):
     """The engine thread is shut down or died of an internal error: it takes no more requests."""
+
+
+class ModelReloading(GlmappError):
+    """A request arrived while the model is being reloaded (the old one is already freed)."""
+
+
+class Unavailable(GlmappError):
+    """The backend cannot do this (e.g. switch quantization on a remote server); the message says why."""

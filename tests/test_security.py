@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from glmapp.model_manager import BackendManager
+from glmapp.backends import LocalBackend
 from glmapp.ui import AppConfig, ServerLimits, serve
 from glmapp.ui.layout import build_ui
 from glmapp.ui.server import is_public, routes
@@ -36,7 +36,7 @@ def _free_port() -> int:
 def app(demo_v2, tmp_path_factory):
     config = AppConfig(port=_free_port(), auth=[f"{USER}:{PASSWORD}"],
                        adapters_dir=str(tmp_path_factory.mktemp("no-adapters")))
-    manager = BackendManager.load(str(demo_v2), adapters_dir=config.adapters_dir)
+    manager = LocalBackend.load(str(demo_v2), adapters_dir=config.adapters_dir)
     demo = build_ui(manager, config, LIMITS)
     url, _ = serve(demo, config, config.credentials(), LIMITS)
     yield demo, url.rstrip("/")

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API, served by the web app's own server on the same engine.
 
-`build_router(manager, keys, limiter)` makes the routes (`routes.py`); `schemas.py` holds the request and
+`build_router(backend, keys, limiter)` makes the routes (`routes.py`); `schemas.py` holds the request and
 response bodies, `generation.py` turns a request into engine requests, `keys.py` checks bearer keys,
 `limits.py` rate-limits each key, `metrics.py` serves /metrics.
 """

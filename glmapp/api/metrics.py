@@ -17,7 +17,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from glmapp.model_manager import ModelReloading
+from glmapp.errors import ModelReloading
 
 # From a few ms (a warm short prompt) to a minute (a long queue on a busy CPU).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -26,12 +26,12 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 class _EngineCollector:
     """The engine's own numbers, read when scraped."""
 
-    def __init__(self, manager):
-        self.manager = manager
+    def __init__(self, backend):
+        self.backend = backend
 
     def collect(self):
         try:
-            stats = self.manager.backend.engine.stats()
+            stats = self.backend.stats()
         except ModelReloading:
             return
         gauges = {"glmapp_engine_running_sequences": ("Sequences being generated now.", stats["running"]),
@@ -50,7 +50,7 @@ class _EngineCollector:
 class APIMetrics:
     """The counters the API's routes update, and the page that shows them with the engine's state."""
 
-    def __init__(self, manager):
+    def __init__(self, backend):
         self.registry = CollectorRegistry()
         self.requests = Counter("glmapp_api_requests", "API requests answered, by route and HTTP status.",
                                 ["route", "status"], registry=self.registry)
@@ -59,7 +59,7 @@ class APIMetrics:
         self.time_to_first_token = Histogram(
             "glmapp_api_time_to_first_token_seconds", "From an API generation request's arrival to its first "
             "text.", buckets=TTFT_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(manager))
+        self.registry.register(_EngineCollector(backend))
 
     def answered(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

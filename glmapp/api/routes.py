@@ -42,7 +42,7 @@ from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCa
 from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import AdapterError, EngineStopped, GlmappError
-from glmapp.model_manager import ModelReloading
+from glmapp.errors import ModelReloading
 
 MAX_CHOICES = 64  # prompts x n of one request
 _LOADERS = anyio.CapacityLimiter(2)  # adapter loads (file reads) run off the event loop, apart from Gradio's pool
@@ -98,9 +98,9 @@ def base_model_id(name: str) -> str:
     return path.name if path.is_dir() else name  # a local checkpoint: its folder name, not the server's path
 
 
-def build_router(manager, keys: KeyCheck, limiter: RateLimiter | None = None) -> APIRouter:
-    """The API's routes for the model `manager` serves; `keys` says who may call them, `limiter` how often."""
-    metrics = APIMetrics(manager)
+def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) -> APIRouter:
+    """The API's routes for the model `backend` serves; `keys` says who may call them, `limiter` how often."""
+    metrics = APIMetrics(backend)
     router = APIRouter(route_class=type("APIRoute", (_ErrorsAsJSON,), {"metrics": metrics}))
 
     def authorize(request: Request) -> str:
@@ -118,7 +118,7 @@ def build_router(manager, keys: KeyCheck, limiter: RateLimiter | None = None) ->
     @router.get("/health")
     async def health():
         """For load balancers, so without a key or login: says only whether the model is being served."""
-        manager.backend  # raises ModelReloading (503) while the model reloads
+        backend.context_length  # raises ModelReloading (503) while the model reloads
         return {"status": "ok"}
 
     @router.get("/metrics")
@@ -131,29 +131,27 @@ def build_router(manager, keys: KeyCheck, limiter: RateLimiter | None = None) ->
     @router.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        base = base_model_id(manager.name)
+        base = base_model_id(backend.name)
         return ModelList(data=[ModelCard(id=base, root=base)] +
-                         [ModelCard(id=name, root=name, parent=base) for name in _adapter_names(manager, base)])
+                         [ModelCard(id=name, root=name, parent=base) for name in _adapter_names(backend, base)])
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         client = authorize(request)
         body = await _parse(request, ChatCompletionRequest)
-        backend = manager.backend
-        adapter = await _adapter(manager, body.model)
+        adapter = await _adapter(backend, body.model)
         ids = chat_prompt_ids(backend.tokenizer, body.messages)
         budgets = [token_budget(backend, ids, body.token_limit(), "messages")]
         meter = admit(client, [ids], budgets, body.n)
         with meter.refund_on_error():
-            run = _Run(manager, body, [ids], budgets, adapter, meter, "chat.completion", chat_visible(backend.family))
+            run = _Run(backend, body, [ids], budgets, adapter, meter, "chat.completion", chat_visible(backend.family))
         return await run.respond(request)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
         client = authorize(request)
         body = await _parse(request, CompletionRequest)
-        backend = manager.backend
-        adapter = await _adapter(manager, body.model)
+        adapter = await _adapter(backend, body.model)
         texts = body.prompts()
         if not texts or len(texts) * body.n > MAX_CHOICES:
             raise APIError(400, f"Give 1 to {MAX_CHOICES // body.n} prompts with n={body.n}.", "prompt")
@@ -161,7 +159,7 @@ def build_router(manager, keys: KeyCheck, limiter: RateLimiter | None = None) ->
         budgets = [token_budget(backend, p, body.token_limit(), "prompt") for p in ids]
         meter = admit(client, ids, budgets, body.n)
         with meter.refund_on_error():
-            run = _Run(manager, body, ids, budgets, adapter, meter, "text_completion")
+            run = _Run(backend, body, ids, budgets, adapter, meter, "text_completion")
         return await run.respond(request)
 
     return router
@@ -199,29 +197,29 @@ def _param(loc) -> str:
     return out
 
 
-def _adapter_names(manager, base: str) -> list[str]:
-    names = [info.name for info in manager.list_adapters() if info.error is None]
-    names += [name for name in manager.loaded_adapters() if name not in names]
+def _adapter_names(backend, base: str) -> list[str]:
+    names = [info.name for info in backend.list_adapters() if info.error is None]
+    names += [name for name in backend.loaded_adapters() if name not in names]
     return [name for name in names if name != base]
 
 
-async def _adapter(manager, model: str) -> str | None:
+async def _adapter(backend, model: str) -> str | None:
     """The adapter `model` names (loaded if need be), None for the base model; 404 for anything else."""
-    base = base_model_id(manager.name)
+    base = base_model_id(backend.name)
     if model == base:
         return None
-    if model in manager.loaded_adapters():
+    if model in backend.loaded_adapters():
         return model
-    infos = {info.name: info for info in manager.list_adapters()}
+    infos = {info.name: info for info in backend.list_adapters()}
     if model not in infos:
-        served = ", ".join([base, *_adapter_names(manager, base)])
+        served = ", ".join([base, *_adapter_names(backend, base)])
         raise APIError(404, f"The model {model!r} does not exist here. Models served: {served}.", "model",
                        "model_not_found")
     if infos[model].error:
         raise APIError(400, f"Adapter {model!r} cannot be used: {infos[model].error}", "model")
     try:
         # Confined to the adapters folder; no `download`, so a hub id is never fetched from the API.
-        await anyio.to_thread.run_sync(manager.load_adapter, model, limiter=_LOADERS)
+        await anyio.to_thread.run_sync(backend.load_adapter, model, limiter=_LOADERS)
     except AdapterError as e:
         raise APIError(400, f"Adapter {model!r} cannot be used: {e}", "model") from None
     return model
@@ -280,9 +278,8 @@ class _Meter:
 class _Run:
     """One API request's choices, answered as one JSON body or as server-sent events."""
 
-    def __init__(self, manager, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None):
-        self.manager, self.body, self.kind, self.meter = manager, body, kind, meter
-        backend = manager.backend
+    def __init__(self, backend, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None):
+        self.backend, self.body, self.kind, self.meter = backend, body, kind, meter
         choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
         self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
         self.prompt_tokens = meter.prompt_tokens = sum(len(p) for p in prompt_ids)

@@ -1,4 +1,4 @@
-"""glmapp web app: `build_ui(manager)` makes the Gradio Blocks, `launch(config)` serves them."""
+"""glmapp web app: `build_ui(backend)` makes the Gradio Blocks, `launch(config)` serves them."""
 
 from __future__ import annotations
 
@@ -21,23 +21,23 @@ def __getattr__(name: str):
 
 def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None):
     """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
-    from glmapp.model_manager import BackendManager
+    from glmapp.backends import LocalBackend
     from glmapp.ui.layout import build_ui
 
     from glmapp.api import KeyCheck, RateLimiter, build_router
 
     credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
     api_keys = KeyCheck.of(config)
-    manager = BackendManager.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
+    backend = LocalBackend.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
                                   max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
                                   quant=config.quant, engine_config=config.engine_config())
-    if manager.demo:
-        print(f"[demo] Serving the demo checkpoint ({manager.name}): random weights, replies are gibberish. "
+    if backend.demo:
+        print(f"[demo] Serving the demo checkpoint ({backend.name}): random weights, replies are gibberish. "
               f"For real weights: {commands.download()}, or {commands.RUN_APP_WITH_MODEL}.",
               file=sys.stderr)
     limits = limits or ServerLimits()
-    demo = build_ui(manager, config, limits)
-    router = build_router(manager, api_keys, RateLimiter.of(config))
+    demo = build_ui(backend, config, limits)
+    router = build_router(backend, api_keys, RateLimiter.of(config))
     local_url, share_url = serve(demo, config, credentials, limits, router.routes)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
@@ -51,7 +51,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
         try:
             demo.block_thread()
         finally:
-            manager.close()
+            backend.close()
     return demo
 
 

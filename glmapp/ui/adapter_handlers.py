@@ -20,7 +20,7 @@ from typing import Callable
 
 from glmapp import adapter_hub
 from glmapp.errors import AdapterError, GlmappError
-from glmapp.model_manager import format_bytes
+from glmapp.backends import format_bytes
 from glmapp.ui import notices
 from glmapp.ui.render import safe_markdown
 
@@ -56,10 +56,10 @@ def hub_downloads(config) -> Callable[[str], Path]:
 
 
 class AdapterHandlers:
-    def __init__(self, manager, download: Callable[[str], Path] | None = None):
+    def __init__(self, backend, download: Callable[[str], Path] | None = None):
         """`download(repo_id) -> folder` fetches hub ids typed in "Load by hub id" (see `hub_downloads`);
         None: only adapters already in the Hugging Face cache load by hub id."""
-        self.manager = manager
+        self.backend = backend
         self.download = download or refuse_downloads("downloads from the hub are off in this app.")
 
     # ---- what is shown ------------------------------------------------------------------------------
@@ -67,20 +67,20 @@ class AdapterHandlers:
         """(label, value) pairs: the base model, every adapter in the folder, then loaded hub/path ones."""
         out = [(BASE_LABEL, BASE)]
         listed = set()
-        for info in self.manager.list_adapters():
+        for info in self.backend.list_adapters():
             listed.add(info.name)
             if info.name == BASE:
                 continue  # a folder named like the base entry cannot be chosen; the table says so
             out.append((info.name if info.error is None else f"{info.name} (unavailable)", info.name))
-        out += [(f"{name} (loaded)", name) for name in self.manager.loaded_adapters() if name not in listed]
+        out += [(f"{name} (loaded)", name) for name in self.backend.loaded_adapters() if name not in listed]
         return out
 
     def table(self, active: str | None = None) -> str:
         """Markdown table of the adapters with base model, rank, alpha, target modules, size and status."""
-        infos = self.manager.list_adapters()
-        loaded = set(self.manager.loaded_adapters())
+        infos = self.backend.list_adapters()
+        loaded = set(self.backend.loaded_adapters())
         if not infos and not loaded:
-            return (f"No adapters in `{cell(self.manager.adapters_dir)}/`. Put PEFT LoRA folders "
+            return (f"No adapters in `{cell(self.backend.adapters_dir)}/`. Put PEFT LoRA folders "
                     f"(`adapter_config.json` + `adapter_model.safetensors`) there and press Refresh, "
                     f"or load one by hub id below.")
         rows = ["| Adapter | Base model | Rank | Alpha | Target modules | Size | Status |",
@@ -116,9 +116,9 @@ class AdapterHandlers:
         choice = (choice or BASE).strip()
         if choice == BASE:
             return None, self.status(None)
-        if choice == active and choice in self.manager.loaded_adapters():
+        if choice == active and choice in self.backend.loaded_adapters():
             return active, self.status(active)
-        broken = {i.name: i.error for i in self.manager.list_adapters() if i.error}
+        broken = {i.name: i.error for i in self.backend.list_adapters() if i.error}
         if choice in broken:
             return self._refuse(choice, broken[choice], active)
         return self._load(choice, active, reload=False)
@@ -135,7 +135,7 @@ class AdapterHandlers:
 
     def _load(self, spec: str, active: str | None, reload: bool, download=None) -> tuple[str | None, str]:
         try:
-            info = self.manager.load_adapter(spec, reload=reload, download=download)
+            info = self.backend.load_adapter(spec, reload=reload, download=download)
         except GlmappError as e:  # AdapterError, or the model is reloading
             return self._refuse(spec, str(e), active)
         notices.info(f"Adapter {info.name} is active in this tab (rank {info.r}, alpha {info.alpha:g}); "

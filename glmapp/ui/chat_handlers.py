@@ -144,8 +144,8 @@ def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = 
 
 
 class ChatHandlers:
-    def __init__(self, manager, active: ActiveRequests | None = None, max_new_tokens: int | None = None):
-        self.manager = manager
+    def __init__(self, backend, active: ActiveRequests | None = None, max_new_tokens: int | None = None):
+        self.backend = backend
         self.active = active or ActiveRequests()
         self.max_new_tokens = max_new_tokens  # the server's cap (--max-new-tokens); None = the context length
         self._lock = threading.Lock()
@@ -155,7 +155,7 @@ class ChatHandlers:
                  adapter=None) -> ChatSettings:
         """The settings panel's raw values, checked (gr.Error names the first bad one and its range)."""
         try:
-            context_length = self.manager.backend.context_length
+            context_length = self.backend.context_length
         except GlmappError as e:
             raise notices.error(e) from None
         return ChatSettings.from_inputs(
@@ -223,7 +223,7 @@ class ChatHandlers:
         """The cleaned query; raises gr.Error when it is empty or does not fit the prompt."""
         query = _non_empty(query)
         try:
-            backend = self.manager.backend
+            backend = self.backend
             backend.prepare_chat(query, to_family_history(backend.family, before), self._system(backend, settings),
                                  settings.max_length)
         except GlmappError as e:
@@ -242,9 +242,9 @@ class ChatHandlers:
         message from it is accepted."""
         query = _non_empty(query)
         try:
-            backend = self.manager.backend
+            backend = self.backend
             if settings.adapter:  # instant when resident; loads it again if a model reload could not keep it
-                self.manager.load_adapter(settings.adapter)
+                self.backend.load_adapter(settings.adapter)
             params = settings.sampling()
             history = to_family_history(backend.family, before)
             handles = []
@@ -284,7 +284,7 @@ class ChatHandlers:
         yield chatbot_messages(messages), messages, gr.skip(), done
 
     def _stats(self, update, settings: ChatSettings) -> str:
-        return stats_line(update.usage, int(settings.max_length), self.manager.memory(), update.finish_reason,
+        return stats_line(update.usage, int(settings.max_length), self.backend.memory(), update.finish_reason,
                           settings.adapter)
 
     def _claim(self, sid: str) -> bool:

@@ -40,9 +40,9 @@ def column_stats(usage, finish_reason=None, adapter: str | None = None) -> str:
 
 
 class CompareHandlers:
-    def __init__(self, manager, comparisons_file: str | Path, active: ActiveRequests | None = None,
+    def __init__(self, backend, comparisons_file: str | Path, active: ActiveRequests | None = None,
                  max_new_tokens: int | None = None):
-        self.manager = manager
+        self.backend = backend
         self.max_new_tokens = max_new_tokens  # the server's cap (--max-new-tokens); None = the context length
         self.comparisons_file = Path(comparisons_file)
         self.active = active or ActiveRequests()
@@ -60,7 +60,7 @@ class CompareHandlers:
         n = COLUMNS.check(n_columns)
         sid = session_id(request)
         try:
-            backend = self.manager.backend
+            backend = self.backend
         except GlmappError as e:
             raise notices.error(e) from None
         ranges = setting_ranges(backend.context_length, self.max_new_tokens)
@@ -79,7 +79,7 @@ class CompareHandlers:
                 s.sampling()
                 backend.prepare_chat(prompt, [])  # input errors are reported before anything starts
                 if adapter:  # instant when resident
-                    self.manager.load_adapter(adapter)
+                    self.backend.load_adapter(adapter)
             except GlmappError as e:
                 raise notices.error(f"Column {LABELS[i]}: {e}") from None
             settings.append(s)
@@ -139,7 +139,7 @@ class CompareHandlers:
                 h.cancel() if not h.done else None
                 self.active.done(sid, h)
         record = {
-            "prompt": prompt, "model": self.manager.info().name,
+            "prompt": prompt, "model": self.backend.info().name,
             "columns": [{"label": LABELS[i], "adapter": s.adapter,
                          "settings": {"temperature": s.temperature, "top_p": s.top_p,
                                       "seed": s.seed, "max_new_tokens": s.max_new_tokens},

@@ -39,24 +39,24 @@ def gpu_decorator():
     return spaces.GPU
 
 
-def build_ui(manager, config: AppConfig | None = None, limits: ServerLimits | None = None) -> gr.Blocks:
+def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | None = None) -> gr.Blocks:
     config, limits = config or AppConfig(), limits or ServerLimits()
     active = ActiveRequests()
-    chat = ChatHandlers(manager, active, config.max_new_tokens)
-    compare = CompareHandlers(manager, config.comparisons_file, active, config.max_new_tokens)
-    picker = AdapterHandlers(manager, hub_downloads(config))
+    chat = ChatHandlers(backend, active, config.max_new_tokens)
+    compare = CompareHandlers(backend, config.comparisons_file, active, config.max_new_tokens)
+    picker = AdapterHandlers(backend, hub_downloads(config))
     choices = picker.choices()
     with gr.Blocks(title="glmapp · ChatGLM chat", delete_cache=limits.cache_sweep) as demo:
         gr.Markdown("## glmapp · chat with ChatGLM on your machine")
-        gr.Markdown(model_handlers.demo_banner(manager), elem_id="demo-banner", visible=manager.demo)
+        gr.Markdown(model_handlers.demo_banner(backend), elem_id="demo-banner", visible=backend.demo)
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat_widgets = create_chat_tab(chat, manager, config, adapter, choices)
+                chat_widgets = create_chat_tab(chat, backend, config, adapter, choices)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                compare_widgets = create_compare_tab(compare, manager, config, choices)
+                compare_widgets = create_compare_tab(compare, backend, config, choices)
             with gr.Tab("Model", id="model", elem_id="tab-model"):
-                model_widgets = create_model_panel(manager, picker, adapter, choices)
+                model_widgets = create_model_panel(backend, picker, adapter, choices)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         demo.unload(chat.closed)
     return demo
@@ -105,8 +105,7 @@ def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model:
               api_visibility="private", show_progress="hidden")  # a new tab sees the adapters folder as it is now
 
 
-def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> dict:
-    backend = manager.backend
+def create_settings_panel(backend, config: AppConfig, adapter_choices: list) -> dict:
     d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
     ranges = setting_ranges(backend.context_length, config.max_new_tokens)  # the handlers check the same table
 
@@ -132,7 +131,7 @@ def create_settings_panel(manager, config: AppConfig, adapter_choices: list) -> 
     return w
 
 
-def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.State, adapter_choices: list) -> dict:
+def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.State, adapter_choices: list) -> dict:
     gpu = gpu_decorator()
     with gr.Row():
         with gr.Column(scale=4):
@@ -154,7 +153,7 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
             # Shown once there is something to download (an empty upload box reads as an invitation to drop files).
             export_file = gr.File(label="Download", elem_id="export-file", interactive=False, visible=False)
         with gr.Column(scale=2):
-            settings = create_settings_panel(manager, config, adapter_choices)
+            settings = create_settings_panel(backend, config, adapter_choices)
     messages = gr.State([])
     setting_inputs = [settings[k] for k in ("system", "max_length", "max_new_tokens", "temperature", "top_p",
                                             "top_k", "repetition_penalty", "seed")]
@@ -180,7 +179,7 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
 
     def export(kind: str):
         def handler(history, system, *values):
-            record = conversation_record(history, system or "", vars(manager.info()),
+            record = conversation_record(history, system or "", vars(backend.info()),
                                          dict(zip(["max_length", "max_new_tokens", "temperature", "top_p",
                                                    "top_k", "repetition_penalty", "seed", "adapter"], values)))
             path = write_json(record, "conversation") if kind == "json" else write_html(record)
@@ -194,10 +193,10 @@ def create_chat_tab(chat: ChatHandlers, manager, config: AppConfig, adapter: gr.
     return dict(chatbot=chatbot, textbox=textbox, messages=messages, stats=stats, **settings)
 
 
-def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, adapter_choices: list) -> dict:
+def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, adapter_choices: list) -> dict:
     gpu = gpu_decorator()
-    d = ChatSettings.defaults(manager.backend.family, manager.backend.context_length, config.max_new_tokens)
-    ranges = setting_ranges(manager.backend.context_length, config.max_new_tokens)
+    d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
+    ranges = setting_ranges(backend.context_length, config.max_new_tokens)
     gr.Markdown("One prompt, several columns, each with its own LoRA adapter (or the base model) and sampling "
                 "settings. All columns are submitted together and the engine decodes them **as one batched generation**, so they stream at the "
                 "same time; each column shows its own tokens/s.")
@@ -264,12 +263,12 @@ def create_compare_tab(compare: CompareHandlers, manager, config: AppConfig, ada
     return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters)
 
 
-def create_model_panel(manager, picker: AdapterHandlers, adapter: gr.State, adapter_choices: list) -> dict:
+def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adapter_choices: list) -> dict:
     w = {}
     with gr.Row():
         with gr.Column(scale=3):
-            w["info"] = gr.Markdown(model_handlers.model_info_markdown(manager), elem_id="model-info")
-            gr.Markdown(f"#### Adapters in `{manager.adapters_dir}/`")
+            w["info"] = gr.Markdown(model_handlers.model_info_markdown(backend), elem_id="model-info")
+            gr.Markdown(f"#### Adapters in `{backend.adapters_dir}/`")
             w["adapter_table"] = gr.Markdown(picker.table(None), elem_id="adapter-table")
         with gr.Column(scale=2, elem_id="model-options"):
             gr.Markdown("#### LoRA adapter")
@@ -286,13 +285,13 @@ def create_model_panel(manager, picker: AdapterHandlers, adapter: gr.State, adap
             w["adapter_refresh"] = gr.Button("Refresh adapter list", size="sm", elem_id="adapter-refresh-btn")
             gr.Markdown("#### Quantization and precision")
             with gr.Row():
-                w["quant"] = gr.Dropdown(model_handlers.quant_choices(manager), value=manager.info().quant,
+                w["quant"] = gr.Dropdown(model_handlers.quant_choices(backend), value=backend.info().quant,
                                          label="Quantization", elem_id="quant-choice", scale=3,
                                          info="Frees the current weights, then loads the checkpoint in this "
                                               "mode; adapters are re-applied. On failure the previous mode "
                                               "is loaded again.")
                 quantize = gr.Button("Reload quantized", scale=1, min_width=80, elem_id="quant-reload-btn")
-            w["dtype"] = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=manager.dtype_choice,
+            w["dtype"] = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=backend.dtype_choice,
                                   label="Precision (dtype)", elem_id="dtype-choice",
                                   info="Reloading frees the current model first, then loads the new one; chat "
                                        "histories and loaded adapters are kept. If it fails, the previous "
@@ -301,16 +300,16 @@ def create_model_panel(manager, picker: AdapterHandlers, adapter: gr.State, adap
             refresh = gr.Button("Refresh info", size="sm", elem_id="refresh-info-btn")
 
     def do_reload(choice, active, progress=gr.Progress()):
-        return model_handlers.reload_model(manager, choice, progress), picker.table(active)
+        return model_handlers.reload_model(backend, choice, progress), picker.table(active)
 
     reload.click(do_reload, [w["dtype"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
                  concurrency_limit=1, api_visibility="private")
 
     def do_quantize(mode, active, progress=gr.Progress()):
-        return model_handlers.switch_quantization(manager, mode, progress), picker.table(active)
+        return model_handlers.switch_quantization(backend, mode, progress), picker.table(active)
 
     quantize.click(do_quantize, [w["quant"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
                    concurrency_limit=1, api_visibility="private")
-    refresh.click(lambda: model_handlers.model_info_markdown(manager), None, w["info"], concurrency_limit=None,
+    refresh.click(lambda: model_handlers.model_info_markdown(backend), None, w["info"], concurrency_limit=None,
                   api_visibility="private")
     return w

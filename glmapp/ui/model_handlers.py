@@ -4,45 +4,49 @@ from __future__ import annotations
 
 from glmapp import commands
 from glmapp.errors import GlmappError
-from glmapp.model_manager import ReloadFailed, ReloadResult
+from glmapp.backends import ReloadResult
+from glmapp.host import ReloadFailed
 from glmapp.ui import notices
 
 
-def model_info_markdown(manager) -> str:
+def model_info_markdown(backend) -> str:
     try:
-        info = manager.info().as_markdown()
+        info = backend.info().as_markdown()
     except GlmappError as e:  # the model is being reloaded
         return str(e)
-    return info + f"\n\nMemory in use: {manager.memory()}"
+    return info + f"\n\nMemory in use: {backend.memory()}"
 
 
-def demo_banner(manager) -> str:
-    if not manager.demo:
+def demo_banner(backend) -> str:
+    if not backend.demo:
         return ""
-    why = f"\n\nWhy: {manager.notice}" if manager.notice else ""
+    why = f"\n\nWhy: {backend.notice}" if backend.notice else ""
     return ("⚠️ **Demo checkpoint: tiny model with random weights, so replies are gibberish.** Everything else "
             "works for real. To chat with ChatGLM2-6B, download it once with "
             f"`{commands.download()}` and restart `{commands.RUN_APP}`, or point the app at a "
             f"checkpoint folder with `{commands.RUN_APP_WITH_MODEL}`." + why)
 
 
-def quant_choices(manager) -> list[tuple[str, str]]:
+def quant_choices(backend) -> list[tuple[str, str]]:
     """(label, value) per quantization mode; one that cannot run here is marked with the reason (the
     dropdown cannot disable single entries, and choosing one is refused with that reason)."""
-    from glmapp.quant import MODES, available_modes
+    from glmapp.choices import QUANT_MODES as MODES
 
-    reasons = available_modes(manager.backend.model.transformer.output_layer.weight.device)
+    try:
+        reasons = backend.quant_choices()
+    except GlmappError as e:  # being reloaded, or a backend that cannot switch (it says why)
+        reasons = {mode: str(e) for mode in MODES}
     return [(mode if reasons.get(mode) is None else f"{mode} (unavailable: {reasons[mode]})", mode) for mode in MODES]
 
 
-def switch_quantization(manager, mode: str, progress=None) -> str:
+def switch_quantization(backend, mode: str, progress=None) -> str:
     """Free the model, load it in quantization `mode`, re-apply adapters; returns the new model info.
 
     An unavailable mode is refused before anything is freed; if loading fails, the previous mode is
     loaded again and the error shown."""
     report = (lambda fraction, desc: progress(fraction, desc=desc)) if progress is not None else None
     try:
-        result = manager.quantize(mode, report)
+        result = backend.quantize(mode, report)
     except ReloadFailed as e:
         raise notices.error(f"{e} Adapters: {adapters_note(e.result).strip(' ()') or 'none'}.") from None
     except GlmappError as e:
@@ -52,17 +56,17 @@ def switch_quantization(manager, mode: str, progress=None) -> str:
                             f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
     notices.info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
-    return model_info_markdown(manager)
+    return model_info_markdown(backend)
 
 
-def reload_model(manager, dtype: str, progress=None) -> str:
+def reload_model(backend, dtype: str, progress=None) -> str:
     """Free the model, load it in `dtype`, re-apply resident adapters; returns the new model info.
 
     On failure the previous dtype is loaded again and the error is shown; chat histories live in the
     browser and are unaffected either way."""
     report = (lambda fraction, desc: progress(fraction, desc=desc)) if progress is not None else None
     try:
-        result = manager.reload(dtype, report)
+        result = backend.reload(dtype, report)
     except ReloadFailed as e:
         raise notices.error(f"Reload as {dtype} failed: {e}. The previous model was loaded again "
                             f"({e.result.info.dtype}){adapters_note(e.result)}.") from None
@@ -73,7 +77,7 @@ def reload_model(manager, dtype: str, progress=None) -> str:
                             f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
     notices.info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
-    return model_info_markdown(manager)
+    return model_info_markdown(backend)
 
 
 def _warn_dropped(result: ReloadResult) -> None:

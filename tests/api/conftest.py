@@ -10,7 +10,7 @@ import pytest
 
 from glmapp.api import KeyCheck, build_router
 from glmapp.api.routes import base_model_id
-from glmapp.model_manager import BackendManager
+from glmapp.backends import LocalBackend
 from glmapp.ui import serve
 from glmapp.ui.config import AppConfig
 from glmapp.ui.server import ServerLimits
@@ -28,7 +28,7 @@ def _free_port() -> int:
 @dataclass
 class Served:
     url: str  # the web app's root
-    manager: BackendManager
+    manager: LocalBackend
     model: str  # the base model's id in /v1/models
     key: str | None = None  # the API key it accepts (None: open)
 
@@ -56,7 +56,7 @@ def _serve(manager, tmp, limiter=None, **settings):
 
 @pytest.fixture(scope="session")
 def api_manager(demo_v2, adapters_copy):
-    manager = BackendManager.load(str(demo_v2), max_input_tokens=MAX_INPUT_TOKENS,
+    manager = LocalBackend.load(str(demo_v2), max_input_tokens=MAX_INPUT_TOKENS,
                                   adapters_dir=str(adapters_copy("api-adapters", corrupt=["corrupt"])))
     yield manager
     manager.close()

@@ -63,7 +63,7 @@ def test_metrics_show_the_engines_state(served):
     manager = served.manager
     wait_for(lambda: engine_idle(manager), "an idle engine")
     idle = scrape(served)
-    stats = manager.backend.engine.stats()
+    stats = manager.engine.stats()
     assert idle[("glmapp_engine_running_sequences", ())] == 0
     assert idle[("glmapp_engine_waiting_sequences", ())] == 0
     assert idle[("glmapp_kv_cache_blocks", ())] == stats["num_blocks"] > 0

@@ -21,14 +21,14 @@ WAIT_S = 30
 
 def engine_chat(manager, query, history=(), max_new_tokens=12, adapter=None, params=GREEDY):
     """The web chat's path (LocalBackend.chat_stream): final reply text and usage."""
-    *_, last = manager.backend.chat_stream(query, list(history), max_new_tokens=max_new_tokens, params=params,
+    *_, last = manager.chat_stream(query, list(history), max_new_tokens=max_new_tokens, params=params,
                                            adapter=adapter)
     return last.response, last.usage
 
 
 def engine_text(manager, prompt, max_new_tokens=12, params=GREEDY):
     """The engine on the raw prompt's ids: text and usage."""
-    backend = manager.backend
+    backend = manager
     handle = backend.submit(GenerationRequest(backend.tokenizer.encode(prompt), params, max_new_tokens))
     deltas = list(handle)
     return "".join(d.text for d in deltas), deltas[-1].usage
@@ -43,7 +43,7 @@ def wait_for(condition, what: str, timeout: float = WAIT_S):
 
 
 def engine_idle(manager) -> bool:
-    stats = manager.backend.engine.stats()
+    stats = manager.engine.stats()
     return stats["running"] == 0 and stats["waiting"] == 0
 
 
@@ -150,7 +150,7 @@ def test_completions_take_the_raw_prompt_without_chat_template(served):
     out = served.client().completions.create(model=served.model, prompt="The capital of France is",
                                              temperature=0, max_tokens=10)
     assert out.choices[0].text == text
-    assert out.usage.prompt_tokens == usage.prompt_tokens == len(served.manager.backend.tokenizer.encode(
+    assert out.usage.prompt_tokens == usage.prompt_tokens == len(served.manager.tokenizer.encode(
         "The capital of France is"))
 
 
@@ -204,7 +204,7 @@ def test_a_client_leaving_a_stream_cancels_its_request(served):
             "messages": [{"role": "user", "content": "a very long reply"}]}) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
-        assert manager.backend.engine.stats()["running"] == 1
+        assert manager.engine.stats()["running"] == 1
     wait_for(lambda: engine_idle(manager), "the engine to drop the request of the client that left")
 
 
@@ -217,7 +217,7 @@ def test_a_client_leaving_a_plain_request_cancels_it(served):
     with socket.create_connection((host, int(port)), timeout=WAIT_S) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_for(lambda: manager.backend.engine.stats()["running"] == 1, "the request to run")
+        wait_for(lambda: manager.engine.stats()["running"] == 1, "the request to run")
     wait_for(lambda: engine_idle(manager), "the engine to drop the request of the client that left")
 
 
@@ -250,7 +250,7 @@ def test_a_prompt_over_the_limit_is_a_400_that_says_the_limit(served):
                                                 messages=[{"role": "user", "content": "word " * 200}])
     assert error_of(e)["code"] == "context_length_exceeded" and f"limit of {served.manager.max_input_tokens} tokens" in \
         error_of(e)["message"]
-    context = served.manager.backend.context_length
+    context = served.manager.context_length
     with pytest.raises(openai.BadRequestError) as e:
         served.client().completions.create(model=served.model, prompt="hi", max_tokens=context)
     assert error_of(e)["param"] == "max_tokens" and f"context is {context} tokens" in error_of(e)["message"]
@@ -295,7 +295,7 @@ def test_during_a_model_reload_the_api_answers_503_then_serves_again(served):
         release.wait(WAIT_S)
         return glmapp.load(manager.name)
 
-    reload = threading.Thread(target=manager.switch, args=(load_after_release, lambda: glmapp.load(manager.name),
+    reload = threading.Thread(target=manager.host._swap, args=(load_after_release, lambda: glmapp.load(manager.name),
                                                            "the same model"))
     reload.start()
     try:

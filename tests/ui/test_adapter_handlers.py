@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import glmapp
-from glmapp.model_manager import BackendManager
+from glmapp.backends import LocalBackend
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers
 from glmapp.ui.chat_handlers import ChatHandlers
 from glmapp.ui.compare_handlers import CompareHandlers
@@ -31,7 +31,7 @@ def adapters_dir(adapters_copy):
 def manager(demo_v2, adapters_dir):
     """Shared by the tests that only load adapters and chat (adapters stay resident: no test depends on
     which ones another test loaded)."""
-    m = BackendManager.load(str(demo_v2), adapters_dir=str(adapters_dir))
+    m = LocalBackend.load(str(demo_v2), adapters_dir=str(adapters_dir))
     yield m
     m.close()
 
@@ -40,7 +40,7 @@ def manager(demo_v2, adapters_dir):
 def own_manager(demo_v2, adapters_dir):
     """A manager of its own for a test that reloads or re-quantizes the model (the shared one stays float32,
     unquantized, whatever order the tests run in)."""
-    m = BackendManager.load(str(demo_v2), adapters_dir=str(adapters_dir))
+    m = LocalBackend.load(str(demo_v2), adapters_dir=str(adapters_dir))
     yield m
     m.close()
 
@@ -79,7 +79,7 @@ def test_choosing_an_adapter_changes_the_greedy_reply_and_none_restores_it(picke
     base, base_stats = reply(chat)
     assert "base model" in base_stats
     active, status = picker.select("all", None)
-    assert active == "all" and "all" in status and "all" in picker.manager.loaded_adapters()
+    assert active == "all" and "all" in status and "all" in picker.backend.loaded_adapters()
     tuned, stats = reply(chat, active)
     assert tuned != base and stats.startswith("adapter all ·")
     active, _ = picker.select(BASE, active)
@@ -105,7 +105,7 @@ def test_a_failing_adapter_load_warns_and_keeps_the_previous_choice(picker, choi
     active, _ = picker.select("qkv", None)
     with pytest.warns(UserWarning, match=f"Could not load adapter '{choice}'.*{why}.*Still using qkv"):
         active, status = picker.select(choice, active)
-    assert active == "qkv" and "Still using qkv" in status and choice not in picker.manager.loaded_adapters()
+    assert active == "qkv" and "Still using qkv" in status and choice not in picker.backend.loaded_adapters()
 
 
 @pytest.mark.parametrize("spec", ["../x", "../ui-adapters0/qkv", "/etc", "qkv/../../x"])
@@ -151,7 +151,7 @@ def test_reload_frees_the_old_model_first_and_keeps_adapters(own_manager, monkey
     for name in ("all", "qkv", "mlp"):
         manager.load_adapter(name)
     tuned_before, _ = reply(chat, "all")
-    old_model = weakref.ref(manager.backend.model)
+    old_model = weakref.ref(manager.model)
     real_load, old_alive_at_load = glmapp.load, []
 
     def spy(*args, **kwargs):
@@ -195,7 +195,7 @@ def test_a_request_during_a_reload_gets_a_clear_message(own_manager, monkeypatch
     manager, chat = own_manager, ChatHandlers(own_manager)
     import gradio as gr
 
-    monkeypatch.setattr(manager, "_backend", None)  # the state between freeing the old model and the new one
+    monkeypatch.setattr(manager.host, "_engine", None)  # the state between freeing the old model and the new one
     with pytest.raises(gr.Error, match="being reloaded"):
         reply(chat)
     assert "being reloaded" in __import__("glmapp.ui.model_handlers").ui.model_handlers.model_info_markdown(manager)
@@ -215,13 +215,13 @@ def test_quantization_switch_keeps_adapters_refuses_unavailable_modes_and_recove
     tuned_int8, stats = reply(chat, "all")
     assert tuned_int8 != base_int8 and stats.startswith("adapter all")
 
-    serving = manager.backend
+    serving = manager.model
     monkeypatch.setattr("glmapp.quant.available_modes", lambda device="cpu": {
         "none": None, "int8": None, "int4": "needs a kernel this machine lacks", "bnb-int8": None, "bnb-nf4": None})
     assert "int4 (unavailable: needs a kernel this machine lacks)" in dict(quant_choices(manager))
     with pytest.raises(gr.Error, match="needs a kernel this machine lacks"):
         switch_quantization(manager, "int4")
-    assert manager.backend is serving  # refused before anything was freed
+    assert manager.model is serving  # refused before anything was freed
     monkeypatch.undo()
 
     import glmapp.checkpoint
@@ -251,7 +251,7 @@ def test_adapter_names_in_pop_ups_show_as_text(demo_v2, html_adapters, capsys):
 
     root, name = html_adapters
     shutil.copytree(root / "qkv", root / name, dirs_exist_ok=True)
-    manager = BackendManager.load(str(demo_v2), adapters_dir=str(root))
+    manager = LocalBackend.load(str(demo_v2), adapters_dir=str(root))
     try:
         picker = AdapterHandlers(manager)
         escaped = "&lt;img src=x onerror=alert(1)&gt;"

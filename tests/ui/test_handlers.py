@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from glmapp.model_manager import BackendManager
+from glmapp.backends import LocalBackend
 from glmapp.ui.chat_handlers import BUSY, ChatHandlers, to_family_history
 from glmapp.ui.compare_handlers import CompareHandlers
 from glmapp.ui.config import AppConfig, ConfigError, load_config
@@ -24,7 +24,7 @@ EVIL = "<script>alert(1)</script> <img src=x onerror=alert(1)> [x](javascript:al
 
 @pytest.fixture(scope="module")
 def manager(demo_v2):
-    m = BackendManager.load(str(demo_v2), max_input_tokens=64)
+    m = LocalBackend.load(str(demo_v2), max_input_tokens=64)
     yield m
     m.close()
 
@@ -132,8 +132,8 @@ def test_too_long_message_names_the_limit(chat):
 
 
 def test_engine_error_in_one_request_is_reported_and_the_next_works(chat, monkeypatch):
-    engine = chat.manager.backend.engine
-    norm = chat.manager.backend.model.transformer.encoder.final_layernorm
+    engine = chat.backend.engine
+    norm = chat.backend.model.transformer.encoder.final_layernorm
     errors = engine.error_count
 
     def fail(*args, **kwargs):  # runs in the engine thread, inside the real step
@@ -193,7 +193,7 @@ def test_family_history_formats():
 
 
 def test_system_prompt_is_used_for_chatglm3(demo_v3):
-    manager = BackendManager.load(str(demo_v3))
+    manager = LocalBackend.load(str(demo_v3))
     try:
         _, messages, _, _ = run(ChatHandlers(manager).send("hi", [], **{**GREEDY, "system": "Be brief."}))
         assert len(messages) == 2
@@ -222,7 +222,7 @@ COLUMNS = [None, 0, 0.8, 1, "none", 0.95, 0.8, 7, None, 0.8, 0.8, 1, None, 0.8, 
 def test_compare_columns_are_decoded_together_in_the_same_engine_steps(manager, tmp_path):
     """The engine is held between steps until both columns are submitted: if the handler ran the columns one
     after another, the second would never arrive; if the engine ran them one after another, the steps would add up."""
-    engine, tab = manager.backend.engine, SimpleNamespace(session_hash="compare-tab")
+    engine, tab = manager.engine, SimpleNamespace(session_hash="compare-tab")
     compare = CompareHandlers(manager, tmp_path / "votes.jsonl")
     release, held = threading.Event(), threading.Event()
     holder = threading.Thread(target=engine.call, args=(lambda: (held.set(), release.wait(60)),))
@@ -320,13 +320,13 @@ def test_engine_settings_reach_the_engine_and_survive_a_reload():
     assert load_config([], {}).engine_config().kv_cache_mb is None
     with pytest.raises(ConfigError, match="--kv-cache-mb must be at least 1"):
         load_config(["--kv-cache-mb", "0"], {})
-    manager = BackendManager.load(demo=True, engine_config=load_config(["--kv-cache-mb", "3"], {}).engine_config())
+    manager = LocalBackend.load(demo=True, engine_config=load_config(["--kv-cache-mb", "3"], {}).engine_config())
     try:
-        model = manager.backend.model
+        model = manager.model
         per_block = PagedKVCache.bytes_per_block(model.config, 16, model.dtype)
         expected = (3 * 2**20 // per_block) * 16  # 3 MB of KV, not the 512 MB default
-        assert manager.backend.engine.capacity_tokens == expected
+        assert manager.engine.capacity_tokens == expected
         manager.reload("float32")
-        assert manager.backend.engine.capacity_tokens == expected
+        assert manager.engine.capacity_tokens == expected
     finally:
         manager.close()

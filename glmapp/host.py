@@ -1,0 +1,338 @@
+"""ModelHost: the one owner of the served model's life — load, reload in another dtype or quantization
+(with rollback), adapters, the one engine on its weights, and freeing it all.
+
+Notable choices:
+- One engine per model, ever: every user of a model (the web app, the API, `model.chat()` in a script)
+  reaches it through the host registered for that model (`ModelHost.of`), so two engines never run on the
+  same weights. The registry is keyed by the model object's id and cleared when the host frees it.
+- A reload FREES the old model before the new one loads (engine shut down, references dropped,
+  `gc.collect`, CUDA cache emptied), so a 6B model never needs room for two copies. Generations running at
+  that moment end as "cancelled"; new ones get `ModelReloading` until the swap. If the new load fails, the
+  previous settings are loaded again and the error is reported (`ReloadFailed` carries the result).
+- Dtype and quantization reloads are one path (`_swap`): only how the new weights are made differs (a fresh
+  load from the checkpoint, or `glmapp.quant.switch_quantization`, which streams the weights in the new mode).
+- Adapters are loaded once and stay resident (switching between them is instant); the validated CPU copy of
+  each is kept, so a reload re-applies them to the new model without reading them again.
+- Which adapter a reply uses is the caller's choice per request: the host holds no per-user state.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapters, resolve_adapter
+from glmapp.backends.base import DTYPES, ModelInfo, ReloadResult, format_bytes
+from glmapp.backends.handle import RequestHandle
+from glmapp.checkpoint import DEFAULT_MODEL
+from glmapp.errors import AdapterError, CheckpointError, GlmappError, ModelReloading
+
+FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2  # up to 5 s for running streams to let go of the old model
+_HOSTS: dict[int, "ModelHost"] = {}  # id(model) -> its host, while the host serves it
+_HOSTS_LOCK = threading.Lock()
+
+
+class ReloadFailed(GlmappError):
+    """The new model could not be loaded; the previous one was loaded again (`result`)."""
+
+    def __init__(self, cause: BaseException, result: ReloadResult):
+        super().__init__(f"{type(cause).__name__}: {cause}" if not isinstance(cause, GlmappError) else str(cause))
+        self.cause = cause
+        self.result = result
+
+
+def device_memory(device: torch.device) -> str:
+    """A short 'memory in use' text for the device the model runs on."""
+    if device.type == "cuda":
+        used = torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return f"{format_bytes(used)} / {format_bytes(total)} GPU"
+    import psutil
+
+    return f"{format_bytes(psutil.Process().memory_info().rss)} RAM (process)"
+
+
+class ModelHost:
+    def __init__(self, model, tokenizer, name: str, *, demo: bool = False, notice: str = "", device: str = "auto",
+                 max_input_tokens: int | None = None, adapters_dir: str = "adapters", engine_config=None,
+                 dtype: str = "auto", quant: str | None = None):
+        self.name = name
+        self.demo = demo
+        self.notice = notice  # why the demo checkpoint is used, shown in the banner
+        self.device = device
+        self.max_input_tokens_setting = max_input_tokens
+        self.adapters_dir = adapters_dir
+        self.engine_config = engine_config  # kept for the engines of reloaded models
+        self.dtype_choice = dtype
+        self.quant_choice = quant  # None = as stored in the checkpoint
+        self._model = self._tokenizer = self._engine = None
+        self._reload_lock = threading.Lock()
+        self._adapter_lock = threading.Lock()  # one adapter load at a time (two tabs picking the same one)
+        self._start(model, tokenizer)
+
+    # ---- finding and making hosts ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | None = None, *, demo: bool = False, dtype: str = "auto", device: str = "auto",
+             max_input_tokens: int | None = None, adapters_dir: str = "adapters",
+             quant: str | None = None, engine_config=None) -> ModelHost:
+        """--model, else the default model from the cache, else the demo checkpoint (with the reason kept)."""
+        import glmapp
+        from glmapp.demo import ensure_demo
+
+        notice = ""
+        if not demo:
+            try:
+                name = model or DEFAULT_MODEL
+                net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
+            except CheckpointError as e:
+                if model is not None:
+                    raise
+                notice = str(e)
+                demo = True
+        if demo:
+            name = str(ensure_demo("chatglm2"))
+            net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
+        return cls(net, tok, name, demo=demo, notice=notice, device=device, max_input_tokens=max_input_tokens,
+                   adapters_dir=adapters_dir, engine_config=engine_config, dtype=dtype, quant=quant)
+
+    @classmethod
+    def of(cls, model, tokenizer, engine_config=None) -> ModelHost:
+        """The host serving `model` (e.g. the web app's), or a new one for it: one engine per model."""
+        with _HOSTS_LOCK:
+            host = _HOSTS.get(id(model))
+        if host is not None and host._model is model and host._tokenizer is tokenizer:
+            return host
+        if host is not None:  # the same weights with another tokenizer: the old engine stops first
+            host.close()
+        return cls(model, tokenizer, str(getattr(model.config, "name_or_path", "") or "model"),
+                   engine_config=engine_config)
+
+    # ---- what is served now ----------------------------------------------------------------------------
+    def _served(self):
+        model, tokenizer, engine = self._model, self._tokenizer, self._engine
+        if model is None or engine is None:
+            raise ModelReloading("The model is being reloaded (see the Model tab); try again in a moment.")
+        return model, tokenizer, engine
+
+    @property
+    def model(self):
+        return self._served()[0]
+
+    @property
+    def tokenizer(self):
+        return self._served()[1]
+
+    @property
+    def engine(self):
+        return self._served()[2]
+
+    @property
+    def serving(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def family(self) -> str:
+        return self.tokenizer.family
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.seq_length)
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.max_input_tokens_setting or self.context_length
+
+    def submit(self, request_id: str, request, canceller) -> RequestHandle:
+        engine = self.engine
+        handle = RequestHandle(request_id, canceller, engine.is_running)
+        engine.submit(handle, request)
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        engine = self._engine
+        if engine is not None:
+            engine.cancel(request_id)
+
+    def info(self) -> ModelInfo:
+        from glmapp.quant import model_mode
+
+        model, tokenizer, _ = self._served()
+        params = list(model.parameters())
+        return ModelInfo(
+            name=self.name, family=tokenizer.family, parameters=sum(p.numel() for p in params),
+            dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
+            weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            context_length=int(model.config.seq_length),
+            demo=self.demo or bool(getattr(model.config, "glmapp_demo", False)), quant=model_mode(model),
+        )
+
+    def memory(self) -> str:
+        model = self._model
+        return device_memory(model.device) if model is not None else "(model reloading)"
+
+    def quant_choices(self) -> dict[str, str | None]:
+        """Quantization mode -> None when it can run on this model's device, else why not."""
+        from glmapp.quant import available_modes
+
+        return available_modes(self.model.transformer.output_layer.weight.device)
+
+    # ---- adapters -------------------------------------------------------------------------------------
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Adapters in the adapters folder, with metadata (an `error` says why one cannot be loaded)."""
+        return list_adapters(self.adapters_dir)
+
+    def loaded_adapters(self) -> list[str]:
+        model = self._model
+        return AdapterManager.of(model).names() if model is not None else []
+
+    def load_adapter(self, spec: str, *, reload: bool = False,
+                     download: Callable[[str], Path] | None = None) -> AdapterInfo:
+        """Make `spec` (folder name in the adapters folder, or hub id) resident; instant if it already is.
+
+        Names are confined to the adapters folder (they come from the web UI and the HTTP API). A hub id not
+        in the cache is fetched with `download` (None: refused). The download runs without the adapter lock,
+        so other tabs pick and load adapters meanwhile; the lock is taken only to install.
+        Raises AdapterError (nothing changes on the model) when it cannot be loaded."""
+        spec = (spec or "").strip()
+        with self._adapter_lock:
+            resident = AdapterManager.of(self.model).adapters
+            if not reload and spec in resident:
+                return resident[spec].info
+        name, folder = resolve_adapter(spec, self.adapters_dir, confine=True, download=download)
+        with self._adapter_lock:
+            adapters = AdapterManager.of(self.model)  # the model may have been reloaded meanwhile
+            if not reload and name in adapters.adapters:
+                return adapters.adapters[name].info  # another tab loaded it meanwhile
+            return adapters.load_folder(name, folder).info
+
+    # ---- reload ---------------------------------------------------------------------------------------
+    def reload(self, dtype: str, progress=None) -> ReloadResult:
+        """Free the current model, load the same checkpoint in `dtype`, re-apply the resident adapters.
+
+        On failure the previous dtype is loaded again (adapters re-applied) and `ReloadFailed` is raised."""
+        import glmapp
+
+        if dtype not in DTYPES:
+            raise CheckpointError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+
+        def load(choice):
+            return lambda: glmapp.load(self.name, device=self.device, dtype=choice, quant=self.quant_choice)
+
+        result = self._swap(load(dtype), load(self.dtype_choice), f"{self.name} as {dtype}", progress)
+        self.dtype_choice = dtype
+        return result
+
+    def quantize(self, mode: str, progress=None) -> ReloadResult:
+        """Switch quantization with `glmapp.quant.switch_quantization` (it streams the weights in the new mode
+        and reloads the previous mode when that fails); resident adapters are re-applied."""
+        from glmapp.checkpoint import resolve
+        from glmapp.quant import QuantizationSwitchFailed, resolve_mode, switch_quantization
+
+        resolve_mode(mode, 0, self.model.transformer.output_layer.weight.device)  # fail before freeing
+        path = resolve(self.name).path
+
+        def load(model, report):
+            try:
+                return switch_quantization(path, model, mode, report), None
+            except QuantizationSwitchFailed as e:
+                return e.model, e
+
+        result = self._swap(None, None, mode, progress, quantize=load)
+        self.quant_choice = mode
+        return result
+
+    def _swap(self, load_new, load_previous, what: str, progress=None, quantize=None) -> ReloadResult:
+        """Stop the engine, free or hand over the old weights, install the new model (or the previous one
+        again when making the new one fails, raising `ReloadFailed`).
+
+        `load_new()` / `load_previous()` return (model, tokenizer) after the old model is freed; `quantize`
+        instead takes the old model (and a progress callback) and returns (new model, failure or None)."""
+        report = progress or (lambda fraction, desc: None)
+        if not self._reload_lock.acquire(blocking=False):
+            raise CheckpointError("Another reload is already running; wait for it to finish.")
+        try:
+            model, tokenizer, _engine = self._served()
+            del _engine  # this frame must not keep the old engine (and so the old model) alive
+            adapters = list(AdapterManager.of(model).adapters.values())
+            report(0.05, "Stopping generations and freeing the current model")
+            if quantize is not None:  # switch_quantization releases the old weights itself, layer by layer
+                self._stop(free=False)
+                new, failure = quantize(model, report)
+                del model
+                if failure is not None:
+                    raise ReloadFailed(failure, self._install(new, tokenizer, adapters, report))
+                result = self._install(new, tokenizer, adapters, report)
+            else:
+                del model
+                self._stop(free=True)
+                try:
+                    report(0.2, f"Loading {what}")
+                    net, tok = load_new()
+                except (GlmappError, RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory while loading
+                    self._collect()
+                    report(0.5, "Loading failed; loading the previous model again")
+                    net, tok = load_previous()  # if this fails too, the error says so and no model is served
+                    raise ReloadFailed(e, self._install(net, tok, adapters, report)) from e
+                result = self._install(net, tok, adapters, report)
+            report(1.0, "Done")
+            return result
+        finally:
+            self._reload_lock.release()
+
+    def _install(self, model, tokenizer, adapters: list[LoraWeights], report) -> ReloadResult:
+        report(0.8, "Re-applying adapters and starting the engine")
+        manager, dropped = AdapterManager.of(model), {}
+        for weights in adapters:
+            try:
+                manager.install(weights)
+            except (AdapterError, RuntimeError, KeyError, AttributeError) as e:  # e.g. no such module now
+                dropped[weights.name] = f"{type(e).__name__}: {e}"
+        self._start(model, tokenizer)
+        return ReloadResult(self.info(), manager.names(), dropped)
+
+    def _start(self, model, tokenizer) -> None:
+        from glmapp.engine.engine import Engine
+
+        engine = Engine(model, tokenizer, self.engine_config)
+        self._model, self._tokenizer, self._engine = model, tokenizer, engine
+        with _HOSTS_LOCK:
+            _HOSTS[id(model)] = self
+
+    def _stop(self, free: bool) -> None:
+        """Shut the engine down (running requests end as cancelled) and drop this host's references; with
+        `free`, wait (bounded) until the old model is garbage, so the next load has its memory."""
+        model, engine = self._model, self._engine
+        self._model = self._engine = None
+        if model is None:
+            return
+        with _HOSTS_LOCK:
+            if _HOSTS.get(id(model)) is self:
+                del _HOSTS[id(model)]
+        freed = threading.Event()
+        if free:
+            weakref.finalize(model, freed.set)
+        engine.shutdown()
+        del model, engine
+        if not free:
+            return
+        # Streams that were running still hold the model until their handler sees "cancelled" and returns;
+        # the model is then cyclic garbage (model <-> adapter manager), so collect until it goes.
+        for _ in range(FREE_WAIT_ROUNDS):
+            self._collect()
+            if freed.wait(FREE_WAIT_S):
+                return
+
+    @staticmethod
+    def _collect() -> None:
+        gc.collect()  # the model, its adapter manager and LoRA wrappers reference each other
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Stop the engine (restoring the weights' plain layout) and let go of the model."""
+        self._stop(free=False)
