@@ -176,7 +176,7 @@ class ConversationStore:
             c = self._conversation(session, owner, conversation_id)
             parent = c.leaf_id if parent_id is _SHOWN else parent_id
             if parent is not None:
-                found, owner_c = self._message(session, owner, parent)
+                _, owner_c = self._message(session, owner, parent)
                 if owner_c.id != c.id:
                     raise NotFound(f"No message {parent!r} in conversation {conversation_id!r}.")
             m = self._add(session, c, role, content, meta, parent)
@@ -274,7 +274,8 @@ class ConversationStore:
                 "messages": head + [{"role": m.role, "content": m.content} for m in c.messages]}
 
     def export_all(self, owner: str) -> dict:
-        return {"format": FORMAT_MANY, "conversations": [self.export(owner, c.id) for c in self.list(owner, limit=10**9)]}
+        everything = self.list(owner, limit=10**9)
+        return {"format": FORMAT_MANY, "conversations": [self.export(owner, c.id) for c in everything]}
 
     def import_records(self, owner: str, data) -> list[str]:
         """Store conversations from an export (one record, a list, or `glmapp.conversations/1`) as new ones owned

@@ -22,7 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from glmapp.store.errors import StoreError
 
@@ -106,5 +106,3 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
-
-__all__ = ["Database", "Session", "sqlite_url", "DB_FILE"]
