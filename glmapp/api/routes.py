@@ -132,8 +132,10 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) ->
     async def models(request: Request):
         authorize(request)
         base = base_model_id(backend.name)
-        return ModelList(data=[ModelCard(id=base, root=base)] +
-                         [ModelCard(id=name, root=name, parent=base) for name in _adapter_names(backend, base)])
+        context = backend.context_length
+        return ModelList(data=[ModelCard(id=base, root=base, max_model_len=context)] +
+                         [ModelCard(id=name, root=name, parent=base, max_model_len=context)
+                          for name in _adapter_names(backend, base)])
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):

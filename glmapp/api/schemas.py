@@ -107,6 +107,7 @@ class ModelCard(BaseModel):
     owned_by: str = "glmapp"
     root: str
     parent: str | None = None
+    max_model_len: int | None = None  # the context length, as vLLM lists it (RemoteBackend reads it)
 
 
 class ModelList(BaseModel):
