@@ -18,6 +18,7 @@ from glmapp import prompts
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import InputError, InputTooLong
 from glmapp.models.chatglm import ChatGLMForConditionalGeneration
+from glmapp.models.chatglm1 import ChatGLM1Config, ChatGLM1ForConditionalGeneration
 
 
 @dataclass
@@ -130,6 +131,41 @@ class ChatModel(ChatGLMForConditionalGeneration):
         return result
 
 
+class ChatModel1(ChatGLM1ForConditionalGeneration):
+    """ChatGLM-6B (v1) with the official v1 `chat` / `stream_chat` signatures and defaults (spec §6): max_length
+    2048, top_p 0.7, temperature 0.95; no past_key_values. Generation is ChatModel's (one engine per model)."""
+
+    engine_config = None
+    backend = ChatModel.backend
+    _official = staticmethod(ChatModel._official)
+
+    def stream_chat(self, tokenizer, query: str, history=None, max_length: int = 2048, do_sample: bool = True,
+                    top_p: float = 0.7, temperature: float = 0.95, logits_processor=None, **kwargs):
+        """Yield (response, history) after each new token, as the official v1 stream_chat does."""
+        if logits_processor is not None:
+            raise InputError("logits_processor is not supported; use temperature, top_p, top_k and "
+                             "repetition_penalty.")
+        yield from ChatModel.stream_chat(self, tokenizer, query, history, max_length=max_length, do_sample=do_sample,
+                                         top_p=top_p, temperature=temperature, **kwargs)
+
+    def chat(self, tokenizer, query: str, history=None, max_length: int = 2048, num_beams: int = 1,
+             do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, logits_processor=None, **kwargs):
+        """Blocking chat: returns (response, history + [(query, response)]), like the official v1 `chat`."""
+        if num_beams != 1:
+            raise InputError(f"num_beams={num_beams} is not supported: glmapp samples or decodes greedily "
+                             "(num_beams=1).")
+        result = None
+        for result in self.stream_chat(tokenizer, query, history, max_length=max_length, do_sample=do_sample,
+                                       top_p=top_p, temperature=temperature, logits_processor=logits_processor,
+                                       **kwargs):
+            pass
+        return result
+
+
+# glmapp.checkpoint.load_model builds the class of the checkpoint's family from the class it is asked for.
+ChatModel.family_classes = {"chatglm1": ChatModel1}
+
+
 def _register_auto_classes() -> None:
     """`AutoConfig` / `AutoModel(ForCausalLM).from_pretrained` on a ChatGLM folder give our classes, no
     remote code. Done here, where the model code is imported, so that `import glmapp` stays light."""
@@ -140,6 +176,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
     for auto in (AutoModel, AutoModelForCausalLM):
         auto.register(ChatGLMConfig, ChatModel, exist_ok=True)
+        auto.register(ChatGLM1Config, ChatModel1, exist_ok=True)  # reached through ChatGLMConfig.from_dict
 
 
 _register_auto_classes()

@@ -24,6 +24,7 @@ from glmapp.choices import DEFAULT_MODEL, FAMILIES
 from glmapp.cpu_threads import single_threaded
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glmapp.models.chatglm1 import ChatGLM1Config, ChatGLM1ForConditionalGeneration, is_v1_config
 
 SUPPORTED_FAMILIES = FAMILIES
 _ST_DTYPES = {
@@ -76,7 +77,7 @@ def resolve(model: str) -> ResolvedCheckpoint:
         ) from cache_miss
 
 
-def read_config(path: Path) -> ChatGLMConfig:
+def read_config(path: Path) -> ChatGLMConfig | ChatGLM1Config:
     """config.json -> ChatGLMConfig with `family` set; unsupported models get a clear error."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -90,11 +91,13 @@ def read_config(path: Path) -> ChatGLMConfig:
     model_type = raw.get("model_type")
     if model_type != "chatglm":
         raise CheckpointError(
-            f"Unsupported model_type {model_type!r} in config.json: glmapp runs ChatGLM2-6B and ChatGLM3-6B "
-            f"checkpoints (model_type 'chatglm')."
+            f"Unsupported model_type {model_type!r} in config.json: glmapp runs ChatGLM-6B, ChatGLM2-6B and "
+            f"ChatGLM3-6B checkpoints (model_type 'chatglm')."
         )
-    if raw.get("position_encoding_2d") or "inner_hidden_size" in raw:
-        raise CheckpointError("This is a ChatGLM-6B (v1) checkpoint; glmapp supports ChatGLM2-6B and ChatGLM3-6B.")
+    config_cls = ChatGLM1Config if is_v1_config(raw) else ChatGLMConfig
+    if raw.get("quantization_embeddings"):
+        raise CheckpointError("Checkpoints with quantized embeddings (chatglm-6b-int4-qe) are not supported; use "
+                              "THUDM/chatglm-6b-int4 or chatglm-6b with --quant int4.")
     if raw.get("pre_seq_len"):
         raise CheckpointError("P-tuning checkpoints (pre_seq_len) are not supported; use LoRA adapters.")
     if raw.get("quantization_bit") not in (None, 0, 4, 8):
@@ -102,10 +105,17 @@ def read_config(path: Path) -> ChatGLMConfig:
             f"Pre-quantized checkpoints with quantization_bit={raw['quantization_bit']} are not supported: "
             "glmapp reads the official int4/int8 layouts (quantization_bit 4 or 8) or full-precision weights."
         )
-    raw.setdefault("family", detect_family(path, raw))
+    if config_cls is ChatGLMConfig:
+        raw.setdefault("family", detect_family(path, raw))
+    else:  # the v1 config answers to some v2/v3 names as read-only properties; a file must not set them
+        mixed = sorted(k for k in raw if isinstance(getattr(ChatGLM1Config, k, None), property))
+        if mixed:
+            raise CheckpointError(f"config.json in {path.name!r} mixes ChatGLM-6B (v1) keys (position_encoding_2d, "
+                                  f"inner_hidden_size) with ChatGLM2/3 keys ({', '.join(mixed)}); use the "
+                                  f"config.json that came with the weights.")
     raw.pop("auto_map", None)
     try:
-        return ChatGLMConfig(**raw)
+        return config_cls(**raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json in {path.name!r} has invalid values: {e}") from None
 
@@ -229,19 +239,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def build_empty(config: ChatGLMConfig, dtype: torch.dtype, device: torch.device, model_cls=None,
+def model_class(config, model_cls=None):
+    """The class to build for `config`: `model_cls` (default the plain model), or for a ChatGLM-6B (v1) config
+    its v1 counterpart (`model_cls.family_classes["chatglm1"]`, e.g. chat.ChatModel -> chat.ChatModel1)."""
+    if not isinstance(config, ChatGLM1Config):
+        return model_cls or ChatGLMForConditionalGeneration
+    if model_cls is None or model_cls is ChatGLMForConditionalGeneration:
+        return ChatGLM1ForConditionalGeneration
+    cls = getattr(model_cls, "family_classes", {}).get("chatglm1", model_cls)
+    if not issubclass(cls, ChatGLM1ForConditionalGeneration):
+        raise CheckpointError(f"{model_cls.__name__} cannot hold a ChatGLM-6B (v1) checkpoint.")
+    return cls
+
+
+def _rotary_buffers(model):
+    """(name, module) of every rotary `inv_freq` holder: one in v2/v3, one per layer in v1."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "compute_inv_freq")]
+
+
+def build_empty(config: ChatGLMConfig | ChatGLM1Config, dtype: torch.dtype, device: torch.device, model_cls=None,
                 quant: str = "none"):
     """Model skeleton: built on meta (no init cost), linears swapped for `quant`, then allocated once in
     dtype on device (so a quantized model never allocates its full-precision linears)."""
     from glmapp.quant import swap_for_loading
 
-    model_cls = model_cls or ChatGLMForConditionalGeneration
     with torch.device("meta"):
-        model = model_cls(config)
+        model = model_class(config, model_cls)(config)
     swap_for_loading(model, quant)
     model = model.to(dtype).to_empty(device=device)
-    rotary = model.transformer.rotary_pos_emb
-    rotary.inv_freq = rotary.compute_inv_freq(device).to(dtype)
+    for _, rotary in _rotary_buffers(model):
+        rotary.inv_freq = rotary.compute_inv_freq(device).to(dtype)
+    if hasattr(model, "tie_lm_head"):
+        model.tie_lm_head()  # v1: to_empty made lm_head a parameter of its own
     return model.eval()
 
 
@@ -272,6 +301,9 @@ def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: s
     if family:
         if family not in SUPPORTED_FAMILIES:
             raise CheckpointError(f"Unknown family {family!r}: use one of {', '.join(SUPPORTED_FAMILIES)}.")
+        if (family == "chatglm1") != isinstance(config, ChatGLM1Config):
+            raise CheckpointError(f"--family {family} does not fit this checkpoint: its config.json is "
+                                  f"{config.family}'s; leave --family out to detect it.")
         config.family = family
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -307,8 +339,9 @@ def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: s
                         )
                     dst.copy_(tensor)
                 filled.add(name)
-    model.transformer.rotary_pos_emb.inv_freq.copy_(model.transformer.rotary_pos_emb.compute_inv_freq(dev))
-    filled.add("transformer.rotary_pos_emb.inv_freq")  # values are recomputed, never read (spec §2.1)
+    for name, rotary in _rotary_buffers(model):
+        rotary.inv_freq.copy_(rotary.compute_inv_freq(dev))
+        filled.add(f"{name}.inv_freq")  # values are recomputed, never read (spec §2.1, §2.3)
     missing = sorted(expected - filled)
     if missing:
         raise CheckpointError(f"Weights are missing {len(missing)} tensors, e.g. {missing[0]!r}: "

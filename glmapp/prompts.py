@@ -1,7 +1,8 @@
-"""Chat formats for ChatGLM2 ("chatglm2") and ChatGLM3 ("chatglm3"): prompt ids, history, post-processing.
+"""Chat formats for ChatGLM-6B ("chatglm1"), ChatGLM2 ("chatglm2") and ChatGLM3 ("chatglm3"): prompt ids, history,
+post-processing.
 
 Notable choices:
-- v2 history is a list of (query, response) tuples; v3 history is a list of {role, content[, metadata][, tools]}
+- v1/v2 history is a list of (query, response) tuples; v3 history is a list of {role, content[, metadata][, tools]}
   dicts (spec §6). Functions return new lists and never mutate the caller's history.
 - `fit_prompt` drops the oldest rounds (keeping a v3 system message) until the prompt fits, else `InputTooLong`.
 - v3 tool calls are parsed with `ast` (literal values only); nothing from the model is ever evaluated.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import unicodedata
 
 from glmapp.errors import InputError, InputTooLong
@@ -41,6 +43,14 @@ def _v2_round_text(i: int, query: str, response: str | None = None) -> str:
     return f"[Round {i}]\n\n问：{query}\n\n答：{response}\n\n"
 
 
+def _v1_prompt_text(query: str, history) -> str:
+    """Spec §6 / §10.11: no history -> the bare query; else rounds numbered from 0 with single newlines."""
+    if not history:
+        return query
+    text = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return text + f"[Round {len(history)}]\n问：{query}\n答："
+
+
 def _v3_message_ids(tokenizer, message: dict) -> list[int]:
     content = message.get("content", "")
     if message["role"] == "system" and message.get("tools"):
@@ -56,6 +66,8 @@ def _with_system(history: list, system: str | None) -> list:
 
 def build_prompt_ids(tokenizer, query: str, history, system: str | None = None, role: str = "user") -> list[int]:
     """Ids of the whole prompt for `query` after `history`, ending where the model starts answering."""
+    if tokenizer.family == "chatglm1":
+        return tokenizer.encode(_v1_prompt_text(query, history))  # [gMASK] <sop> appended
     if tokenizer.family == "chatglm2":
         text = "".join(_v2_round_text(i, q, r) for i, (q, r) in enumerate(history, start=1))
         return tokenizer.encode(text + _v2_round_text(len(history) + 1, query))
@@ -68,6 +80,9 @@ def build_prompt_ids(tokenizer, query: str, history, system: str | None = None, 
 
 def build_continuation_ids(tokenizer, query: str, history, role: str = "user") -> list[int]:
     """Ids of a new turn appended to a KV cache holding the previous prompt + response (no stop token)."""
+    if tokenizer.family == "chatglm1":
+        # v1 has no KV continuation: [gMASK] <sop> close every prompt and the context attends both ways.
+        raise InputError("ChatGLM-6B (v1) has no past_key_values continuation; pass the history instead.")
     if not history:
         return build_prompt_ids(tokenizer, query, history, role=role)
     if tokenizer.family == "chatglm2":
@@ -82,8 +97,8 @@ def build_continuation_ids(tokenizer, query: str, history, role: str = "user") -
 
 # ---- history ----------------------------------------------------------------------------------------
 def history_rounds(family: str, history) -> tuple[list, list[list]]:
-    """Split history into (kept head, rounds): v2 rounds are tuples; v3 rounds start at each user message."""
-    if family == "chatglm2":
+    """Split history into (kept head, rounds): v1/v2 rounds are tuples; v3 rounds start at each user message."""
+    if family in ("chatglm1", "chatglm2"):
         return [], [[turn] for turn in history]
     head, rounds = [], []
     for message in history:
@@ -118,7 +133,7 @@ def fit_prompt(tokenizer, query: str, history, system: str | None = None,
 
 def append_history(family: str, history, query: str, response, raw: str | None = None, role: str = "user") -> list:
     """A new history with this turn added; `raw` (decoded v3 output) keeps tool-call text exact when given."""
-    if family == "chatglm2":
+    if family in ("chatglm1", "chatglm2"):
         return [*history, (query, response)]
     new = [*history, {"role": role, "content": query}]
     if raw is not None:
@@ -140,6 +155,19 @@ def append_history(family: str, history, query: str, response, raw: str | None =
 # ---- post-processing --------------------------------------------------------------------------------
 def _clean_v2_text(text: str) -> str:
     return text.strip().replace(TRAINING_TIME_PLACEHOLDER, TRAINING_TIME_VALUE)
+
+
+_V1_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))
+
+
+def _clean_v1_text(text: str) -> str:
+    """v2 cleaning, then ASCII , ! : ; ? next to a CJK ideograph (either side) become full-width (spec §6);
+    the substitutions run in the official order, each over the whole text."""
+    text = _clean_v2_text(text)
+    for ascii_mark, full_width in _V1_PUNCTUATION:
+        text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
+        text = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, text)
+    return text
 
 
 def _v3_segments(text: str) -> list[tuple[str, str]]:
@@ -184,6 +212,8 @@ def _has_tools(history) -> bool:
 
 def process_response(family: str, text: str, history=None):
     """Final reply from decoded text: a string, or for v3 tool/metadata turns a dict (spec §6)."""
+    if family == "chatglm1":
+        return _clean_v1_text(text)
     if family == "chatglm2":
         return _clean_v2_text(text)
     response: str | dict = ""

@@ -36,6 +36,7 @@ from glmapp.errors import CheckpointError, QuantizationError
 MODES = QUANT_MODES
 BITS = {"int8": 8, "int4": 4}
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+V1_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # ChatGLM-6B
 ALTERNATIVE = {"bnb-int8": "int8", "bnb-nf4": "int4", "int8": "bnb-int8", "int4": "bnb-nf4"}
 Progress = Callable[[float, str], None]
 
@@ -242,10 +243,19 @@ def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, devic
 
 
 # ---- swapping modules -------------------------------------------------------------------------------
+def layer_linear_names(num_layers: int, v1: bool) -> list[str]:
+    """Module paths of the quantizable linears: transformer.encoder.layers.N.<LINEARS> (v1:
+    transformer.layers.N.<V1_LINEARS>)."""
+    if v1:
+        return [f"transformer.layers.{i}.{name}" for i in range(num_layers) for name in V1_LINEARS]
+    return [f"transformer.encoder.layers.{i}.{name}" for i in range(num_layers) for name in LINEARS]
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """Module paths of the quantizable linears: transformer.encoder.layers.N.<LINEARS>."""
-    return [f"transformer.encoder.layers.{i}.{name}" for i in range(len(model.transformer.encoder.layers))
-            for name in LINEARS]
+    """Module paths of the model's quantizable linears (`layer_linear_names`)."""
+    v1 = not hasattr(model.transformer, "encoder")
+    layers = model.transformer.layers if v1 else model.transformer.encoder.layers
+    return layer_linear_names(len(layers), v1)
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -454,7 +464,7 @@ def switch_quantization(path, model: nn.Module, mode: str, progress: Progress | 
 
 
 # ---- writing the official int4 layout ---------------------------------------------------------------
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "ice_text.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def int4_state_dict(tensors, quantized: set[str]):
@@ -494,7 +504,7 @@ def write_int4_checkpoint(model_or_path, out) -> Path:
         if config.quantization_bit:
             raise QuantizationError(f"{source.name!r} is already quantized (quantization_bit="
                                     f"{config.quantization_bit}); write from the full-precision checkpoint.")
-        names = {f"transformer.encoder.layers.{i}.{n}.weight" for i in range(config.num_layers) for n in LINEARS}
+        names = {f"{p}.weight" for p in layer_linear_names(config.num_layers, config.family == "chatglm1")}
         state = int4_state_dict(iter_tensors(source), names)
     if not (source / "config.json").is_file():
         raise QuantizationError(f"No config.json next to the source ({source}); give the checkpoint folder.")

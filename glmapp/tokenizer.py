@@ -114,8 +114,12 @@ class ChatGLMTokenizer:
         """Load `directory/tokenizer.model` (v1: `ice_text.model`, a `ChatGLM1Tokenizer`); detect the family
         from tokenizer_config.json when not given."""
         directory = Path(directory)
-        if family == "chatglm1" or (family is None and (directory / V1_VOCAB_FILE).is_file()):
+        has_v1_vocab = (directory / V1_VOCAB_FILE).is_file()
+        if family == "chatglm1" or (family is None and has_v1_vocab):
             return ChatGLM1Tokenizer(directory / V1_VOCAB_FILE)
+        if has_v1_vocab and not (directory / "tokenizer.model").is_file():
+            raise TokenizerError(f"family {family} does not fit this checkpoint: it has a ChatGLM-6B (v1) tokenizer "
+                                 f"({V1_VOCAB_FILE}); leave the family out to detect it")
         if family is None:
             family = detect_family(directory)
         return cls(directory / "tokenizer.model", family=family, **kwargs)

@@ -156,11 +156,12 @@ def test_tokenizer_that_is_not_sentencepiece(demo_v2, tmp_path):
         glmapp.load(str(path))
 
 
-def test_v1_and_prequantized_configs_are_refused_clearly(demo_v2, tmp_path):
+def test_v1_config_over_v2_files_and_prequantized_configs_are_refused_clearly(demo_v2, tmp_path):
     path = _copy(demo_v2, tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
+    # v1 (ChatGLM-6B, #12) and v2 keys in one config.json
     (path / "config.json").write_text(json.dumps({**cfg, "position_encoding_2d": True}))
-    with pytest.raises(CheckpointError, match="v1"):
+    with pytest.raises(CheckpointError, match="mixes ChatGLM-6B"):
         glmapp.load(str(path))
     (path / "config.json").write_text(json.dumps({**cfg, "quantization_bit": 3}))
     with pytest.raises(CheckpointError, match="quantization_bit=3"):

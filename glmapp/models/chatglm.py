@@ -65,6 +65,16 @@ class ChatGLMConfig(PreTrainedConfig):
         self.vocab_size = self.padded_vocab_size
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """ChatGLM-6B (v1) shares `model_type: "chatglm"`: AutoConfig reaches here, and a v1 dict is handed to
+        `ChatGLM1Config` (glmapp/models/chatglm1.py), so Auto classes load every family without remote code."""
+        from glmapp.models.chatglm1 import ChatGLM1Config, is_v1_config
+
+        if cls is ChatGLMConfig and is_v1_config(config_dict):
+            return ChatGLM1Config.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def num_kv_groups(self) -> int:
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
