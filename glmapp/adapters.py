@@ -30,6 +30,7 @@ from torch import nn
 
 from glmapp import adapter_hub, cpu_linear
 from glmapp.errors import AdapterError
+from glmapp.train.status import unfinished
 
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -187,7 +188,8 @@ def describe(folder: Path, name: str | None = None) -> AdapterInfo:
 
 
 def list_adapters(adapters_dir: str | Path) -> list[AdapterInfo]:
-    """Every adapter folder directly inside `adapters_dir` (sorted by name), with metadata."""
+    """Every adapter folder directly inside `adapters_dir` (sorted by name), with metadata; unfinished
+    training runs there are listed with the reason they cannot be used yet (`glmapp.train.status`)."""
     root = Path(adapters_dir)
     if not root.is_dir():
         return []
@@ -195,6 +197,8 @@ def list_adapters(adapters_dir: str | Path) -> list[AdapterInfo]:
     for child in sorted(root.iterdir()):
         if child.is_dir() and (child / "adapter_config.json").is_file() and _inside(root, child):
             found.append(describe(child))
+        elif child.is_dir() and _inside(root, child) and (why := unfinished(child, f"{root.name}/{child.name}")):
+            found.append(AdapterInfo(name=child.name, path=str(child), error=why))  # a training run, not done
     return found
 
 

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from glmapp.train import report as card
 from glmapp.train.config import ConfigError, TrainConfig, write_yaml
 from glmapp.train.examples import Row, build_rows
+from glmapp.train.status import LOG_FILE, STATE_FILE
 
-STATE_FILE = "training.json"
-LOG_FILE = "trainer_log.jsonl"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 

@@ -119,7 +119,11 @@ def test_resume_after_sigkill_gives_the_same_losses_and_adapter(tmp_path, demo_v
     run.send_signal(signal.SIGKILL)
     assert run.wait(timeout=60) == -signal.SIGKILL
     assert not (cut / "adapter_config.json").exists()  # nothing the picker would offer
-    assert list_adapters(tmp_path) == [] or [a.name for a in list_adapters(tmp_path)] == ["whole"]
+    shown = {a.name: a for a in list_adapters(tmp_path)}
+    assert shown["whole"].error is None
+    assert shown["cut"].error.startswith("training stopped at step 3 of 12 before the adapter was written") or \
+        shown["cut"].error.startswith("training stopped at step 4 of 12 before the adapter was written")
+    assert f"glmapp train --config {tmp_path.name}/cut/train_config.yaml --resume" in shown["cut"].error
     resumed = _run([*common, "--out", str(cut), "--resume"], env, tmp_path / "resumed.log")
     progress = (tmp_path / "resumed.log").read_text() if resumed.wait(timeout=300) is not None else ""
     assert resumed.returncode == 0, progress
@@ -130,6 +134,7 @@ def test_resume_after_sigkill_gives_the_same_losses_and_adapter(tmp_path, demo_v
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-9"]
+    assert {a.name: a.error for a in list_adapters(tmp_path)} == {"whole": None, "cut": None}
 
 
 def test_qlora_over_int4_trains_and_works_in_the_int4_served_model(tmp_path, demo_v2, fixed_data):
