@@ -108,7 +108,7 @@ def read_config(path: Path) -> ChatGLMConfig | ChatGLM1Config:
     if config_cls is ChatGLMConfig:
         raw.setdefault("family", detect_family(path, raw))
     else:  # the v1 config answers to some v2/v3 names as read-only properties; a file must not set them
-        mixed = sorted(k for k in raw if isinstance(getattr(ChatGLM1Config, k, None), property))
+        mixed = sorted(k for k in raw if isinstance(vars(ChatGLM1Config).get(k), property))
         if mixed:
             raise CheckpointError(f"config.json in {path.name!r} mixes ChatGLM-6B (v1) keys (position_encoding_2d, "
                                   f"inner_hidden_size) with ChatGLM2/3 keys ({', '.join(mixed)}); use the "

@@ -38,10 +38,13 @@ def model():
 
 
 # ---- the reference: seq-first, one unpadded row, official formulas written out --------------------------
-def reference_logits(sd: dict, cfg: ChatGLM1Config, ids: list[int]) -> torch.Tensor:
+def reference_logits(sd: dict, cfg: ChatGLM1Config, ids: list[int], prefix=None) -> torch.Tensor:
+    """Logits [s, vocab]; `prefix`: per layer (key, value) [P, heads, d] prepended to the keys/values, without
+    rotary, visible to every query, positions not shifted (spec §8)."""
     s, heads, d = len(ids), cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    context = ids.index(BOS)
-    mask_pos = ids.index(GMASK) if GMASK in ids else ids.index(MASK)
+    bos, gmask, mask = cfg.bos_token_id, cfg.gmask_token_id, cfg.mask_token_id
+    context = ids.index(bos)
+    mask_pos = ids.index(gmask) if gmask in ids else ids.index(mask)
     position = torch.tensor([i if i < context else mask_pos for i in range(s)], dtype=torch.float32)
     block = torch.tensor([0 if i < context else i - context + 1 for i in range(s)], dtype=torch.float32)
     rot = d // 2
@@ -59,6 +62,8 @@ def reference_logits(sd: dict, cfg: ChatGLM1Config, ids: list[int]) -> torch.Ten
     (cos_p, sin_p), (cos_b, sin_b) = table(position), table(block)
     blocked = torch.ones(s, s).tril() < 0.5
     blocked[:, :context] = False
+    p_len = 0 if prefix is None else prefix[0][0].shape[0]
+    blocked = torch.cat((torch.zeros(s, p_len, dtype=torch.bool), blocked), dim=1)
     alpha = (2 * 28) ** 0.5
 
     def ln(x, prefix):
@@ -77,6 +82,8 @@ def reference_logits(sd: dict, cfg: ChatGLM1Config, ids: list[int]) -> torch.Ten
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat((q1 * cos_p + rotate_half(q1) * sin_p, q2 * cos_b + rotate_half(q2) * sin_b), dim=-1)
         k = torch.cat((k1 * cos_p + rotate_half(k1) * sin_p, k2 * cos_b + rotate_half(k2) * sin_b), dim=-1)
+        if prefix is not None:
+            k, v = torch.cat((prefix[layer][0], k)), torch.cat((prefix[layer][1], v))
         coeff = layer + 1
         scores = torch.einsum("ihd,jhd->hij", q / (math.sqrt(d) * coeff), k)
         scores = scores.masked_fill(blocked, -10000.0) * coeff

@@ -24,8 +24,9 @@ class DenseKVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # tokens committed (all rows advance together)
-        # ChatGLM-6B (v1) prefix-LM: keys at slots < context_length are visible to every query (spec §4). The
-        # whole context must arrive in the first step, since its tokens attend to later context tokens.
+        # ChatGLM-6B (v1) prefix-LM: keys at slots < context_length are visible to every query (spec §4; a P-tuning
+        # prefix seeded into the first slots counts in). The step that holds the first context token must hold
+        # the last one too, since context tokens attend to later ones.
         self.context_length = 0
 
     @classmethod
@@ -44,11 +45,12 @@ class DenseKVCache:
         self.v[layer, :, start:end] = v
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
         if self.context_length > start and t > 1:
-            if start or end < self.context_length:
-                raise RuntimeError(f"the bidirectional context (first {self.context_length} tokens) must be "
+            if end < self.context_length:
+                raise RuntimeError(f"the bidirectional context (first {self.context_length} slots) must be "
                                    f"prefilled in one step, got slots {start}..{end - 1}")
             slots = torch.arange(end, device=q.device)
-            mask = (slots[None, :] <= slots[:, None]) | (slots[None, :] < self.context_length)
+            rows = start + torch.arange(t, device=q.device)
+            mask = (slots[None, :] <= rows[:, None]) | (slots[None, :] < self.context_length)
             return attention(q, keys, values, mask[None, None])
         if t == 1 or start == 0:
             return attention(q, keys, values, None, is_causal=start == 0)
