@@ -1,8 +1,9 @@
 """The engine: one background thread owns the model, the KV memory and the scheduler.
 
 Clients call `submit(handle, request)` / `cancel(id)` from any thread; the loop admits new requests
-between steps (continuous batching), runs one step, turns sampled ids into text deltas and pushes
-them to each request's handle.
+between steps (continuous batching), runs one step and hands each request's new token ids to its handle,
+all of a step's deltas in one `deliver` call. The engine speaks token ids: readers detokenize (see
+`glmapp.engine.delivery`, `glmapp.backends.handle`), so the engine thread spends no time on text.
 
 The engine thread survives its own bugs: an exception in any part of a step (queueing, cancelling,
 scheduling, the forward, advancing, finishing) is logged with its traceback and ends the requests it
@@ -28,13 +29,13 @@ from glmapp import cpu_linear, quant_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.cpu_threads import claim_compute_threads, single_threaded
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
+from glmapp.engine.delivery import deliver
 from glmapp.engine.request import Delta, Usage
 from glmapp.engine.runner import ModelRunner
 from glmapp.engine.sampling import SamplingParams
 from glmapp.engine.scheduler import FINISHED, Scheduler, Sequence
 from glmapp.errors import EngineStopped
 from glmapp.engine.static_decode import StaticDecoder, static_decode_supported
-from glmapp.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ class RequestState:
     handle: object
     sampling: SamplingState
     stop_ids: frozenset
-    decoder: StreamDecoder
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
@@ -127,6 +127,7 @@ class Engine:
         self._alive = True
         self._stop_reason = ""  # why submit is refused once the engine stops
         self._open: dict[str, Sequence] = {}  # every request the engine thread took and has not ended yet
+        self._outbox: list[tuple[object, Delta]] = []  # this iteration's deltas, delivered together after it
         self._restore_weights = True
         self.steps = 0
         self.error_count = 0  # requests ended by an engine failure (not by bad input)
@@ -155,6 +156,7 @@ class Engine:
 
     # ---- client side (any thread) --------------------------------------------------------------------
     def submit(self, handle, request) -> None:
+        handle.decode_with(self.tokenizer)
         error = self._validate(request)
         if error:
             handle.put(Delta(finish_reason="error", error=error, usage=Usage(len(request.prompt_ids))))
@@ -168,10 +170,10 @@ class Engine:
         max_new = min(request.max_new_tokens, self.context_length - len(request.prompt_ids),
                       self.capacity_tokens - len(request.prompt_ids))
         seq = Sequence(handle.id, list(request.prompt_ids), max_new, request.adapter)
+        seq.v1_context = self.runner.v1_context(seq.prompt_ids)  # None unless ChatGLM-6B (2-D positions)
         if request.adapter is not None:
             seq.adapter_uid = AdapterManager.of(self.model).uid(request.adapter)
-        seq.payload = RequestState(handle, state, frozenset(request.stop_ids or self.tokenizer.stop_ids),
-                                   StreamDecoder(self.tokenizer))
+        seq.payload = RequestState(handle, state, frozenset(request.stop_ids or self.tokenizer.stop_ids))
         with self._wake:
             if not self._alive:
                 raise EngineStopped(self._stop_reason)
@@ -275,6 +277,7 @@ class Engine:
                     self._iteration(inbox, cancels)
                 except Exception as e:  # noqa: BLE001 - a bug outside the guarded parts: no telling whom it hit
                     self._internal_error(e, "running a step", list(self._open.values()))
+                self._deliver()
         except BaseException as e:  # noqa: BLE001 - the thread ends here; _close tells every reader
             died = e
             log.critical("The engine thread died; every open request ends with an error.", exc_info=e)
@@ -377,11 +380,15 @@ class Engine:
         seq.output_ids.append(token)
         if state.sampling.seen is not None:
             state.sampling.seen[token] = True
-        text = state.decoder.push(token)
         if len(seq.output_ids) >= seq.max_new_tokens:
-            self._finish(seq, "length", text=text, token_ids=[token])
+            self._finish(seq, "length", token_ids=[token])
         else:
-            state.handle.put(Delta(text, [token], usage=self._usage(seq)))
+            self._outbox.append((state.handle, Delta("", [token], usage=self._usage(seq))))
+
+    def _deliver(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if outbox:
+            deliver(outbox)
 
     def _usage(self, seq: Sequence):
         state: RequestState = seq.payload
@@ -389,18 +396,17 @@ class Engine:
         return Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens,
                      time.perf_counter() - state.submitted, first)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, text: str = "",
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None,
                 token_ids: list[int] | None = None) -> None:
         state: RequestState = seq.payload
         try:
             self.scheduler.finish(seq)
-            text += state.decoder.flush()  # the reply is the full decode, U+FFFD included
-            delta = Delta(text, token_ids or [], reason, error, self._usage(seq))
+            delta = Delta("", token_ids or [], reason, error, self._usage(seq))
         except Exception as e:  # noqa: BLE001 - reported to that request
             self._internal_error(e, "cancelling it" if reason == "cancelled" else "ending it", [seq])
             return
         self._open.pop(seq.id, None)
-        state.handle.put(delta)
+        self._outbox.append((state.handle, delta))
 
     # ---- failures -----------------------------------------------------------------------------------
     def _internal_error(self, error: BaseException, doing: str, seqs: list[Sequence]) -> None:
@@ -417,7 +423,7 @@ class Engine:
         if wrong:
             log.warning("%d KV blocks had wrong reference counts after the error; corrected.", wrong)
         for seq, usage in ended:  # last: a reader told of the error finds the engine already set right
-            seq.payload.handle.put(Delta(finish_reason="error", error=message, usage=usage))
+            self._outbox.append((seq.payload.handle, Delta(finish_reason="error", error=message, usage=usage)))
 
     def _abort(self, seq: Sequence) -> tuple[Sequence, Usage | None]:
         """Take `seq` out without trusting the parts that may have failed (nothing is published)."""
@@ -452,6 +458,7 @@ class Engine:
                     seq.payload.handle.put(Delta(finish_reason="error", error=self._stop_reason))
             except Exception:  # noqa: BLE001 - the next reader still gets its answer
                 log.exception("Ending request %s at engine stop failed.", seq.id)
+        self._deliver()
         for _, future in calls:
             future.set_exception(EngineStopped(self._stop_reason))
         if self.packed_linears and self._restore_weights:  # the model leaves as it came: plain weights
