@@ -1,6 +1,7 @@
 """Tokens/s and time to first token through the OpenAI-compatible API vs the engine directly, in one run.
 
     PYTHONPATH=. python bench/api.py [--size mid] [--dtype float32] [--streams 1,32] [--new-tokens 64]
+                                     [--baseline-app DIR]
 
 The API side is the real app (`python app.py --model <demo checkpoint> --port P`, a subprocess) with the
 official `openai` client streaming chat completions (greedy, `max_tokens` fixed, tokens counted from
@@ -11,7 +12,8 @@ generated). Each side runs while the other is idle, alternating within every rep
 repeat), so a slow phase of the machine hits both; best of --repeats for each figure. Prints aggregate
 tokens/s at each stream count as API / engine, CPU seconds per 1000 tokens of the generating process (the
 app's for the API: its HTTP work included; the client's apart), and the time to first token the HTTP path
-adds (one-token streamed requests).
+adds (one-token streamed requests). With `--baseline-app DIR` (another checkout of glmapp, e.g. `git archive`
+of an earlier commit), a second app from that tree is measured the same way in the same run ("before").
 """
 
 from __future__ import annotations
@@ -48,17 +50,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(checkpoint: Path, dtype: str, threads: int | None, tmp: Path, timeout: float = 300.0):
-    """`python app.py` on the checkpoint; -> (process, API base url) once /health answers ok."""
+def start_app(checkpoint: Path, dtype: str, threads: int | None, tmp: Path, root: Path = ROOT,
+              timeout: float = 300.0):
+    """`python app.py` of the tree `root` on the checkpoint; -> (process, API base url) once /health answers ok."""
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     log = open(tmp / "app.log", "wb")
     cmd = [sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), "--dtype", dtype,
            "--device", "cpu", "--adapters-dir", str(tmp / "adapters"),
            "--comparisons-file", str(tmp / "comparisons.jsonl")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(root)}
     if threads:  # the app's engine thread takes the process's thread count
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -111,6 +115,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="best of N alternating runs for every figure")
     ap.add_argument("--ttft-repeats", type=int, default=15, help="alternating one-token requests per side")
+    ap.add_argument("--baseline-app", type=Path, default=None,
+                    help="another glmapp tree whose app is measured too, as 'before' (e.g. an earlier commit)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads of both engines (default: the process's count; 1 on a machine shared with "
                          "other busy processes, where a team of threads waits for its slowest)")
@@ -121,15 +127,20 @@ def main():
         with single_threaded():  # the engine thread does the computing
             checkpoint = make_demo(tmp / args.size, size=args.size, fmt="safetensors")
             model, tok = glmapp.load(str(checkpoint), device="cpu", dtype=args.dtype)
-        app, base_url = start_app(checkpoint, args.dtype, args.threads, tmp)
+        apps = {"api": start_app(checkpoint, args.dtype, args.threads, tmp / "api")}
         try:
-            run(args, streams, model, tok, base_url, checkpoint.name, psutil.Process(app.pid))
+            if args.baseline_app:
+                apps["before"] = start_app(checkpoint, args.dtype, args.threads, tmp / "before",
+                                           args.baseline_app.resolve())
+            run(args, streams, model, tok, {side: (url, psutil.Process(app.pid)) for side, (app, url) in apps.items()},
+                checkpoint.name)
         finally:
-            app.terminate()
-            try:
-                app.wait(30)
-            except subprocess.TimeoutExpired:
-                app.kill()
+            for app, _ in apps.values():
+                app.terminate()
+                try:
+                    app.wait(30)
+                except subprocess.TimeoutExpired:
+                    app.kill()
 
 
 def cpu_seconds(process) -> float:
@@ -137,14 +148,16 @@ def cpu_seconds(process) -> float:
     return times.user + times.system
 
 
-def run(args, streams, model, tok, base_url, model_id, server):
+def run(args, streams, model, tok, apps: dict, model_id: str):
+    """`apps`: side name ("api", "before") -> (API base url, its process)."""
     print(f"model {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {model.dtype}, "
           f"torch {torch.__version__}, threads {args.threads or PROCESS_THREADS} per engine, {os.cpu_count()} CPUs, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
     engine = Engine(model, tok, EngineConfig(num_threads=args.threads))  # else the app's settings
     loop = asyncio.new_event_loop()
-    client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600,
-                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=max(streams) + 4)))
+    clients = {side: AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600,
+                                 http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=max(streams) + 4)))
+               for side, (url, _) in apps.items()}
     salt = iter(range(1, 10**6))
 
     def texts(n):  # fresh questions every run: no prefix-cache hits between runs
@@ -153,60 +166,69 @@ def run(args, streams, model, tok, base_url, model_id, server):
     def engine_side(n, new_tokens=args.new_tokens):
         return ours_run(engine, tok, [build_prompt_ids(tok, t, []) for t in texts(n)], new_tokens)
 
-    def api_side(n, new_tokens=args.new_tokens):
-        wall, tokens, first, _ = loop.run_until_complete(api_run(client, model_id, texts(n), new_tokens))
-        return wall, tokens, first
+    def api_side(client):
+        def measure(n, new_tokens=args.new_tokens):
+            wall, tokens, first, _ = loop.run_until_complete(api_run(client, model_id, texts(n), new_tokens))
+            return wall, tokens, first
+        return measure
 
-    # warm up both (first steps of every batch shape, the server's first requests) and check the prompts agree
+    # warm up all (first steps of every batch shape, the servers' first requests) and check the prompts agree
     engine_side(max(streams))
     q = question(0)
-    _, _, _, api_prompt = loop.run_until_complete(api_run(client, model_id, [q], 4))
-    assert api_prompt == len(build_prompt_ids(tok, q, [])), "the API and the engine got different prompts"
-    api_side(max(streams))
+    for client in clients.values():
+        _, _, _, api_prompt = loop.run_until_complete(api_run(client, model_id, [q], 4))
+        assert api_prompt == len(build_prompt_ids(tok, q, [])), "the API and the engine got different prompts"
+        api_side(client)(max(streams))
 
     # CPU seconds per 1000 tokens of the process that generates (the app for the API, this one for the
     # engine): less sensitive than tokens/s to other processes taking the cores. The client's CPU is apart.
     me = psutil.Process()
     runs = {}  # (side, streams) -> [(tokens/s, generating process CPU s/1k tokens, client CPU s/1k tokens)]
-    sides = {"engine": (engine_side, me), "api": (api_side, server)}
+    sides = {"engine": (engine_side, me)} | {side: (api_side(clients[side]), process)
+                                             for side, (_, process) in apps.items()}
+    order = list(sides)
     for r in range(args.repeats):
         for n in streams:
-            for side in (("engine", "api") if r % 2 == 0 else ("api", "engine")):
+            for side in (order if r % 2 == 0 else order[::-1]):
                 measure, process = sides[side]
                 cpu0, mine0 = cpu_seconds(process), cpu_seconds(me)
                 wall, tokens, _ = measure(n)
                 cpu, mine = (cpu_seconds(process) - cpu0) * 1000 / tokens, (cpu_seconds(me) - mine0) * 1000 / tokens
                 print(f"  repeat {r + 1}, {n:2d} streams, {side:6s}: {tokens / wall:7.1f} tok/s ({tokens} tokens in "
-                      f"{wall:.2f} s), {cpu:.2f} CPU s/1k tokens" + (f" (+ client {mine:.2f})" if side == "api" else ""),
-                      flush=True)
+                      f"{wall:.2f} s), {cpu:.2f} CPU s/1k tokens" + (f" (+ client {mine:.2f})" if side != "engine"
+                                                                     else ""), flush=True)
                 runs.setdefault((side, n), []).append((tokens / wall, cpu, mine))
 
     # Time to first token: one-token requests (the first chunk then carries the token whatever its text),
     # alternating; the engine's is the time to the request's one delta.
-    ttft = {"engine": [], "api": []}
+    ttft = {side: [] for side in sides}
     for r in range(args.ttft_repeats):
-        for side in (("engine", "api") if r % 2 == 0 else ("api", "engine")):
+        for side in (order if r % 2 == 0 else order[::-1]):
             _, tokens, first = sides[side][0](1, 1)
             assert tokens == 1
             ttft[side].append(first * 1000)
     engine.shutdown()
-    loop.run_until_complete(client.close())
+    for client in clients.values():
+        loop.run_until_complete(client.close())
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
 
-    print(f"\n{'best of ' + str(args.repeats):40s} {'API':>9s} {'engine':>9s} {'API/engine':>11s}")
-    for n in streams:
-        api, eng = max(runs[("api", n)]), max(runs[("engine", n)])
-        print(f"{f'aggregate tok/s, {n} streams x {args.new_tokens}':40s} {api[0]:9.1f} {eng[0]:9.1f} "
-              f"{api[0] / eng[0]:10.2f}x")
-        api, eng = min(c for _, c, _ in runs[("api", n)]), min(c for _, c, _ in runs[("engine", n)])
-        print(f"{f'  CPU s per 1k tokens, {n} streams':40s} {api:9.2f} {eng:9.2f} {api / eng:10.2f}x  "
-              f"(+ client {min(m for _, _, m in runs[('api', n)]):.2f})")
-    api, eng = min(ttft["api"]), min(ttft["engine"])
-    print(f"{f'time to first token, ms (best of {args.ttft_repeats})':40s} {api:9.1f} {eng:9.1f}  "
-          f"HTTP path adds {api - eng:.1f} ms")
-    api, eng = statistics.median(ttft["api"]), statistics.median(ttft["engine"])
-    print(f"{'time to first token, ms (median)':40s} {api:9.1f} {eng:9.1f}  HTTP path adds {api - eng:.1f} ms")
+    for side in apps:
+        name = "API" if side == "api" else f"API {side}"
+        print(f"\n{'best of ' + str(args.repeats):40s} {name:>10s} {'engine':>9s} {'API/engine':>11s}")
+        for n in streams:
+            api, eng = max(runs[(side, n)]), max(runs[("engine", n)])
+            per_repeat = " ".join(f"{a[0] / e[0]:.2f}" for a, e in zip(runs[(side, n)], runs[("engine", n)]))
+            print(f"{f'aggregate tok/s, {n} streams x {args.new_tokens}':40s} {api[0]:10.1f} {eng[0]:9.1f} "
+                  f"{api[0] / eng[0]:10.2f}x  (per repeat: {per_repeat})")
+            api, eng = min(c for _, c, _ in runs[(side, n)]), min(c for _, c, _ in runs[("engine", n)])
+            print(f"{f'  CPU s per 1k tokens, {n} streams':40s} {api:10.2f} {eng:9.2f} {api / eng:10.2f}x  "
+                  f"(+ client {min(m for _, _, m in runs[(side, n)]):.2f})")
+        api, eng = min(ttft[side]), min(ttft["engine"])
+        print(f"{f'time to first token, ms (best of {args.ttft_repeats})':40s} {api:10.1f} {eng:9.1f}  "
+              f"HTTP path adds {api - eng:.1f} ms")
+        api, eng = statistics.median(ttft[side]), statistics.median(ttft["engine"])
+        print(f"{'time to first token, ms (median)':40s} {api:10.1f} {eng:9.1f}  HTTP path adds {api - eng:.1f} ms")
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
 
