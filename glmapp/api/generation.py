@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from glmapp import prompts
+from glmapp.api.tools import ToolMessageError, streamed_text, system_turn, tool_call_turn
 from glmapp.engine.request import GenerationRequest, Usage
 from glmapp.engine.sampling import SamplingParams
 
@@ -41,23 +42,33 @@ class APIError(Exception):
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
-def chat_history(family: str, messages) -> tuple[list, str]:
-    """OpenAI messages -> (history in the family's format, last user query); APIError names a bad message."""
+@dataclass
+class ChatPrompt:
+    ids: list[int]
+    history: list  # the family's history the prompt was built from (v3: starts with the tools' system turn)
+    tools: bool = False  # the prompt offers tools (ChatGLM3): replies may be tool calls
+
+
+def chat_history(family: str, messages, tools=None) -> tuple[list, str, str]:
+    """OpenAI messages -> (history in the family's format, last message's text, its ChatGLM role); APIError
+    names a bad message."""
     last = len(messages) - 1
-    if messages[last].role != "user":
-        raise APIError(400, f"The last message must come from the user (messages[{last}] is "
+    ends = ("user", "tool") if family == "chatglm3" else ("user",)
+    if messages[last].role not in ends:
+        raise APIError(400, f"The last message must come from the {' or '.join(ends)} (messages[{last}] is "
                             f"{messages[last].role!r}).", f"messages[{last}].role")
     texts = [prompts.normalize_text(m.text()) for m in messages]
     if not texts[last].strip():
-        raise APIError(400, "The last user message is empty.", f"messages[{last}].content")
+        raise APIError(400, f"The last {messages[last].role} message is empty.", f"messages[{last}].content")
     if family == "chatglm3":
-        history = [{"role": m.role, "content": t} | ({"metadata": ""} if m.role == "assistant" else {})
-                   for m, t in zip(messages[:last], texts)]
-        return history, texts[last]
+        return _v3_history(messages, texts, tools), texts[last], "observation" if messages[last].role == "tool" \
+            else "user"
+    if tools:
+        raise APIError(400, "Tool calls need a ChatGLM3 model; this server serves a ChatGLM2 model.", "tools")
     history, query = [], None
     for i, m in enumerate(messages[:last]):
-        if m.role == "system":
-            raise APIError(400, "ChatGLM2 models have no system role: put the instructions in the first user "
+        if m.role in ("system", "tool"):
+            raise APIError(400, f"ChatGLM2 models have no {m.role} role: put the instructions in the first user "
                                 "message instead.", f"messages[{i}].role")
         expected = "user" if query is None else "assistant"
         if m.role != expected:
@@ -71,12 +82,41 @@ def chat_history(family: str, messages) -> tuple[list, str]:
     if query is not None:
         raise APIError(400, f"messages[{last - 1}] and messages[{last}] are both from the user; ChatGLM2 "
                             "conversations alternate user and assistant messages.", f"messages[{last}].role")
-    return history, texts[last]
+    return history, texts[last], "user"
+
+
+def _v3_history(messages, texts: list[str], tools) -> list[dict]:
+    history = []
+    for i, (m, text) in enumerate(zip(messages[:-1], texts)):
+        if m.role == "system" and tools and i == 0:
+            continue  # its text goes into the tools' system turn
+        if m.role == "assistant" and m.tool_calls:
+            if text.strip():
+                history.append({"role": "assistant", "metadata": "", "content": text})
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    history.append(tool_call_turn(call.function.name, call.function.arguments,
+                                                  f"messages[{i}].tool_calls[{j}].function.arguments"))
+                except ToolMessageError as e:
+                    raise APIError(400, str(e), e.param) from None
+        elif m.role == "tool":
+            history.append({"role": "observation", "content": text})
+        else:
+            history.append({"role": m.role, "content": text} | ({"metadata": ""} if m.role == "assistant" else {}))
+    if tools:
+        system = texts[0] if messages[0].role == "system" and len(messages) > 1 else None
+        history.insert(0, system_turn(tools, system))
+    return history
+
+
+def chat_prompt(tokenizer, messages, tools=None) -> ChatPrompt:
+    """The prompt of a chat request; `tools` (OpenAI function tools, ChatGLM3 only) are offered to the model."""
+    history, query, role = chat_history(tokenizer.family, messages, tools)
+    return ChatPrompt(prompts.build_prompt_ids(tokenizer, query, history, role=role), history, bool(tools))
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    history, query = chat_history(tokenizer.family, messages)
-    return prompts.build_prompt_ids(tokenizer, query, history)
+    return chat_prompt(tokenizer, messages).ids
 
 
 def completion_prompt_ids(tokenizer, prompt: str, param: str) -> list[int]:
@@ -112,15 +152,24 @@ class Choice:
     finish_reason: str | None = None  # OpenAI's: "stop" | "length"; or "error"
     error: str | None = None
     retry: bool = False  # the error is passing (the model is being reloaded)
+    tool_calls: list[dict] | None = None  # OpenAI's, once a reply to a prompt with tools is parsed
     usage: Usage = field(default_factory=Usage)
 
 
-def chat_visible(family: str) -> Callable[[str], str]:
-    """The chat reply as the web chat shows it (the family's post-processing), from the raw text."""
-    def visible(raw: str) -> str:
+def chat_visible(family: str, tools: bool = False) -> Callable[[str, bool], str]:
+    """The chat reply as the web chat shows it (the family's post-processing), from the raw text and whether
+    it is all there; with tools, only text known not to be a tool call (`tools.streamed_text`)."""
+    if tools:
+        return streamed_text
+
+    def visible(raw: str, final: bool) -> str:
         reply = prompts.process_response(family, raw)
         return reply if isinstance(reply, str) else str(reply.get("content", ""))
     return visible
+
+
+def _raw(raw: str, final: bool) -> str:
+    return raw
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -148,7 +197,7 @@ def submit_choices(backend, prompts_ids: list[list[int]], params: SamplingParams
     return choices
 
 
-async def stream_choices(choices: list[Choice], stops: list[str], visible: Callable[[str], str] = lambda raw: raw):
+async def stream_choices(choices: list[Choice], stops: list[str], visible: Callable[[str, bool], str] = _raw):
     """Yield (choice, new visible text) as text arrives, and each choice once more with its `finish_reason`
     set. Closing the generator (the client went away) cancels what still runs."""
     arrived = asyncio.Event()
@@ -192,9 +241,10 @@ async def stream_choices(choices: list[Choice], stops: list[str], visible: Calla
                 choice.handle.cancel()
 
 
-def _advance(choice: Choice, visible: Callable[[str], str], stops: list[str], final: bool) -> tuple[str, bool]:
+def _advance(choice: Choice, visible: Callable[[str, bool], str], stops: list[str],
+             final: bool) -> tuple[str, bool]:
     """New client-visible text of `choice` and whether a stop string ended it."""
-    text = visible(choice.raw)
+    text = visible(choice.raw, final)
     start = max(0, len(choice.text) - max((len(s) for s in stops), default=0))
     cuts = [i for s in stops if (i := text.find(s, start)) >= 0]
     if cuts:

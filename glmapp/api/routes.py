@@ -33,12 +33,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from glmapp.api.generation import (APIError, Choice, chat_prompt_ids, chat_visible, completion_prompt_ids,
+from glmapp.api.generation import (APIError, Choice, chat_prompt, chat_visible, completion_prompt_ids,
                                    stream_choices, submit_choices, token_budget)
 from glmapp.api.keys import KeyCheck
 from glmapp.api.limits import RateLimiter, RateLimited
 from glmapp.api.metrics import APIMetrics
 from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from glmapp.api.tools import reply_parts
 from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import AdapterError, EngineStopped, GlmappError
@@ -142,11 +143,13 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) ->
         client = authorize(request)
         body = await _parse(request, ChatCompletionRequest)
         adapter = await _adapter(backend, body.model)
-        ids = chat_prompt_ids(backend.tokenizer, body.messages)
-        budgets = [token_budget(backend, ids, body.token_limit(), "messages")]
-        meter = admit(client, [ids], budgets, body.n)
+        tools = body.tools if body.tool_choice != "none" else None
+        prompt = chat_prompt(backend.tokenizer, body.messages, tools)
+        budgets = [token_budget(backend, prompt.ids, body.token_limit(), "messages")]
+        meter = admit(client, [prompt.ids], budgets, body.n)
         with meter.refund_on_error():
-            run = _Run(backend, body, [ids], budgets, adapter, meter, "chat.completion", chat_visible(backend.family))
+            run = _Run(backend, body, [prompt.ids], budgets, adapter, meter, "chat.completion",
+                       chat_visible(backend.family, prompt.tools), prompt.history if prompt.tools else None)
         return await run.respond(request)
 
     @router.post("/v1/completions")
@@ -192,7 +195,7 @@ def _param(loc) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "function"):
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
             out += ("." if out else "") + part
         else:
             break
@@ -280,8 +283,10 @@ class _Meter:
 class _Run:
     """One API request's choices, answered as one JSON body or as server-sent events."""
 
-    def __init__(self, backend, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None):
+    def __init__(self, backend, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None,
+                 tools_history=None):
         self.backend, self.body, self.kind, self.meter = backend, body, kind, meter
+        self.tools_history = tools_history  # the prompt offered tools: the history to parse replies with
         choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
         self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
         self.prompt_tokens = meter.prompt_tokens = sum(len(p) for p in prompt_ids)
@@ -305,6 +310,7 @@ class _Run:
             async for choice, _ in self.events:
                 self.meter.saw(choice)
                 if choice.finish_reason is not None:
+                    self._tool_calls(choice)
                     finished[choice.index] = choice
         choices = [finished[i] for i in sorted(finished)]
         failed = next((c for c in choices if c.finish_reason == "error"), None)
@@ -333,6 +339,13 @@ class _Run:
                     yield _event(self._chunk(chunk_kind, choice, text, None, include_usage=include_usage))
                 if choice.finish_reason is not None:
                     finished.append(choice)
+                    if self._tool_calls(choice):
+                        if choice.index not in started:
+                            started.add(choice.index)
+                            yield _event(self._chunk(chunk_kind, choice, "", None, role=True,
+                                                     include_usage=include_usage))
+                        yield _event(self._chunk(chunk_kind, choice, "", None, include_usage=include_usage,
+                                                 tool_calls=True))
                     yield _event(self._chunk(chunk_kind, choice, "", choice.finish_reason,
                                              include_usage=include_usage))
         if include_usage:
@@ -340,19 +353,34 @@ class _Run:
                           "choices": [], "usage": self.usage(finished).model_dump()})
         yield "data: [DONE]\n\n"
 
-    def _choice(self, choice: Choice, text: str, finish_reason="", role=False) -> dict:
+    def _tool_calls(self, choice: Choice) -> list[dict]:
+        """A finished choice of a request with tools: its tool calls (finish_reason "tool_calls" if any)."""
+        if self.tools_history is None or choice.finish_reason not in ("stop", "length"):
+            return []
+        if choice.tool_calls is None:
+            content, choice.tool_calls = reply_parts(self.tools_history, choice.raw)
+            if choice.tool_calls:
+                choice.finish_reason, choice.text = "tool_calls", content or ""
+        return choice.tool_calls
+
+    def _choice(self, choice: Choice, text: str, finish_reason="", role=False, tool_calls=False) -> dict:
         reason = choice.finish_reason if finish_reason == "" else finish_reason
         if self.kind == "text_completion":
             return {"index": choice.index, "text": text, "logprobs": None, "finish_reason": reason}
         if finish_reason == "":  # a whole message
-            return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": None, "finish_reason": reason}
-        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            message = {"role": "assistant", "content": text}
+            if choice.tool_calls:
+                message.update(content=text or None, tool_calls=choice.tool_calls)
+            return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason}
+        if tool_calls:
+            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(choice.tool_calls)]}
+        else:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
         return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
-    def _chunk(self, kind, choice, text, finish_reason, role=False, include_usage=False) -> dict:
+    def _chunk(self, kind, choice, text, finish_reason, role=False, include_usage=False, tool_calls=False) -> dict:
         chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.body.model,
-                 "choices": [self._choice(choice, text, finish_reason, role)]}
+                 "choices": [self._choice(choice, text, finish_reason, role, tool_calls)]}
         if include_usage:
             chunk["usage"] = None  # OpenAI: null on every chunk but the last
         return chunk

@@ -1,10 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic models, OpenAI's field names).
 
 Notable choices:
-- Fields OpenAI defines but this server does not implement (tools, logprobs, penalties, ...) are named
+- Fields OpenAI defines but this server does not implement (logprobs, penalties, ...) are named
   in `UNSUPPORTED` and refused with a 400 that names them, instead of being silently ignored; fields
   nobody defines are ignored, as OpenAI-compatible servers do.
 - `top_k` and `repetition_penalty` are extensions (vLLM's names); the ranges are SamplingParams' own.
+- `tools` (function tools) and `tool_choice` "auto" / "none" are ChatGLM3's tool calls (see `tools.py`); the
+  legacy `functions` / `function_call` are not implemented.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # field -> the value that means "not used": anything else gets a 400 naming the field.
-UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": (None, False),
+UNSUPPORTED = {"functions": None, "function_call": None, "logprobs": (None, False),
                "top_logprobs": None, "logit_bias": None, "response_format": None, "presence_penalty": (None, 0),
                "frequency_penalty": (None, 0), "echo": (None, False), "suffix": None, "best_of": (None, 1)}
 
@@ -62,17 +64,46 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only on an assistant message with tool_calls
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: the call answered (ChatGLM3 matches them by order)
+    name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionTool(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionTool
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none"] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -92,3 +92,13 @@ def serve_api(api_manager, tmp_path_factory):
     yield serve_with
     for demo in demos:
         demo.close()
+
+
+@pytest.fixture(scope="session")
+def served_v3(demo_v3, tmp_path_factory):
+    """The app on the demo ChatGLM3 checkpoint (tool calls, observation turns), open API."""
+    manager = LocalBackend.load(str(demo_v3), adapters_dir=str(tmp_path_factory.mktemp("v3-adapters")))
+    demo, server = _serve(manager, tmp_path_factory.mktemp("api-v3"))
+    yield server
+    demo.close()
+    manager.close()

@@ -224,7 +224,7 @@ def test_a_client_leaving_a_plain_request_cancels_it(served):
 # ---- errors --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value", [("temperature", "hot"), ("top_p", 0), ("max_tokens", 0), ("n", 0),
                                           ("top_k", -1), ("seed", -5), ("stop", ["", "x"]),
-                                          ("tools", [{"type": "function"}])])
+                                          ("functions", [{"name": "f"}])])
 def test_a_bad_field_is_a_400_that_names_it(served, field, value):
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], field: value}
     response = httpx.post(served.api + "/chat/completions", json=body)
