@@ -21,24 +21,26 @@ def __getattr__(name: str):
 
 def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None):
     """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
-    from glmapp.backends import LocalBackend
     from glmapp.ui.layout import build_ui
 
     from glmapp.api import KeyCheck, RateLimiter, build_router
 
     credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
     api_keys = KeyCheck.of(config)
-    backend = LocalBackend.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
-                                  max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
-                                  quant=config.quant, engine_config=config.engine_config())
+    backend = make_backend(config)
     if backend.demo:
         print(f"[demo] Serving the demo checkpoint ({backend.name}): random weights, replies are gibberish. "
               f"For real weights: {commands.download()}, or {commands.RUN_APP_WITH_MODEL}.",
               file=sys.stderr)
     limits = limits or ServerLimits()
     demo = build_ui(backend, config, limits)
-    router = build_router(backend, api_keys, RateLimiter.of(config))
-    local_url, share_url = serve(demo, config, credentials, limits, router.routes)
+    routes = []
+    if backend.capabilities().tokenization is None:
+        routes = build_router(backend, api_keys, RateLimiter.of(config)).routes
+    else:  # the API needs the tokenizer: clients call the model server's own OpenAI API instead
+        print("The OpenAI-compatible API is not served by a --backend-url front end: call the model server's "
+              "own /v1 API.", file=sys.stderr)
+    local_url, share_url = serve(demo, config, credentials, limits, routes)
     print(f"glmapp is running at {local_url}" + (" (login required)" if credentials else ""), flush=True)
     if config.share:
         if share_url:
@@ -53,6 +55,19 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
         finally:
             backend.close()
     return demo
+
+
+def make_backend(config: AppConfig):
+    """The Backend the app serves: a RemoteBackend with --backend-url, else a local model (ModelHost)."""
+    if config.backend_url:
+        from glmapp.backends.remote import RemoteBackend
+
+        return RemoteBackend(config.backend_url, config.backend_key, family=config.backend_family)
+    from glmapp.backends import LocalBackend
+
+    return LocalBackend.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
+                             max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
+                             quant=config.quant, engine_config=config.engine_config())
 
 
 def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: ServerLimits,

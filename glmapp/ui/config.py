@@ -59,6 +59,14 @@ class AppConfig:
     rate_limit_tpm: int | None = _opt(None, "API tokens per minute allowed to each API key (or client address): "
                                             "prompt + max_tokens counted at admission, the unused part given back "
                                             "at the end; default: no limit", "GLMAPP_RATE_LIMIT_TPM")
+    backend_url: list[str] = _opt(None, "serve the app from an OpenAI-compatible model server instead of a local "
+                                        "model (vLLM, another glmapp): its base URL, e.g. http://HOST:8000/v1; "
+                                        "repeat for replicas of the same model (env: comma-separated list)",
+                                  "GLMAPP_BACKEND_URL", action="append", metavar="URL")
+    backend_key: str | None = _opt(None, "bearer key for --backend-url (env preferred: it stays out of the process "
+                                         "list)", "GLMAPP_BACKEND_KEY")
+    backend_family: str | None = _opt(None, "chatglm2 or chatglm3: the family behind --backend-url (default: from "
+                                            "the model's name)", "GLMAPP_BACKEND_FAMILY")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
 
@@ -67,6 +75,13 @@ class AppConfig:
             self.auth = []
         if self.api_key is None:
             self.api_key = []
+        if self.backend_url is None:
+            self.backend_url = []
+        for url in self.backend_url:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--backend-url must start with http:// or https:// (got {url!r}).")
+        if self.backend_family is not None and self.backend_family not in ("chatglm2", "chatglm3"):
+            raise ConfigError(f"--backend-family must be chatglm2 or chatglm3 (got {self.backend_family!r}).")
         if self.quant is not None and self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

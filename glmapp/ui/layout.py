@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from glmapp.backends.base import DTYPES
 from glmapp.ui import model_handlers
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads
 from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, setting_ranges
@@ -264,11 +265,14 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
 
 
 def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adapter_choices: list) -> dict:
-    w = {}
+    w, caps = {}, backend.capabilities()
     with gr.Row():
         with gr.Column(scale=3):
             w["info"] = gr.Markdown(model_handlers.model_info_markdown(backend), elem_id="model-info")
-            gr.Markdown(f"#### Adapters in `{backend.adapters_dir}/`")
+            gr.Markdown(model_handlers.capabilities_note(caps), elem_id="capabilities-note",
+                        visible=bool(caps.unavailable()))
+            gr.Markdown(f"#### Adapters in `{backend.adapters_dir}/`" if caps.adapter_loading is None else
+                        "#### Adapters served by the model server")
             w["adapter_table"] = gr.Markdown(picker.table(None), elem_id="adapter-table")
         with gr.Column(scale=2, elem_id="model-options"):
             gr.Markdown("#### LoRA adapter")
@@ -280,23 +284,30 @@ def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adap
             with gr.Row():
                 w["adapter_spec"] = gr.Textbox(show_label=False, scale=3, elem_id="adapter-spec",
                                                placeholder="load by hub id (owner/name) or folder in the adapters "
-                                                           "folder")
-                w["adapter_load"] = gr.Button("Load", scale=1, min_width=60, elem_id="adapter-load-btn")
+                                                           "folder" if caps.adapter_loading is None else
+                                               caps.adapter_loading, interactive=caps.adapter_loading is None)
+                w["adapter_load"] = gr.Button("Load", scale=1, min_width=60, elem_id="adapter-load-btn",
+                                              interactive=caps.adapter_loading is None)
             w["adapter_refresh"] = gr.Button("Refresh adapter list", size="sm", elem_id="adapter-refresh-btn")
             gr.Markdown("#### Quantization and precision")
             with gr.Row():
-                w["quant"] = gr.Dropdown(model_handlers.quant_choices(backend), value=backend.info().quant,
+                w["quant"] = gr.Dropdown(model_handlers.quant_choices(backend),
+                                         value=backend.info().quant if caps.quantization is None else None,
                                          label="Quantization", elem_id="quant-choice", scale=3,
-                                         info="Frees the current weights, then loads the checkpoint in this "
-                                              "mode; adapters are re-applied. On failure the previous mode "
-                                              "is loaded again.")
-                quantize = gr.Button("Reload quantized", scale=1, min_width=80, elem_id="quant-reload-btn")
-            w["dtype"] = gr.Radio(["auto", "float32", "bfloat16", "float16"], value=backend.dtype_choice,
+                                         interactive=caps.quantization is None,
+                                         info=caps.quantization or "Frees the current weights, then loads the "
+                                              "checkpoint in this mode; adapters are re-applied. On failure the "
+                                              "previous mode is loaded again.")
+                quantize = gr.Button("Reload quantized", scale=1, min_width=80, elem_id="quant-reload-btn",
+                                     interactive=caps.quantization is None)
+            w["dtype"] = gr.Radio(list(DTYPES), value=backend.dtype_choice,
                                   label="Precision (dtype)", elem_id="dtype-choice",
-                                  info="Reloading frees the current model first, then loads the new one; chat "
-                                       "histories and loaded adapters are kept. If it fails, the previous "
-                                       "precision is loaded again.")
-            reload = gr.Button("Reload model", variant="primary", elem_id="reload-btn")
+                                  interactive=caps.dtype_switch is None,
+                                  info=caps.dtype_switch or "Reloading frees the current model first, then loads "
+                                       "the new one; chat histories and loaded adapters are kept. If it fails, "
+                                       "the previous precision is loaded again.")
+            reload = gr.Button("Reload model", variant="primary", elem_id="reload-btn",
+                               interactive=caps.dtype_switch is None)
             refresh = gr.Button("Refresh info", size="sm", elem_id="refresh-info-btn")
 
     def do_reload(choice, active, progress=gr.Progress()):

@@ -17,6 +17,13 @@ def model_info_markdown(backend) -> str:
     return info + f"\n\nMemory in use: {backend.memory()}"
 
 
+def capabilities_note(caps) -> str:
+    """What this backend cannot do, with why (the controls for it are disabled)."""
+    names = {"quantization": "Quantization", "dtype_switch": "Precision", "adapter_loading": "Loading adapters",
+             "training": "Training", "tokenization": "Token counts"}
+    return "\n".join(f"- **{names[k]}** unavailable: {why}" for k, why in caps.unavailable().items())
+
+
 def demo_banner(backend) -> str:
     if not backend.demo:
         return ""

@@ -33,8 +33,8 @@ def _free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = _free_port()
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None):
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.comparisons = tmp / "comparisons.jsonl"
         self.log = tmp / "app.log"
