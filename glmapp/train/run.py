@@ -194,8 +194,9 @@ def train(config: TrainConfig) -> Path:
     path = resolve(config.model).path
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=read_config(path).family)
     rows, data_report = build_rows(tokenizer, config.data, config.max_length, config.overlength)
-    for line in data_report.lines():
-        _log(line)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in data_report.lines():
+            _log(line)
     eval_rows = build_rows(tokenizer, [config.eval], config.max_length, config.overlength)[0] if config.eval else []
     model, tokenizer = load_model(config)
     device = model.device
@@ -207,39 +208,53 @@ def train(config: TrainConfig) -> Path:
         peft_model.enable_input_require_grads()
     collator = Collator(tokenizer.pad_token_id)
     trainer = _trainer(peft_model, config, out, device, rows, eval_rows, collator)
-    # --- from here on the output folder is written ---
+    main = trainer.is_world_process_zero()  # with several processes (DDP) only the first one writes
+    started = time.time()
+    if main:
+        _start_output(out, config, data_report, resume_from, started)
+        # Rows are split evenly between the processes: this one's count times their number.
+        trainer.add_callback(LogCallback(out / LOG_FILE, lambda: trainer.tokens_seen * trainer.args.world_size))
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        if main:
+            write_state(out, "incomplete", pid=None, started=started, config=config.to_dict())
+        raise
+    if main:
+        _finish(out, config, trainer, peft_model, data_report, result.metrics, started, tokenizer.family)
+    return out
+
+
+def _start_output(out: Path, config: TrainConfig, data_report, resume_from: Path | None, started: float) -> None:
+    """The run's folder before the first step: settings, state "running", the log kept up to the checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(config, out / "train_config.yaml")
-    started = time.time()
     write_state(out, "running", pid=os.getpid(), started=started, config=config.to_dict(),
                 data=json.loads(data_report.to_json()))
     log = [e for e in _read_log(out) if resume_from is None or e["step"] <= int(resume_from.name.split("-")[1])]
     (out / LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in log), encoding="utf-8")
-    callback = LogCallback(out / LOG_FILE, lambda: trainer.tokens_seen)
-    trainer.add_callback(callback)
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except BaseException:
-        write_state(out, "incomplete", pid=None, started=started, config=config.to_dict(),
-                    resume=f"glmapp train --config {out / 'train_config.yaml'} --resume")
-        raise
+
+
+def _finish(out: Path, config: TrainConfig, trainer, peft_model, data_report, metrics: dict, started: float,
+            family: str) -> None:
+    """Adapter, plot, model card, then state "complete"."""
     wall = time.time() - started
     _save_adapter(peft_model, out)
     log = _read_log(out)
     (out / "loss.svg").write_text(card.loss_svg(log), encoding="utf-8")
     evals = [e["eval_loss"] for e in log if e.get("eval_loss") is not None]
     losses = [e["loss"] for e in log if e.get("loss") is not None]
+    tokens = trainer.tokens_seen * trainer.args.world_size
     summary = {"steps": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
                "final_eval_loss": evals[-1] if evals else None, "wall_time_s": round(wall, 1),
-               "tokens_per_s": round(trainer.tokens_seen / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
+               "tokens_per_s": round(tokens / max(metrics.get("train_runtime", wall), 1e-9), 1),
                "train_rows": data_report.rows}
     files = [{"name": Path(f).name, "sha256": card.sha256(f), "format": data_report.files[Path(f).name]["format"],
               "examples": data_report.files[Path(f).name]["examples"]} for f in config.data]
-    (out / "README.md").write_text(card.model_card(config.to_dict(), config.model, tokenizer.family, files,
+    (out / "README.md").write_text(card.model_card(config.to_dict(), config.model, family, files,
                                                    data_report.lines(), summary), encoding="utf-8")
     write_state(out, "complete", started=started, config=config.to_dict(), summary=summary)
     _log(f"Adapter written to {out} ({summary['steps']} steps, final loss {summary['final_train_loss']}).")
-    return out
 
 
 def _trainer(model, config: TrainConfig, out: Path, device, rows, eval_rows, collator):
