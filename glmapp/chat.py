@@ -159,6 +159,8 @@ class ChatModel1(ChatGLM1ForConditionalGeneration):
                                        top_p=top_p, temperature=temperature, logits_processor=logits_processor,
                                        **kwargs):
             pass
+        if result is None:  # an empty reply yields nothing while streaming
+            return "", [*(history or []), (query, "")]
         return result
 
 

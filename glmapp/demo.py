@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from glmapp.choices import DEMO_FORMATS
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-from glmapp.models.chatglm1 import ChatGLM1Config, ChatGLM1ForConditionalGeneration
+from glmapp.models.chatglm1 import RESIDUAL_ALPHA, ChatGLM1Config, ChatGLM1ForConditionalGeneration
 from glmapp.tokenizer import V1_VOCAB_FILE, ChatGLM1Tokenizer, train_demo_tokenizer, train_demo_tokenizer_v1
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
@@ -122,6 +122,10 @@ def random_state_dict(config: ChatGLMConfig | ChatGLM1Config, seed: int, dtype=t
             t = torch.ones(meta.shape) if name.endswith("weight") else torch.zeros(meta.shape)
         else:
             std = 0.02 if name.endswith("weight") else 0.01
+            if v1 and name.endswith("weight") and "word_embeddings" not in name:
+                # v1 adds alpha * LN(x) (alpha ~ 7.5) around every block and ties lm_head to the embedding: with
+                # small random linears a demo only echoes its last token. Weights of this size let the layers count.
+                std = (RESIDUAL_ALPHA / config.hidden_size) ** 0.5
             t = torch.randn(meta.shape, generator=gen) * std
         keep_fp32 = v1 and "layernorm" in name
         state[name] = t.to(torch.float32 if keep_fp32 else dtype).contiguous()

@@ -10,7 +10,7 @@ import glmapp
 from glmapp.checkpoint import iter_tensors
 from glmapp.demo import make_demo
 from glmapp.errors import CheckpointError
-from glmapp.quant import QuantizedLinear, write_int4_checkpoint
+from glmapp.quant import QuantizedLinear, dequantize, layer_linear_names, quantize_weight, write_int4_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_wrong_family_is_refused(v1_demo):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_official_quantized_layout_loads(v1_demo, tmp_path, bits):
-    full, tok = glmapp.load(str(v1_demo))
+    full, tok = glmapp.load(str(v1_demo))  # (a fresh copy: its weights are changed below)
     ids = torch.tensor([tok.encode("quantized 量化 model")])
     if bits == 4:
         out = write_int4_checkpoint(v1_demo, tmp_path / "int4")  # the chatglm-6b-int4 layout
@@ -76,8 +76,13 @@ def test_official_quantized_layout_loads(v1_demo, tmp_path, bits):
         model, _ = glmapp.load(str(v1_demo), quant="int8")
     assert model.config.quantization_bit == bits
     assert isinstance(model.transformer.layers[0].mlp.dense_4h_to_h, QuantizedLinear)
-    err = (model(ids).logits - full(ids).logits).abs().max()
-    assert 0 < err < (2e-3 if bits == 4 else 2e-4)
+    with torch.no_grad():  # the same network with every quantized linear's weight replaced by q * scale
+        for path in layer_linear_names(full.config.num_layers, v1=True):
+            linear = full.get_submodule(path)
+            linear.weight.copy_(dequantize(*quantize_weight(linear.weight.half(), bits), bits))
+        # CPU kernels run few-row matmuls in bf16, and the v1 demo's large random weights amplify that rounding
+        # (1e-5 on one weight moves the logits by 2e-4), hence the tolerance: a wrong layout is off by ~0.5.
+        torch.testing.assert_close(model(ids).logits, full(ids).logits, atol=0.05, rtol=0)
 
 
 def test_quantized_embeddings_are_refused_clearly(v1_demo, tmp_path):

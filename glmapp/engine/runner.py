@@ -21,6 +21,7 @@ from glmapp.engine.paged_attention import paged_decode, paged_decode_rows, rows_
 from glmapp.engine.sampling import sample
 from glmapp.engine.static_decode import StaticDecoder
 from glmapp.models.chatglm import attention
+from glmapp.models.chatglm1 import context_and_mask_position
 
 
 @dataclass
@@ -32,7 +33,8 @@ class StepContext:
     decode_index: torch.Tensor | None  # [B] token index of each decode row
     decode_tables: torch.Tensor | None  # [B, W] int32 block table of each decode row (padded)
     decode_lengths: torch.Tensor | None  # [B] int32 context length of each decode row, its new token included
-    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first token index, n, context slots, offset)
+    # (first token index, n, context slots, offset, bidirectional: v1's leading tokens that every query sees)
+    prefills: list[tuple[int, int, torch.Tensor, int, int]]
     decode_slots: list[torch.Tensor] | None = None  # CPU: each decode row's context slots (row-by-row path)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -49,11 +51,14 @@ class StepContext:
         out = torch.empty_like(q[0])
         if self.decode_index is not None:
             out[self.decode_index] = rows
-        for start, n, ctx_slots, offset in self.prefills:
+        for start, n, ctx_slots, offset, bidirectional in self.prefills:
             mask = None
-            if offset:
+            if offset or bidirectional > offset:
                 ctx = torch.arange(offset + n, device=q.device)
-                mask = (ctx[None, :] <= (offset + torch.arange(n, device=q.device))[:, None])[None, None]
+                mask = ctx[None, :] <= (offset + torch.arange(n, device=q.device))[:, None]
+                if bidirectional > offset:  # v1 prefix-LM (spec §4); the scheduler keeps the context in one chunk
+                    mask = mask | (ctx[None, :] < bidirectional)
+                mask = mask[None, None]
             out[start:start + n] = attention(q[:, start:start + n], kc[ctx_slots][None], vc[ctx_slots][None],
                                              mask, is_causal=True)[0]
         return out[None]
@@ -66,6 +71,22 @@ class ModelRunner:
         self.vocab = model.config.padded_vocab_size
         self._block_offsets = torch.arange(cache.block_size)
         self.adapters = AdapterManager.of(model)
+        self.v1 = getattr(model.config, "family", None) == "chatglm1"
+
+    def v1_context(self, prompt_ids: list[int]) -> tuple[int, int] | None:
+        """v1: (context length, mask position) of a prompt, for `Sequence.v1_context`; None for v2/v3."""
+        if not self.v1:
+            return None
+        c = self.model.config
+        return context_and_mask_position(prompt_ids, c.bos_token_id, c.mask_token_id, c.gmask_token_id)
+
+    @staticmethod
+    def _positions(seq, start: int, stop: int):
+        """Positions of tokens start..stop-1: plain, or v1's (position, block position) pairs (spec §4)."""
+        if seq.v1_context is None:
+            return range(start, stop)
+        context, mask_position = seq.v1_context
+        return [(i, 0) if i < context else (mask_position, i - context + 1) for i in range(start, stop)]
 
     def _dev(self, values, dtype=torch.long) -> torch.Tensor:
         """A step input built on the host, sent without waiting for the GPU (no sync per tensor)."""
@@ -84,7 +105,7 @@ class ModelRunner:
     def step(self, work) -> list[int]:
         """Run scheduled work (list of ScheduledWork); returns the new token of each sampling sequence,
         in the order of `work` entries whose `samples` is True."""
-        if self.static is not None and self.static.accepts(work):
+        if self.static is not None and not self.v1 and self.static.accepts(work):  # static path: 1-D positions
             with self.adapters.rows([]):  # base rows only; holds adapter installs off until the step is done
                 logits = self.static.run(work)
             return self._sample(logits, [w.seq for w in work])
@@ -95,12 +116,13 @@ class ModelRunner:
             seq, start = w.seq, w.seq.num_computed
             stop = start + w.num_tokens
             ids.extend(seq.token_slice(start, stop))
-            positions.extend(range(start, stop))
+            positions.extend(self._positions(seq, start, stop))
             slots.append(self._slots(seq.block_table, start, stop))
             if w.num_tokens == 1 and start > 0:
                 decode_rows.append((n_tokens, seq.block_table, stop))
             else:
-                prefills.append((n_tokens, w.num_tokens, self._dev(self._slots(seq.block_table, 0, stop)), start))
+                prefills.append((n_tokens, w.num_tokens, self._dev(self._slots(seq.block_table, 0, stop)), start,
+                                 seq.bidirectional))
             if seq.adapter is not None:
                 adapter_rows.setdefault(seq.adapter, []).extend(range(n_tokens, n_tokens + w.num_tokens))
             n_tokens += w.num_tokens

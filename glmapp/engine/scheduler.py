@@ -34,6 +34,14 @@ class Sequence:
     num_registered: int = 0  # leading full blocks already published to the prefix cache
     last_hash: int = 0
     payload: object = None  # the engine's per-request state (handle, sampling tensors, decoder)
+    # ChatGLM-6B (v1): (context length, mask position) of the prompt (`ModelRunner.v1_context`), else None.
+    # The context attends both ways, so it is prefilled in one chunk and reused from the cache only whole.
+    v1_context: tuple[int, int] | None = None
+
+    @property
+    def bidirectional(self) -> int:
+        """Leading prompt tokens that attend to each other both ways (0: all causal)."""
+        return self.v1_context[0] if self.v1_context else 0
 
     @property
     def tokens(self) -> list[int]:
@@ -239,7 +247,7 @@ class Scheduler:
         for seq in self.running:
             remaining = seq.length - seq.num_computed
             if remaining > 1:  # (remaining == 1 is a decode, handled above)
-                n = min(remaining, budget)
+                n = self._chunk(seq, seq.num_computed, min(remaining, budget))
                 if n > 0 and self._ensure_blocks(seq, seq.num_computed + n):
                     work.append(ScheduledWork(seq, n))
                     budget -= n
@@ -250,9 +258,13 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_seqs:
                 break
             blocks, covered, _, blocked = self._match_prefix(seq, pending)
+            if covered < seq.bidirectional:
+                # v1: the KV of a context token depends on the whole context (it attends both ways), so cached
+                # blocks are valid only when the entire context matched; a shared start alone is not reusable.
+                blocks, covered, blocked = [], 0, False
             if blocked:
                 continue
-            n = min(seq.length - covered, budget)
+            n = self._chunk(seq, covered, min(seq.length - covered, budget))
             need = -(-(covered + n) // self.block_size) - len(blocks)
             reusable_free = sum(1 for b in blocks if self.allocator.ref[b] == 0)
             if need + reusable_free > self.allocator.num_free:
@@ -273,6 +285,12 @@ class Scheduler:
             budget -= n
             pending |= self._future_hashes(seq)
         return work
+
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, n: int) -> int:
+        """Tokens to prefill from `start`: `n` (the budget's share), but a chunk that starts inside a v1 context
+        runs to its end, over the budget if need be: a context split across steps would miss later tokens."""
+        return max(n, seq.bidirectional - start) if 0 < n else n
 
     def _hash_upto(self, seq: Sequence, num_blocks: int) -> int:
         h, bs, tokens = seq.root_hash(), self.block_size, seq.tokens

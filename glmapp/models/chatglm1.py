@@ -207,10 +207,15 @@ def positions_2d(ids: list[int], bos_id: int, mask_id: int, gmask_id: int) -> tu
     Context = everything before `<sop>`; from `<sop>` on the position stays at the [gMASK] (else [MASK])
     index while the block position counts 1, 2, ... A row without `<sop>` is all context.
     """
+    context, mask_position = context_and_mask_position(ids, bos_id, mask_id, gmask_id)
+    return [[i, 0] if i < context else [mask_position, i - context + 1] for i in range(len(ids))], context
+
+
+def context_and_mask_position(ids: list[int], bos_id: int, mask_id: int, gmask_id: int) -> tuple[int, int]:
+    """(index of `<sop>` (else len), index of [gMASK] (else [MASK], else the last context token))."""
     context = ids.index(bos_id) if bos_id in ids else len(ids)
     mask_token = gmask_id if gmask_id in ids else mask_id
-    mask_position = ids.index(mask_token) if mask_token in ids else max(context - 1, 0)
-    return [[i, 0] if i < context else [mask_position, i - context + 1] for i in range(len(ids))], context
+    return context, ids.index(mask_token) if mask_token in ids else max(context - 1, 0)
 
 
 def prefix_lm_mask(context_lengths: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
