@@ -27,13 +27,14 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
 
     credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
     api_keys = KeyCheck.of(config)
+    store = config.open_store()  # a bad --db or --data-dir fails before the model is loaded
     backend = make_backend(config)
     if backend.demo:
         print(f"[demo] Serving the demo checkpoint ({backend.name}): random weights, replies are gibberish. "
               f"For real weights: {commands.download()}, or {commands.RUN_APP_WITH_MODEL}.",
               file=sys.stderr)
     limits = limits or ServerLimits()
-    demo = build_ui(backend, config, limits)
+    demo = build_ui(backend, config, limits, store)
     routes = []
     if backend.capabilities().tokenization is None:
         routes = build_router(backend, api_keys, RateLimiter.of(config)).routes
@@ -54,6 +55,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
             demo.block_thread()
         finally:
             backend.close()
+            store.close()
     return demo
 
 

@@ -143,6 +143,14 @@ def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = 
     return f"{line} · {endings[finish_reason]}" if finish_reason in endings else line
 
 
+def reply_meta(update, settings: ChatSettings) -> dict:
+    """A finished reply's adapter, tokens, tokens/s and finish reason (kept with it, shown beside it)."""
+    usage = update.usage
+    return {"adapter": settings.adapter, "finish_reason": update.finish_reason,
+            "tokens": usage.completion_tokens if usage else 0,
+            "tokens_per_second": round(usage.tokens_per_second, 2) if usage else 0.0}
+
+
 class ChatHandlers:
     def __init__(self, backend, active: ActiveRequests | None = None, max_new_tokens: int | None = None):
         self.backend = backend
@@ -280,6 +288,7 @@ class ChatHandlers:
                 messages = messages[:-2]
                 yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings)
                 return
+        messages[-1]["meta"] = reply_meta(update, settings)  # what the conversation store keeps with the reply
         done = self._stats(update, settings) + (f" · {handles[0].id}" if handles else "")
         yield chatbot_messages(messages), messages, gr.skip(), done
 

@@ -28,7 +28,8 @@ MAX_COLUMNS = 4
 LABELS = "ABCD"
 COLUMN_FIELDS = ("adapter", "temperature", "top_p", "seed")  # the per-column inputs, in this order
 COLUMNS = SettingRange("Columns", 2, MAX_COLUMNS, whole=True)
-VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie"}
+VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie",
+         "both_bad": "Both bad"}
 
 
 def column_stats(usage, finish_reason=None, adapter: str | None = None) -> str:
@@ -160,7 +161,7 @@ class CompareHandlers:
         if choice not in VOTES:
             raise gr.Error(f"Unknown vote {choice!r}: use one of {', '.join(VOTES)}.")
         labels = [c["label"] for c in record["columns"]]
-        if choice != "tie" and choice not in labels:
+        if choice not in ("tie", "both_bad") and choice not in labels:
             raise gr.Error(f"There is no column {choice} in this comparison.")
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "vote": choice,
                  "note": clean_input(note or "").strip()}

@@ -69,6 +69,11 @@ class AppConfig:
                                             "the model's name)", "GLMAPP_BACKEND_FAMILY")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
+    data_dir: str = _opt("data", "folder of the app's data: the conversations and votes database (SQLite) "
+                                 "unless --db is set", "GLMAPP_DATA_DIR")
+    db: str | None = _opt(None, "SQLAlchemy URL of the conversations and votes database, e.g. "
+                                "postgresql+psycopg://USER@HOST/glmapp for several front ends (default: one SQLite "
+                                "file under --data-dir)", "GLMAPP_DB")
 
     def __post_init__(self):
         if self.auth is None:
@@ -103,6 +108,17 @@ class AppConfig:
         from glmapp.engine.engine import EngineConfig
 
         return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile)
+
+    def open_store(self):
+        """The conversations and votes database named by --db (else SQLite under --data-dir), migrated."""
+        from glmapp.store import StoreError, open_store, sqlite_url
+
+        try:
+            return open_store(self.db or sqlite_url(self.data_dir))
+        except OSError as e:
+            raise ConfigError(f"Cannot use --data-dir {self.data_dir!r}: {e.strerror}.") from None
+        except StoreError as e:
+            raise ConfigError(f"--db / --data-dir: {e}") from None
 
     def credentials(self) -> list[tuple[str, str]]:
         """(user, password) pairs from --auth and --auth-file; empty means no login."""

@@ -5,9 +5,12 @@ No model code and no handler logic here: handlers live in *_handlers.py as plain
 
 from __future__ import annotations
 
+import tempfile
+
 import gradio as gr
 
 from glmapp.backends.base import DTYPES
+from glmapp.store import open_store, sqlite_url
 from glmapp.ui import model_handlers
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads
 from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, setting_ranges
@@ -19,6 +22,7 @@ from glmapp.ui.compare_handlers import (
     CompareHandlers,
 )
 from glmapp.ui.config import AppConfig
+from glmapp.ui.conversations import BROWSER_SECRET, BROWSER_STORAGE_KEY, SETTINGS, ConversationHandlers
 from glmapp.ui.export import conversation_record, write_html, write_json
 from glmapp.ui.render import LATEX_DELIMITERS
 from glmapp.ui.server import ServerLimits
@@ -40,10 +44,14 @@ def gpu_decorator():
     return spaces.GPU
 
 
-def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | None = None) -> gr.Blocks:
+def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | None = None, store=None) -> gr.Blocks:
+    """`store`: conversations and votes (launch opens the one the config names); None: a new SQLite file in a
+    temporary folder, for tests and scripts that do not keep conversations."""
     config, limits = config or AppConfig(), limits or ServerLimits()
+    store = store or open_store(sqlite_url(tempfile.mkdtemp(prefix="glmapp-store-")))
     active = ActiveRequests()
     chat = ChatHandlers(backend, active, config.max_new_tokens)
+    conv = ConversationHandlers(store, chat, backend)
     compare = CompareHandlers(backend, config.comparisons_file, active, config.max_new_tokens)
     picker = AdapterHandlers(backend, hub_downloads(config))
     choices = picker.choices()
@@ -53,12 +61,13 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat_widgets = create_chat_tab(chat, backend, config, adapter, choices)
+                chat_widgets = create_chat_tab(chat, backend, config, adapter, choices, conv)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 compare_widgets = create_compare_tab(compare, backend, config, choices)
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
+        wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter)
         demo.unload(chat.closed)
     return demo
 
@@ -132,9 +141,53 @@ def create_settings_panel(backend, config: AppConfig, adapter_choices: list) -> 
     return w
 
 
-def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.State, adapter_choices: list) -> dict:
+def create_conversation_list() -> dict:
+    """The column beside the chat: New chat, search, the list (newest first), rename, delete with undo."""
+    w = {"owner": gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=BROWSER_SECRET),
+         "conversation": gr.State(None), "focus": gr.State(None), "deleted": gr.State(None)}
+    w["new"] = gr.Button("New chat", variant="primary", size="sm", elem_id="conv-new")
+    w["search"] = gr.Textbox(show_label=False, placeholder="Search titles and messages", elem_id="conv-search")
+    w["list"] = gr.Radio([], label="Conversations", elem_id="conv-list")
+    w["info"] = gr.Markdown("", elem_id="conv-info", elem_classes="stats-line")
+    with gr.Row():
+        w["title"] = gr.Textbox(show_label=False, placeholder="Title", scale=3, min_width=80, elem_id="conv-title")
+        w["rename"] = gr.Button("Rename", size="sm", scale=1, min_width=60, elem_id="conv-rename")
+    with gr.Row():
+        w["delete"] = gr.Button("Delete", size="sm", variant="stop", elem_id="conv-delete")
+        w["undo"] = gr.Button("Undo delete", size="sm", visible=False, elem_id="conv-undo")
+    return w
+
+
+def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, adapter: gr.State) -> None:
+    """The list's events; the chat's own events are wired in create_chat_tab with the same states."""
+    quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+    owner, conversation, query = w["owner"], w["conversation"], w["search"]
+    demo.load(conv.page_load, [owner, query], [owner, w["list"]], **quick)
+    query.change(conv.search, [query, conversation, owner], w["list"], **quick)
+    fresh = [chat["chatbot"], chat["messages"], chat["textbox"], chat["stats"], conversation, w["title"], w["info"],
+             chat["bar"], w["focus"], w["list"]]
+    for trigger in (w["new"].click, chat["clear"].click, chat["chatbot"].clear):  # Clear starts a new chat too
+        trigger(conv.new_chat, None, fresh, **quick)
+    opened = [chat["chatbot"], chat["messages"], conversation, w["title"], w["info"], chat["bar"], w["focus"],
+              chat["stats"], adapter, chat["adapter"], *(chat[k] for k in SETTINGS)]
+    w["list"].input(conv.open, [w["list"], owner], opened, **quick)
+    w["rename"].click(conv.rename, [conversation, w["title"], query, owner], w["list"], **quick)
+    w["title"].submit(conv.rename, [conversation, w["title"], query, owner], w["list"], **quick)
+    w["delete"].click(conv.delete, [conversation, query, owner], [*fresh[:-1], w["list"], w["deleted"], w["undo"]],
+                      **quick)
+    w["undo"].click(conv.undo_delete, [w["deleted"], query, owner], [w["list"], w["deleted"], w["undo"]], **quick)
+    chat["chatbot"].select(conv.focus, [conversation, owner], [chat["bar"], w["focus"]], **quick)
+    for button, handler in ((chat["older"], conv.older), (chat["newer"], conv.newer)):
+        button.click(handler, [conversation, w["focus"], owner],
+                     [chat["chatbot"], chat["messages"], chat["bar"], w["focus"]], **quick)
+
+
+def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.State, adapter_choices: list,
+                    conv: ConversationHandlers) -> dict:
     gpu = gpu_decorator()
     with gr.Row():
+        with gr.Column(scale=1, min_width=220, elem_id="conversation-panel"):
+            panel = create_conversation_list()
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=480, editable="user",
                                  latex_delimiters=LATEX_DELIMITERS, sanitize_html=True, render_markdown=True,
@@ -148,6 +201,10 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
                 undo = gr.Button("Undo", elem_id="undo-btn")
                 clear = gr.Button("Clear", elem_id="clear-btn")
             stats = gr.Markdown("", elem_id="chat-stats", elem_classes="stats-line")
+            with gr.Row(equal_height=True):  # the clicked message's (default: the last changed one's) versions
+                older = gr.Button("‹ older version", size="sm", scale=0, min_width=60, elem_id="version-older")
+                bar = gr.Markdown("", elem_id="versions-bar", elem_classes="stats-line")
+                newer = gr.Button("newer version ›", size="sm", scale=0, min_width=60, elem_id="version-newer")
             with gr.Row():
                 export_json = gr.Button("Export JSON", size="sm", elem_id="export-json-btn")
                 export_html = gr.Button("Export HTML", size="sm", elem_id="export-html-btn")
@@ -159,24 +216,27 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
     setting_inputs = [settings[k] for k in ("system", "max_length", "max_new_tokens", "temperature", "top_p",
                                             "top_k", "repetition_penalty", "seed")]
     outputs = [chatbot, messages, textbox, stats]
+    # The conversation handlers wrap the chat's: the same inputs plus the conversation and owner; replies also
+    # update the versions bar and the list once stored.
+    keep = [panel["conversation"], panel["owner"]]
+    saved = [*outputs, bar, panel["focus"], panel["list"]]
     # Raw values reach the handlers (preprocess=False), which check them and name a bad one; the quick
     # `accept` step moves the message out of the box, then `reply` streams without writing the box.
     generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
                     preprocess=False, api_visibility="private")
     for trigger in (textbox.submit, send.click):
         # "multiple": the default ("once") silently drops an Enter while an earlier one is pending.
-        trigger(chat.accept, [textbox, messages, *setting_inputs, adapter], [chatbot, messages, textbox],
+        trigger(conv.accept, [textbox, messages, *setting_inputs, adapter, *keep],
+                [chatbot, messages, textbox, panel["conversation"], panel["list"]],
                 concurrency_limit=None, show_progress="hidden", preprocess=False, api_visibility="private",
-                trigger_mode="multiple").success(gpu(chat.reply), [messages, *setting_inputs, adapter], outputs,
+                trigger_mode="multiple").success(gpu(conv.reply), [messages, *setting_inputs, adapter, *keep], saved,
                                                  **generate)
     gr.api(gpu(chat.api_chat), api_name="chat", concurrency_id="generate", concurrency_limit=config.max_concurrency)
-    regenerate.click(gpu(chat.regenerate), [messages, *setting_inputs, adapter], outputs, **generate)
-    chatbot.edit(gpu(chat.edit), [messages, *setting_inputs, adapter], outputs, **generate)
+    regenerate.click(gpu(conv.regenerate), [messages, *setting_inputs, adapter, *keep], saved, **generate)
+    chatbot.edit(gpu(conv.edit), [messages, *setting_inputs, adapter, *keep], saved, **generate)
     stop.click(chat.stop, None, None, concurrency_limit=None, api_visibility="private", show_progress="hidden")
     undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
                api_visibility="private")
-    clear.click(chat.clear, None, outputs, concurrency_limit=None, api_visibility="private")
-    chatbot.clear(chat.clear, None, outputs, concurrency_limit=None, api_visibility="private")  # its trash icon
 
     def export(kind: str):
         def handler(history, system, *values):
@@ -191,7 +251,8 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
                       api_visibility="private")
     export_html.click(export("html"), [messages, *setting_inputs, adapter], export_file, concurrency_limit=None,
                       api_visibility="private")
-    return dict(chatbot=chatbot, textbox=textbox, messages=messages, stats=stats, **settings)
+    return dict(chatbot=chatbot, textbox=textbox, messages=messages, stats=stats, bar=bar, older=older, newer=newer,
+                clear=clear, panel=panel, **settings)
 
 
 def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, adapter_choices: list) -> dict:

@@ -39,7 +39,8 @@ class AppServer:
         self.comparisons = tmp / "comparisons.jsonl"
         self.log = tmp / "app.log"
         cmd = [sys.executable, "app.py", "--demo", "--port", str(self.port), "--max-new-tokens", str(MAX_NEW_TOKENS),
-               "--max-input-tokens", str(MAX_INPUT_TOKENS), "--comparisons-file", str(self.comparisons), *extra]
+               "--max-input-tokens", str(MAX_INPUT_TOKENS), "--comparisons-file", str(self.comparisons),
+               "--data-dir", str(tmp / "data"), *extra]
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,0 +1,310 @@
+"""Chat conversations kept in the store: the list beside the chat, opening one, versions, saving as it goes.
+
+Notable choices:
+- Owner: the logged-in user with --auth ("user:NAME"), else a random id the browser keeps in localStorage
+  (gr.BrowserState; "browser:ID"). The prefixes keep the two kinds apart; every store query filters on the
+  owner, so two browsers never see each other's conversations.
+- The tab's messages (role/content dicts, as ChatHandlers uses them) also carry the store's message `id` and a
+  reply's `meta`, so the next message knows its parent and a branch stays a branch.
+- The user message is stored when it is accepted (before generating), a reply when its stream ends and before
+  the page is told it ended. A tab closed mid-reply stores nothing of that reply.
+- Regenerate stores the new reply as a sibling of the old one; an edit stores the new text as a sibling of the
+  old message. The versions bar shows the focused message's `‹ n/m ›` and its adapter, tokens and tokens/s;
+  its buttons switch versions (store.switch) and the conversation continues from the version shown.
+- The wrappers pass ChatHandlers' outputs through: generation and its checks stay in one place.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import gradio as gr
+
+from glmapp.errors import GlmappError
+from glmapp.store import StoreError
+from glmapp.ui import notices
+from glmapp.ui.adapter_handlers import dropdown_value
+from glmapp.ui.chat_handlers import ChatHandlers
+from glmapp.ui.render import chatbot_messages
+
+SETTINGS = ("system", "max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+SAMPLING = SETTINGS[1:]
+BROWSER_STORAGE_KEY = "glmapp-owner"
+# BrowserState sends its secret to the page, so it protects nothing: the id's randomness is what keeps others out.
+BROWSER_SECRET = "glmapp-owner-id"
+_BROWSER_ID = re.compile(r"[0-9a-f]{32}")
+UNTITLED = "New chat"
+
+
+def new_browser_id(current=None) -> str:
+    """The browser's owner id: kept when it has one, else a new random one."""
+    return current if isinstance(current, str) and _BROWSER_ID.fullmatch(current) else uuid.uuid4().hex
+
+
+def owner_of(browser_id, request) -> str:
+    """The logged-in user with --auth, else the browser's random id; gr.Error when the page has neither yet."""
+    user = getattr(request, "username", None)
+    if user:
+        return f"user:{user}"
+    if isinstance(browser_id, str) and _BROWSER_ID.fullmatch(browser_id):
+        return f"browser:{browser_id}"
+    raise gr.Error("This page has no browser id yet (the page is still loading, or site data is blocked): reload "
+                   "the page.")
+
+
+def label(summary) -> str:
+    when = summary.updated_at.strftime("%Y-%m-%d %H:%M")
+    return f"{summary.title or UNTITLED} · {summary.adapter or 'base model'} · {when}"
+
+
+def describe(view) -> str:
+    """The model, adapter and settings a conversation uses, as one Markdown line."""
+    parts = [f"model `{view.model['name']}`"] if view.model.get("name") else []
+    parts.append(f"adapter `{view.adapter}`" if view.adapter else "base model")
+    parts += [f"{k.replace('_', ' ')} {v}" for k, v in view.settings.items() if k in SAMPLING]
+    return notices.as_text(" · ".join(parts))
+
+
+def tab_messages(view) -> list[dict]:
+    """A stored branch as the tab's messages (role/content plus the store's id and meta)."""
+    return [{"role": m.role, "content": m.content, "id": m.id, **({"meta": m.meta} if m.role == "assistant" else {})}
+            for m in view.messages]
+
+
+def versions_bar(view, focus_id=None) -> tuple[str, int | None]:
+    """(the bar's text, the focused message id): the focused message, else the last one with versions."""
+    messages = view.messages
+    target = (next((m for m in messages if m.id == focus_id), None)
+              or next((m for m in reversed(messages) if m.versions > 1), None)
+              or (messages[-1] if messages else None))
+    if target is None:
+        return "", None
+    parts = [f"Message {messages.index(target) + 1} ({'yours' if target.role == 'user' else 'reply'})",
+             f"version ‹ {target.version}/{target.versions} ›"]
+    meta = target.meta or {}
+    if target.role == "assistant" and meta:
+        parts += [f"adapter {meta['adapter']}" if meta.get("adapter") else "base model",
+                  f"{meta.get('tokens', 0)} tokens", f"{meta.get('tokens_per_second', 0):.1f} tokens/s"]
+        if meta.get("finish_reason") not in (None, "stop"):
+            parts.append(str(meta["finish_reason"]))
+    return notices.as_text(" · ".join(parts)), target.id
+
+
+class ConversationHandlers:
+    """Chat-tab handlers that keep the conversation in `store`; generation goes through `chat`."""
+
+    def __init__(self, store, chat: ChatHandlers, backend):
+        self.conversations = store.conversations
+        self.chat = chat
+        self.backend = backend
+
+    # ---- the list ------------------------------------------------------------------------------------------
+    def page_load(self, browser_id, query="", request: gr.Request = None):
+        """A new page: give the browser an id if it has none, and list its conversations -> (id, list)."""
+        if getattr(request, "username", None):
+            return gr.skip(), self.listing(owner_of(None, request), query)
+        browser_id = new_browser_id(browser_id)
+        return browser_id, self.listing(owner_of(browser_id, request), query)
+
+    def listing(self, owner: str, query: str = "", current: str | None = None):
+        found = self.conversations.list(owner, query=str(query or ""))
+        ids = [c.id for c in found]
+        return gr.update(choices=[(label(c), c.id) for c in found], value=current if current in ids else None)
+
+    def search(self, query, conversation, browser_id, request: gr.Request = None):
+        return self.listing(owner_of(browser_id, request), query, conversation)
+
+    def open(self, conversation, browser_id, request: gr.Request = None):
+        """Restore a conversation exactly: messages, system prompt, sampling settings, adapter.
+        -> (chatbot, messages, conversation, title, info, bar, focus, stats, adapter, adapter dropdown,
+        *SETTINGS widgets)."""
+        owner = owner_of(browser_id, request)
+        if not conversation:
+            return (gr.skip(),) * (10 + len(SETTINGS))
+        self.chat.stop(request)  # a reply still streaming into the page would overwrite what is opened
+        try:
+            view = self.conversations.get(owner, conversation)
+        except StoreError as e:
+            raise notices.error(e) from None
+        messages = tab_messages(view)
+        bar, focus = versions_bar(view)
+        values = [gr.update(value=view.system_prompt)]
+        values += [gr.update(value=view.settings[k]) if k in view.settings else gr.skip() for k in SAMPLING]
+        return (chatbot_messages(messages), messages, view.id, view.title, describe(view), bar, focus, "",
+                view.adapter, dropdown_value(view.adapter), *values)
+
+    def new_chat(self, request: gr.Request = None):
+        """New chat (and Clear): stop this tab's reply, empty the chat, no conversation open.
+        -> (chatbot, messages, textbox, stats, conversation, title, info, bar, focus, list value)."""
+        self.chat.clear(request)
+        return [], [], "", "", None, "", "", "", None, gr.update(value=None)
+
+    def rename(self, conversation, title, query, browser_id, request: gr.Request = None):
+        owner = owner_of(browser_id, request)
+        if not conversation:
+            raise gr.Error("Open or start a conversation first, then rename it.")
+        try:
+            self.conversations.rename(owner, conversation, clean_title(title))
+        except StoreError as e:
+            raise notices.error(e) from None
+        return self.listing(owner, query, conversation)
+
+    def delete(self, conversation, query, browser_id, request: gr.Request = None):
+        """Delete the open conversation (undo brings it back) -> new_chat's outputs + (list, deleted, undo)."""
+        owner = owner_of(browser_id, request)
+        if not conversation:
+            raise gr.Error("Open a conversation first, then delete it.")
+        try:
+            self.conversations.delete(owner, conversation)
+        except StoreError as e:
+            raise notices.error(e) from None
+        return (*self.new_chat(request)[:-1], self.listing(owner, query),
+                conversation, gr.update(visible=True))
+
+    def undo_delete(self, deleted, query, browser_id, request: gr.Request = None):
+        """-> (list, deleted, undo button)."""
+        owner = owner_of(browser_id, request)
+        if not deleted:
+            raise gr.Error("Nothing to undo.")
+        try:
+            self.conversations.restore(owner, deleted)
+        except StoreError as e:
+            raise notices.error(e) from None
+        return self.listing(owner, query), None, gr.update(visible=False)
+
+    # ---- versions ------------------------------------------------------------------------------------------
+    def focus(self, conversation, browser_id, evt: gr.SelectData, request: gr.Request = None):
+        """A message was clicked: the bar shows its versions and meta -> (bar, focus)."""
+        if not conversation:
+            return "", None
+        view = self.conversations.get(owner_of(browser_id, request), conversation)
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        focus_id = view.messages[index].id if 0 <= index < len(view.messages) else None
+        return versions_bar(view, focus_id)
+
+    def switch(self, step: int, conversation, focus, browser_id, request: gr.Request = None):
+        """Show the focused message's previous (-1) or next (+1) version -> (chatbot, messages, bar, focus)."""
+        owner = owner_of(browser_id, request)
+        if not conversation or focus is None:
+            raise gr.Error("Open a conversation and click a message with versions first.")
+        try:
+            view = self.conversations.get(owner, conversation)
+            target = next((m for m in view.messages if m.id == focus), None)
+            if target is None:
+                raise gr.Error("That message is not in the branch shown: click a message first.")
+            position = target.version - 1 + step
+            if not 0 <= position < target.versions:
+                raise gr.Error(f"There is no {'earlier' if step < 0 else 'later'} version of this message.")
+            sibling = target.sibling_ids[position]
+            view = self.conversations.switch(owner, sibling)
+        except StoreError as e:
+            raise notices.error(e) from None
+        messages = tab_messages(view)
+        bar, focus = versions_bar(view, sibling)
+        return chatbot_messages(messages), messages, bar, focus
+
+    def older(self, conversation, focus, browser_id, request: gr.Request = None):
+        return self.switch(-1, conversation, focus, browser_id, request)
+
+    def newer(self, conversation, focus, browser_id, request: gr.Request = None):
+        return self.switch(1, conversation, focus, browser_id, request)
+
+    # ---- saving while chatting -----------------------------------------------------------------------------
+    def accept(self, message, messages, *values, request: gr.Request = None):
+        """ChatHandlers.accept, then the user message is stored (the conversation is created on the first one).
+        values: *SETTINGS, adapter, conversation, browser id. -> (chatbot, messages, textbox, conversation, list)."""
+        *settings, adapter, conversation, browser_id = values
+        owner = owner_of(browser_id, request)
+        chatbot, new_messages, box = self.chat.accept(message, messages, *settings, adapter, request=request)
+        try:
+            conversation = self._record_settings(owner, conversation, settings, adapter)
+            before = list(messages or [])
+            parent = before[-1].get("id") if before else None
+            # After the last shown message; a chat without stored ids continues the stored branch.
+            kwargs = {} if before and parent is None else {"parent_id": parent}
+            view = self.conversations.append(owner, conversation, "user", new_messages[-1]["content"], **kwargs)
+        except StoreError as e:
+            self.chat.closed(request)  # frees the reply slot accept claimed: nothing will be generated
+            raise notices.error(f"{e} Press New chat to start another conversation.") from None
+        new_messages[-1]["id"] = view.id
+        return chatbot, new_messages, box, conversation, self.listing(owner, current=conversation)
+
+    def _record_settings(self, owner: str, conversation, settings, adapter) -> str:
+        values = dict(zip(SETTINGS, settings))
+        system = values.pop("system") or ""
+        adapter = adapter or None
+        if not conversation:
+            return self.conversations.create(owner, system_prompt=system, model=self._model(), adapter=adapter,
+                                             settings=values)
+        self.conversations.update(owner, conversation, system_prompt=system, adapter=adapter or "", settings=values)
+        return conversation
+
+    def _model(self) -> dict:
+        try:
+            info = self.backend.info()
+        except GlmappError:  # reloading: the conversation is saved without the model's name
+            return {}
+        return {"name": info.name, "family": info.family, "dtype": info.dtype, "quant": info.quant}
+
+    def reply(self, messages, *values, request: gr.Request = None):
+        """ChatHandlers.reply; the reply is stored when it ends. Yields (chatbot, messages, textbox, stats, bar,
+        focus, list)."""
+        *settings, adapter, conversation, browser_id = values
+        user_id = messages[-1].get("id") if messages else None
+        stream = self.chat.reply(messages, *settings, adapter, request=request)
+        yield from self._saving(stream, browser_id, conversation, request, lambda _: user_id)
+
+    def regenerate(self, messages, *values, request: gr.Request = None):
+        """A new version of the last reply (the old one stays a version). Yields as `reply`."""
+        *settings, adapter, conversation, browser_id = values
+        users = [m for m in messages or [] if m["role"] == "user"]
+        user_id = users[-1].get("id") if users else None
+        stream = self.chat.regenerate(messages, *settings, adapter, request=request)
+        yield from self._saving(stream, browser_id, conversation, request, lambda _: user_id)
+
+    def edit(self, messages, *values, edit: gr.EditData = None, request: gr.Request = None):
+        """A past message edited: its new text is stored as a new version once the reply starts. Yields as `reply`."""
+        *settings, adapter, conversation, browser_id = values
+        messages = list(messages or [])
+        index = edit.index if isinstance(edit.index, int) else edit.index[0]
+        original = messages[index] if 0 <= index < len(messages) else None
+        stream = self.chat.edit(messages, *settings, adapter, edit=edit, request=request)
+        stored: dict = {}
+
+        def user_id(shown: list[dict]):
+            new = shown[index] if len(shown) > index else None
+            if "id" not in stored and new is not None and new is not original and original and original.get("id"):
+                owner = owner_of(browser_id, request)
+                stored["id"] = self.conversations.edit(owner, original["id"], new["content"]).id
+            return stored.get("id")
+
+        yield from self._saving(stream, browser_id, conversation, request, user_id, started=user_id)
+
+    def _saving(self, stream, browser_id, conversation, request, user_id, started=None):
+        skip = (gr.skip(),) * 3
+        for chatbot, shown, box, stats in stream:
+            extra = skip
+            try:
+                streaming = isinstance(shown, list) and len(shown) >= 2 and shown[-1]["role"] == "assistant"
+                if conversation and streaming and started is not None:
+                    started(shown)
+                if conversation and streaming and "meta" in shown[-1] and "id" not in shown[-1]:
+                    extra = self._save_reply(owner_of(browser_id, request), conversation, shown, user_id(shown))
+            except (StoreError, gr.Error) as e:
+                notices.warning(f"This conversation could not be saved: {getattr(e, 'message', e)}")
+            yield chatbot, shown, box, stats, *extra
+
+    def _save_reply(self, owner: str, conversation: str, shown: list[dict], parent_id) -> tuple:
+        reply = shown[-1]
+        view = self.conversations.append(owner, conversation, "assistant", reply["content"], meta=reply["meta"],
+                                         **({"parent_id": parent_id} if parent_id else {}))
+        reply["id"] = view.id
+        if parent_id:
+            shown[-2]["id"] = parent_id
+        bar, focus = versions_bar(self.conversations.get(owner, conversation))
+        return bar, focus, self.listing(owner, current=conversation)
+
+
+def clean_title(title) -> str:
+    return " ".join(str(title or "").split())

@@ -1,0 +1,186 @@
+"""Conversation handlers as plain functions: the real demo backend and a real store (SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from glmapp.backends import LocalBackend
+from glmapp.store import open_store, sqlite_url
+from glmapp.ui.chat_handlers import ChatHandlers
+from glmapp.ui.conversations import SETTINGS, ConversationHandlers, new_browser_id, owner_of
+
+GREEDY = dict(system="", max_length=8192, max_new_tokens=6, temperature=0, top_p=0.8, top_k=0,
+              repetition_penalty=1.0, seed=None)
+
+
+@pytest.fixture(scope="module")
+def backend(demo_v2):
+    b = LocalBackend.load(str(demo_v2), max_input_tokens=64)
+    yield b
+    b.close()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = open_store(sqlite_url(tmp_path))
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def conv(backend, store):
+    return ConversationHandlers(store, ChatHandlers(backend), backend)
+
+
+class Tab:
+    """One browser tab: its browser id, its state (messages, conversation), its request."""
+
+    def __init__(self, conv, browser_id=None, username=None, **settings):
+        self.conv = conv
+        self.request = SimpleNamespace(session_hash=uuid_hex(), username=username)
+        self.browser_id, _ = conv.page_load(browser_id, request=self.request)
+        self.messages, self.conversation, self.adapter = [], None, None
+        self.settings = {**GREEDY, **settings}
+
+    def values(self):
+        return (*(self.settings[k] for k in SETTINGS), self.adapter, self.conversation, self.browser_id)
+
+    def send(self, text):
+        _, self.messages, _, self.conversation, _ = self.conv.accept(text, self.messages, *self.values(),
+                                                                     request=self.request)
+        return self._run(self.conv.reply(self.messages, *self.values(), request=self.request))
+
+    def regenerate(self):
+        return self._run(self.conv.regenerate(self.messages, *self.values(), request=self.request))
+
+    def edit(self, index, text):
+        data = gr.EditData(None, {"index": index, "value": text, "previous_value": self.messages[index]["content"]})
+        return self._run(self.conv.edit(self.messages, *self.values(), edit=data, request=self.request))
+
+    def _run(self, stream):
+        *_, last = stream
+        self.messages = last[1]
+        return last
+
+    def owner(self):
+        return owner_of(self.browser_id, self.request)
+
+
+def uuid_hex():
+    return new_browser_id()
+
+
+def test_a_message_and_its_reply_are_stored_with_title_and_meta(conv, store):
+    tab = Tab(conv)
+    _, _, _, stats, bar, _, listing = tab.send("hello there\nsecond line")
+    view = store.conversations.get(tab.owner(), tab.conversation)
+    assert view.title == "hello there"
+    assert [(m.role, m.content) for m in view.messages] == [(m["role"], m["content"]) for m in tab.messages]
+    meta = view.messages[1].meta
+    assert meta["tokens"] == 6 and meta["tokens_per_second"] > 0 and meta["finish_reason"] == "length"
+    assert meta["adapter"] is None and "6 tokens" in bar and "base model" in bar
+    assert [m["id"] for m in tab.messages] == [m.id for m in view.messages]
+    assert listing["choices"][0][1] == tab.conversation and listing["choices"][0][0].startswith("hello there")
+    assert view.model["name"] and view.settings["max_new_tokens"] == 6
+
+
+def test_opening_restores_everything_and_the_next_message_continues_it(conv, store):
+    first = Tab(conv, max_new_tokens=5, temperature=0.5, top_p=0.7, seed=7)
+    first.send("one")
+    first.send("two")
+    # A new tab of the same browser opens it: the messages, settings and conversation come back exactly.
+    tab = Tab(conv, first.browser_id)
+    out = conv.open(first.conversation, tab.browser_id, request=tab.request)
+    chatbot, messages, conversation, title, info, bar, focus, stats, adapter, dropdown, *values = out
+    assert messages == first.messages and conversation == first.conversation and title == "one"
+    restored = dict(zip(SETTINGS, [v["value"] for v in values]))
+    assert restored == {**first.settings, "system": ""}
+    assert "temperature 0.5" in info and adapter is None
+    tab.messages, tab.conversation = messages, conversation
+    tab.send("three")
+    view = store.conversations.get(tab.owner(), conversation)
+    assert [m.content for m in view.messages[::2]] == ["one", "two", "three"]
+    assert view.messages[4].parent_id == messages[-1]["id"]
+
+
+def test_regenerate_and_edit_keep_versions_and_switching_continues_from_the_shown_one(conv, store):
+    tab = Tab(conv, temperature=0.9, seed=None)
+    tab.send("question")
+    old_reply = tab.messages[1]
+    *_, bar, focus, _ = tab.regenerate()
+    assert "‹ 2/2 ›" in bar and focus == tab.messages[1]["id"] != old_reply["id"]
+    chatbot, messages, bar, focus = conv.switch(-1, tab.conversation, focus, tab.browser_id, request=tab.request)
+    assert "‹ 1/2 ›" in bar and messages[1]["content"] == old_reply["content"] and focus == old_reply["id"]
+    with pytest.raises(gr.Error, match="no earlier version"):
+        conv.switch(-1, tab.conversation, focus, tab.browser_id, request=tab.request)
+    tab.messages = messages
+    tab.send("follow-up")  # continues from the version shown
+    view = store.conversations.get(tab.owner(), tab.conversation)
+    assert view.messages[2].parent_id == old_reply["id"]
+
+    *_, bar, _, _ = tab.edit(0, "question, edited")
+    view = store.conversations.get(tab.owner(), tab.conversation)
+    assert [m.content for m in view.messages][0] == "question, edited" and len(view.messages) == 2
+    assert view.messages[0].versions == 2 and "Message 1 (yours) · version ‹ 2/2 ›" in bar
+    assert [m["id"] for m in tab.messages] == [m.id for m in view.messages]
+
+
+def test_two_browsers_never_see_each_others_conversations(conv):
+    alice, bob = Tab(conv), Tab(conv)
+    alice.send("alice's secret")
+    assert alice.browser_id != bob.browser_id
+    assert conv.search("", None, bob.browser_id, request=bob.request)["choices"] == []
+    assert conv.search("secret", None, bob.browser_id, request=bob.request)["choices"] == []
+    with pytest.raises(gr.Error, match="not yours"):
+        conv.open(alice.conversation, bob.browser_id, request=bob.request)
+    with pytest.raises(gr.Error, match="not yours"):
+        conv.delete(alice.conversation, "", bob.browser_id, request=bob.request)
+    assert len(conv.search("", None, alice.browser_id, request=alice.request)["choices"]) == 1
+
+
+def test_logged_in_users_own_by_name_whatever_the_browser_id(conv):
+    carol = Tab(conv, username="carol")
+    carol.send("hi")
+    other_browser = Tab(conv, username="carol")
+    assert len(conv.search("", None, other_browser.browser_id, request=other_browser.request)["choices"]) == 1
+    dave = Tab(conv, carol.browser_id, username="dave")  # the same browser, another login
+    assert conv.search("", None, dave.browser_id, request=dave.request)["choices"] == []
+
+
+def test_search_rename_delete_and_undo(conv):
+    tab = Tab(conv)
+    tab.send("about llamas")
+    llamas = tab.conversation
+    conv.new_chat(tab.request)
+    tab.messages, tab.conversation = [], None
+    tab.send("about kiwis")
+
+    def titles(query):
+        return [c[0].split(" · ")[0] for c in conv.search(query, None, tab.browser_id, request=tab.request)["choices"]]
+
+    assert titles("") == ["about kiwis", "about llamas"]  # newest first
+    assert titles("LLAMA") == ["about llamas"]
+    reply_word = tab.messages[1]["content"].split()[0]
+    assert "about kiwis" in titles(reply_word)  # message text is searched too
+    conv.rename(llamas, "  Camelids   of Peru ", "", tab.browser_id, request=tab.request)
+    assert titles("peru") == ["Camelids of Peru"]
+    with pytest.raises(gr.Error, match="cannot be empty"):
+        conv.rename(llamas, "   ", "", tab.browser_id, request=tab.request)
+
+    out = conv.delete(llamas, "", tab.browser_id, request=tab.request)
+    assert out[4] is None and out[-2] == llamas and out[-1]["visible"] is True
+    assert titles("") == ["about kiwis"]
+    listing, deleted, undo = conv.undo_delete(llamas, "", tab.browser_id, request=tab.request)
+    assert deleted is None and undo["visible"] is False
+    assert titles("") == ["about kiwis", "Camelids of Peru"]
+
+
+def test_a_page_without_browser_id_or_login_is_told_to_reload(conv):
+    with pytest.raises(gr.Error, match="reload the page"):
+        conv.search("", None, None, request=SimpleNamespace(session_hash="x", username=None))
+    assert new_browser_id("not-an-id") != "not-an-id"
+    kept = new_browser_id()
+    assert new_browser_id(kept) == kept
