@@ -1,4 +1,5 @@
-"""Per-client rate limits of the API (--rate-limit-rpm, --rate-limit-tpm): token buckets in this process.
+"""Per-client rate limits of the API (--rate-limit-rpm, --rate-limit-tpm): token buckets in this process, or in
+Redis with --redis-url so that several front-end processes share them.
 
 Notable choices:
 - A client is its API key, or its address when the API is open (no key). Each has two buckets that refill
@@ -11,11 +12,14 @@ Notable choices:
   exceed the limit; what a request did not generate is given back when it ends. A request that needs more
   than a whole minute's tokens can never pass: a 400 that says to lower `max_tokens`, not a 429 that a
   client would retry forever.
-- The clock is injectable (tests advance it instead of sleeping).
+- The clock is injectable (tests advance it instead of sleeping). In Redis, one Lua script per admission or
+  refund reads and updates a client's buckets atomically on Redis' own clock (`TIME`), so front ends on other
+  machines agree; a client's buckets expire after a window idle (they would be full again anyway).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from glmapp.api.generation import APIError
+
+log = logging.getLogger(__name__)
 
 EPSILON = 1e-6  # refills are float sums: 30 s at 2/min may come to 0.9999999 of a request
 MAX_CLIENTS = 10_000  # past this many buckets, the full ones (clients idle for a minute) are forgotten
@@ -54,8 +60,13 @@ class RateLimiter:
 
     @classmethod
     def of(cls, config) -> RateLimiter | None:
+        """The limits of the config: None without limits; shared through Redis with --redis-url."""
         if config.rate_limit_rpm is None and config.rate_limit_tpm is None:
             return None
+        if getattr(config, "redis_url", None):
+            from glmapp.api.shared import connect
+
+            return RedisRateLimiter(connect(config.redis_url), config.rate_limit_rpm, config.rate_limit_tpm)
         return cls(config.rate_limit_rpm, config.rate_limit_tpm)
 
     def _client(self, client: str, now: float) -> dict[str, TokenBucket]:
@@ -83,6 +94,17 @@ class RateLimiter:
             raise APIError(400, f"This request may use {tokens} tokens (its prompt plus max_tokens for each "
                                 f"choice), over this server's limit of {self.tpm} tokens per minute: set a lower "
                                 "max_tokens (or n).", "max_tokens", "rate_limit_exceeded")
+        refused = self._take(client, tokens)
+        if refused is not None:
+            kind, wait = refused
+            retry_after = max(1, math.ceil(wait - EPSILON))
+            limit = self.rpm if kind == "requests" else self.tpm
+            raise RateLimited(f"Rate limit of {limit} {kind} per minute reached for this "
+                              f"{'API key' if client.startswith('key:') else 'client'}: try again in "
+                              f"{retry_after} s.", kind, retry_after)
+
+    def _take(self, client: str, tokens: int) -> tuple[str, float] | None:
+        """Take from the buckets if both hold enough; else (the limit that was reached, seconds to wait)."""
         with self._lock:
             now = self.clock()
             buckets = self._client(client, now)
@@ -90,22 +112,86 @@ class RateLimiter:
             waits = {kind: bucket.wait(need[kind]) for kind, bucket in buckets.items()}
             if any(waits.values()):
                 kind = max(waits, key=waits.get)
-                retry_after = max(1, math.ceil(waits[kind] - EPSILON))
-                limit = self.rpm if kind == "requests" else self.tpm
-                raise RateLimited(f"Rate limit of {limit} {kind} per minute reached for this "
-                                  f"{'API key' if client.startswith('key:') else 'client'}: try again in "
-                                  f"{retry_after} s.", kind, retry_after)
+                return kind, waits[kind]
             for kind, bucket in buckets.items():
                 bucket.level -= need[kind]
+            return None
 
     def refund(self, client: str, tokens: int) -> None:
         """Give back tokens an admitted request did not use."""
         if tokens <= 0 or self.tpm is None:
             return
+        self._give(client, tokens)
+
+    def _give(self, client: str, tokens: int) -> None:
         with self._lock:
             buckets = self._client(client, self.clock())
             bucket = buckets["tokens"]
             bucket.level = min(bucket.capacity, bucket.level + tokens)
+
+
+# KEYS[1]: the client's hash; ARGV: rpm, tpm (-1: no limit), tokens, window seconds, "admit" | "refund".
+_BUCKETS_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window, admit = tonumber(ARGV[4]), ARGV[5] == 'admit'
+local kinds = {{'requests', tonumber(ARGV[1]), 1}, {'tokens', tonumber(ARGV[2]), tonumber(ARGV[3])}}
+local levels, worst, worst_kind = {}, 0, ''
+for i, k in ipairs(kinds) do
+  local cap = k[2]
+  if cap >= 0 then
+    local level = tonumber(redis.call('HGET', KEYS[1], k[1]))
+    local updated = tonumber(redis.call('HGET', KEYS[1], k[1] .. ':t'))
+    if level == nil or updated == nil then level, updated = cap, now end
+    level = math.min(cap, level + math.max(0, now - updated) * cap / window)
+    levels[i] = level
+    local missing = k[3] - level
+    if admit and missing > 1e-6 and missing / (cap / window) > worst then
+      worst, worst_kind = missing / (cap / window), k[1]
+    end
+  end
+end
+if worst > 0 then return {worst_kind, tostring(worst)} end
+for i, k in ipairs(kinds) do
+  if levels[i] ~= nil then
+    local level = levels[i]
+    if admit then level = level - k[3] elseif k[1] == 'tokens' then level = math.min(k[2], level + k[3]) end
+    redis.call('HSET', KEYS[1], k[1], tostring(level), k[1] .. ':t', tostring(now))
+  end
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+return {'', '0'}
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same token buckets in Redis, shared by every front end that uses the same Redis."""
+
+    def __init__(self, redis, requests_per_minute: int | None, tokens_per_minute: int | None,
+                 window_s: float = 60.0, prefix: str = "glmapp:limits:"):
+        super().__init__(requests_per_minute, tokens_per_minute, window_s=window_s)
+        self.redis, self.prefix = redis, prefix
+        self._script = redis.register_script(_BUCKETS_LUA)
+
+    def _run(self, client: str, tokens: int, mode: str) -> list:
+        from glmapp.api.shared import unavailable
+
+        args = [-1 if self.rpm is None else self.rpm, -1 if self.tpm is None else self.tpm, tokens, self.window_s, mode]
+        try:
+            return self._script(keys=[self.prefix + client], args=args)
+        except unavailable() as e:
+            raise APIError(503, "The rate limiter's Redis cannot be reached; try again in a moment.",
+                           code="rate_limiter_unavailable") from e
+
+    def _take(self, client: str, tokens: int) -> tuple[str, float] | None:
+        kind, wait = self._run(client, tokens, "admit")
+        return (kind.decode(), float(wait)) if kind else None
+
+    def _give(self, client: str, tokens: int) -> None:
+        try:
+            self._run(client, tokens, "refund")
+        except APIError:  # the request is over; its client gets the tokens back as the bucket refills
+            log.warning("Giving back %d unused tokens failed: Redis cannot be reached.", tokens)
 
 
 class RateLimited(APIError):

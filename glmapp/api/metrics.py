@@ -9,12 +9,14 @@ Notable choices:
 - Generated tokens are counted as the API's streams report them (cumulative `usage` per choice), so
   `rate(glmapp_api_generated_tokens_total[1m])` is the API's tokens per second.
 - Time to first token is measured from the request's arrival at the route to its first text (or its end),
-  so it includes parsing, tokenizing, queueing and prefill.
+  so it includes parsing, tokenizing, queueing and prefill. Answers from the response cache count neither
+  there nor in generated tokens; they count as cache hits (lookups by result, and the hit ratio of this
+  process: with a cache in Redis, each front end counts its own lookups).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from glmapp.errors import ModelReloading
@@ -59,7 +61,18 @@ class APIMetrics:
         self.time_to_first_token = Histogram(
             "glmapp_api_time_to_first_token_seconds", "From an API generation request's arrival to its first "
             "text.", buckets=TTFT_BUCKETS, registry=self.registry)
+        self.cache_lookups = Counter("glmapp_api_response_cache_lookups", "Deterministic API requests looked up in "
+                                     "the response cache, by result (hit or miss).", ["result"], registry=self.registry)
+        self.cache_hit_ratio = Gauge("glmapp_api_response_cache_hit_ratio", "Share of response cache lookups that "
+                                     "hit, since this process started (0 to 1).", registry=self.registry)
+        self._lookups = {"hit": 0, "miss": 0}
         self.registry.register(_EngineCollector(backend))
+
+    def cache_lookup(self, hit: bool) -> None:
+        result = "hit" if hit else "miss"
+        self._lookups[result] += 1
+        self.cache_lookups.labels(result=result).inc()
+        self.cache_hit_ratio.set(self._lookups["hit"] / (self._lookups["hit"] + self._lookups["miss"]))
 
     def answered(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -14,7 +14,8 @@ Notable choices:
   non-streamed request as soon as the server sees the disconnect.
 - Every answer of these routes is counted for /metrics by route and status (`metrics.py`); generation
   requests pass the rate limits (`limits.py`) after they are parsed and their tokens counted, and before
-  anything is submitted.
+  anything is submitted. A deterministic request is then looked up in the response cache (`cache.py`): a hit
+  is replayed (charged like a request that generated as much) and never reaches the engine.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
+from glmapp.api.cache import cache_key, deterministic
 from glmapp.api.generation import (APIError, Choice, chat_prompt, chat_visible, completion_prompt_ids,
                                    stream_choices, submit_choices, token_budget)
 from glmapp.api.keys import KeyCheck
@@ -41,6 +43,7 @@ from glmapp.api.metrics import APIMetrics
 from glmapp.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from glmapp.api.tools import reply_parts
 from glmapp.choices import DEMO_DEFAULTS
+from glmapp.engine.request import Usage
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import AdapterError, EngineStopped, GlmappError
 from glmapp.errors import ModelReloading
@@ -99,8 +102,9 @@ def base_model_id(name: str) -> str:
     return path.name if path.is_dir() else name  # a local checkpoint: its folder name, not the server's path
 
 
-def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) -> APIRouter:
-    """The API's routes for the model `backend` serves; `keys` says who may call them, `limiter` how often."""
+def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, cache=None) -> APIRouter:
+    """The API's routes for the model `backend` serves; `keys` says who may call them, `limiter` how often,
+    `cache` (a `cache.MemoryCache` or `RedisCache`, None for none) keeps deterministic answers."""
     metrics = APIMetrics(backend)
     router = APIRouter(route_class=type("APIRoute", (_ErrorsAsJSON,), {"metrics": metrics}))
 
@@ -115,6 +119,18 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) ->
         if limiter is not None:
             limiter.admit(client, meter.charged)
         return meter
+
+    def cached(kind: str, body, prompt_ids, budgets, adapter, tools: bool) -> tuple[str | None, dict | None]:
+        """(cache key, cached entry) of a deterministic request; (None, None) when it is not cached."""
+        if cache is None or not deterministic(body):
+            return None, None
+        info = backend.info()
+        key = cache_key({"route": kind, "model": [info.name, info.dtype, info.quant], "adapter": adapter,
+                         "prompts": prompt_ids, "budgets": budgets, "tools": tools, "n": body.n, "stop": body.stop,
+                         "sampling": [body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed]})
+        entry = cache.get(key)
+        metrics.cache_lookup(entry is not None)
+        return key, entry
 
     @router.get("/health")
     async def health():
@@ -148,8 +164,10 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) ->
         budgets = [token_budget(backend, prompt.ids, body.token_limit(), "messages")]
         meter = admit(client, [prompt.ids], budgets, body.n)
         with meter.refund_on_error():
+            key, entry = cached("chat.completion", body, [prompt.ids], budgets, adapter, prompt.tools)
             run = _Run(backend, body, [prompt.ids], budgets, adapter, meter, "chat.completion",
-                       chat_visible(backend.family, prompt.tools), prompt.history if prompt.tools else None)
+                       chat_visible(backend.family, prompt.tools), prompt.history if prompt.tools else None,
+                       cache=(cache, key, entry))
         return await run.respond(request)
 
     @router.post("/v1/completions")
@@ -164,7 +182,8 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None) ->
         budgets = [token_budget(backend, p, body.token_limit(), "prompt") for p in ids]
         meter = admit(client, ids, budgets, body.n)
         with meter.refund_on_error():
-            run = _Run(backend, body, ids, budgets, adapter, meter, "text_completion")
+            key, entry = cached("text_completion", body, ids, budgets, adapter, False)
+            run = _Run(backend, body, ids, budgets, adapter, meter, "text_completion", cache=(cache, key, entry))
         return await run.respond(request)
 
     return router
@@ -254,11 +273,12 @@ class _Meter:
         self.closed = False
 
     def saw(self, choice: Choice) -> None:
-        if not self.generated:
+        replayed = choice.handle is None  # from the response cache: nothing was generated
+        if not self.generated and not replayed:
             self.metrics.time_to_first_token.observe(time.perf_counter() - self.arrived)
         new = choice.usage.completion_tokens - self.generated.get(choice.index, 0)
         self.generated[choice.index] = choice.usage.completion_tokens
-        if new > 0:
+        if new > 0 and not replayed:
             self.metrics.generated_tokens.inc(new)
 
     def close(self) -> None:
@@ -284,11 +304,17 @@ class _Run:
     """One API request's choices, answered as one JSON body or as server-sent events."""
 
     def __init__(self, backend, body, prompt_ids, budgets, adapter, meter: _Meter, kind: str, visible=None,
-                 tools_history=None):
+                 tools_history=None, cache=(None, None, None)):
         self.backend, self.body, self.kind, self.meter = backend, body, kind, meter
         self.tools_history = tools_history  # the prompt offered tools: the history to parse replies with
-        choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
-        self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
+        self.cache, self.cache_key, entry = cache
+        if entry is not None:
+            self.events = _replay(entry)
+        else:
+            choices = submit_choices(backend, prompt_ids, _sampling(backend.family, body), body.n, budgets, adapter)
+            self.events = stream_choices(choices, body.stop, **({"visible": visible} if visible else {}))
+        self.cacheable = entry is None and self.cache_key is not None
+        self.expected_choices = len(prompt_ids) * body.n
         self.prompt_tokens = meter.prompt_tokens = sum(len(p) for p in prompt_ids)
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -316,6 +342,7 @@ class _Run:
         failed = next((c for c in choices if c.finish_reason == "error"), None)
         if failed is not None:
             raise self._failure(failed)
+        self._store(choices)
         return JSONResponse({"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
                              "choices": [self._choice(c, c.text) for c in choices],
                              "usage": self.usage(choices).model_dump()})
@@ -351,17 +378,25 @@ class _Run:
         if include_usage:
             yield _event({"id": self.id, "object": chunk_kind, "created": self.created, "model": self.body.model,
                           "choices": [], "usage": self.usage(finished).model_dump()})
+        self._store(finished)
         yield "data: [DONE]\n\n"
+
+    def _store(self, choices: list[Choice]) -> None:
+        """Keep a deterministic answer whose every choice ended normally."""
+        if not self.cacheable or len(choices) != self.expected_choices or \
+                any(c.finish_reason not in ("stop", "length", "tool_calls") for c in choices):
+            return
+        self.cache.put(self.cache_key, {"choices": [
+            {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "tool_calls": c.tool_calls or [],
+             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.usage.completion_tokens} for c in choices]})
 
     def _tool_calls(self, choice: Choice) -> list[dict]:
         """A finished choice of a request with tools: its tool calls (finish_reason "tool_calls" if any)."""
-        if self.tools_history is None or choice.finish_reason not in ("stop", "length"):
-            return []
-        if choice.tool_calls is None:
+        if choice.tool_calls is None and self.tools_history is not None and choice.finish_reason in ("stop", "length"):
             content, choice.tool_calls = reply_parts(self.tools_history, choice.raw)
             if choice.tool_calls:
                 choice.finish_reason, choice.text = "tool_calls", content or ""
-        return choice.tool_calls
+        return choice.tool_calls or []
 
     def _choice(self, choice: Choice, text: str, finish_reason="", role=False, tool_calls=False) -> dict:
         reason = choice.finish_reason if finish_reason == "" else finish_reason
@@ -389,6 +424,18 @@ class _Run:
         if choice.retry:  # cancelled by a model reload
             return APIError(503, f"{choice.error} Try again in a moment.", code="model_reloading")
         return APIError(500, f"Generation failed: {choice.error}", code="generation_failed")
+
+
+async def _replay(entry: dict):
+    """A cached answer as `stream_choices` yields a live one: each choice's text, then its end."""
+    for c in entry["choices"]:
+        choice = Choice(c["index"], c["prompt_tokens"], usage=Usage(c["prompt_tokens"], c["completion_tokens"]),
+                        tool_calls=c["tool_calls"])
+        if c["text"]:
+            choice.text = c["text"]
+            yield choice, c["text"]
+        choice.finish_reason = c["finish_reason"]
+        yield choice, ""
 
 
 def _event(data: dict) -> str:

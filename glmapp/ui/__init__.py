@@ -23,7 +23,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
     from glmapp.ui.layout import build_ui
 
-    from glmapp.api import KeyCheck, RateLimiter, build_router
+    from glmapp.api import KeyCheck, RateLimiter, build_router, response_cache
 
     credentials = config.credentials()  # a bad --auth-file (or --api-keys-file) fails before the model is loaded
     api_keys = KeyCheck.of(config)
@@ -37,7 +37,7 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     demo = build_ui(backend, config, limits, store)
     routes = []
     if backend.capabilities().tokenization is None:
-        routes = build_router(backend, api_keys, RateLimiter.of(config)).routes
+        routes = build_router(backend, api_keys, RateLimiter.of(config), response_cache(config)).routes
     else:  # the API needs the tokenizer: clients call the model server's own OpenAI API instead
         print("The OpenAI-compatible API is not served by a --backend-url front end: call the model server's "
               "own /v1 API.", file=sys.stderr)

@@ -59,6 +59,11 @@ class AppConfig:
     rate_limit_tpm: int | None = _opt(None, "API tokens per minute allowed to each API key (or client address): "
                                             "prompt + max_tokens counted at admission, the unused part given back "
                                             "at the end; default: no limit", "GLMAPP_RATE_LIMIT_TPM")
+    redis_url: str | None = _opt(None, "Redis shared by several front-end processes for the API's rate limits and "
+                                       "response cache, e.g. redis://HOST:6379/0 (default: both in this process)",
+                                 "GLMAPP_REDIS_URL")
+    response_cache_size: int = _opt(1024, "API answers to repeated deterministic requests (greedy or seeded) kept "
+                                          "in the response cache; 0 turns it off", "GLMAPP_RESPONSE_CACHE_SIZE")
     backend_url: list[str] = _opt(None, "serve the app from an OpenAI-compatible model server instead of a local "
                                         "model (vLLM, another glmapp): its base URL, e.g. http://HOST:8000/v1; "
                                         "repeat for replicas of the same model (env: comma-separated list)",
@@ -101,6 +106,10 @@ class AppConfig:
         for name in ("rate_limit_rpm", "rate_limit_tpm"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if self.response_cache_size < 0:
+            raise ConfigError(f"--response-cache-size must be 0 (off) or more (got {self.response_cache_size}).")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("--redis-url must start with redis://, rediss:// or unix:// (e.g. redis://HOST:6379/0).")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 1 and 65535 (got {self.port}).")
 

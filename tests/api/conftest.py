@@ -42,14 +42,14 @@ class Served:
         return OpenAI(base_url=self.api, api_key=key, max_retries=0, timeout=60, **kwargs)
 
 
-def _serve(manager, tmp, limiter=None, **settings):
+def _serve(manager, tmp, limiter=None, cache=None, **settings):
     from glmapp.ui.layout import build_ui
 
     config = AppConfig(port=_free_port(), adapters_dir=manager.adapters_dir,
                        comparisons_file=str(tmp / "comparisons.jsonl"), **settings)
     limits = ServerLimits()
     demo = build_ui(manager, config, limits)
-    router = build_router(manager, KeyCheck.of(config), limiter)
+    router = build_router(manager, KeyCheck.of(config), limiter, cache)
     url, _ = serve(demo, config, config.credentials(), limits, router.routes)
     return demo, Served(url, manager, base_model_id(manager.name), (config.api_key or [None])[0])
 
@@ -80,12 +80,12 @@ def served_with_login(api_manager, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_api(api_manager, tmp_path_factory):
-    """Serve the same model with other settings: serve_api(limiter=..., api_key=[...]) -> Served (closed after
-    the test module)."""
+    """Serve the same model with other settings: serve_api(limiter=..., cache=..., api_key=[...]) -> Served
+    (closed after the test module)."""
     demos = []
 
-    def serve_with(limiter=None, **settings) -> Served:
-        demo, server = _serve(api_manager, tmp_path_factory.mktemp("api-more"), limiter, **settings)
+    def serve_with(limiter=None, cache=None, **settings) -> Served:
+        demo, server = _serve(api_manager, tmp_path_factory.mktemp("api-more"), limiter, cache, **settings)
         demos.append(demo)
         return server
 
