@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from glmapp import adapter_hub, cpu_linear
+from glmapp import adapter_hub, cpu_linear, ptuning
 from glmapp.errors import AdapterError
 from glmapp.train.status import unfinished
 
@@ -46,6 +46,8 @@ class AdapterInfo:
     target_modules: list[str] = field(default_factory=list)
     size_bytes: int = 0
     error: str | None = None  # why it cannot be loaded, if known from its metadata
+    kind: str = "lora"  # or "ptuning": a P-tuning v2 prefix checkpoint (glmapp.ptuning)
+    pre_seq_len: int = 0  # prefix length of a P-tuning checkpoint
 
 
 @dataclass
@@ -174,6 +176,15 @@ def describe(folder: Path, name: str | None = None) -> AdapterInfo:
     name = name or folder.name
     info = AdapterInfo(name=name, path=str(folder))
     try:
+        prefix_cfg = ptuning.read_prefix_config(folder)
+    except AdapterError as e:
+        return AdapterInfo(name=name, path=str(folder), kind="ptuning", error=str(e))
+    if prefix_cfg is not None:
+        info.kind, info.pre_seq_len = "ptuning", int(prefix_cfg["pre_seq_len"])
+        info.base_model = str(prefix_cfg.get("_name_or_path") or "")
+        info.error = ptuning.NOT_IN_ENGINE
+        return info
+    try:
         cfg = _read_config(folder)
         _check_config(name, cfg)
         targets = cfg.get("target_modules") or ["query_key_value"]
@@ -195,11 +206,21 @@ def list_adapters(adapters_dir: str | Path) -> list[AdapterInfo]:
         return []
     found = []
     for child in sorted(root.iterdir()):
-        if child.is_dir() and (child / "adapter_config.json").is_file() and _inside(root, child):
+        if child.is_dir() and _is_adapter_folder(child) and _inside(root, child):
             found.append(describe(child))
         elif child.is_dir() and _inside(root, child) and (why := unfinished(child, f"{root.name}/{child.name}")):
             found.append(AdapterInfo(name=child.name, path=str(child), error=why))  # a training run, not done
     return found
+
+
+def _is_adapter_folder(folder: Path) -> bool:
+    """A PEFT LoRA folder, or a P-tuning checkpoint (config.json with pre_seq_len; listed with its error if bad)."""
+    if (folder / "adapter_config.json").is_file():
+        return True
+    try:
+        return ptuning.read_prefix_config(folder) is not None
+    except AdapterError:
+        return True
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -281,12 +302,16 @@ class AdapterManager:
         out = {}
         for path, module in self.model.named_modules():
             leaf = path.rsplit(".", 1)[-1]
-            if leaf in TARGETS and ".encoder.layers." in f".{path}":
+            # v2/v3 layers live under transformer.encoder.layers, v1's under transformer.layers
+            if leaf in TARGETS and (".encoder.layers." in f".{path}" or path.startswith("transformer.layers.")):
                 out[path] = module
         return out
 
     def validate(self, name: str, folder: Path) -> LoraWeights:
         """Read and check everything on CPU; raises AdapterError naming what is wrong."""
+        if ptuning.read_prefix_config(folder) is not None:
+            ptuning.read_prefix(name, folder, self.model.config)  # a bad checkpoint is named as such first
+            raise AdapterError(f"Adapter {name!r}: {ptuning.NOT_IN_ENGINE}")
         cfg = _read_config(folder)
         _check_config(name, cfg)
         state = _read_weights(_weight_file(folder))

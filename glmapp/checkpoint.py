@@ -99,7 +99,8 @@ def read_config(path: Path) -> ChatGLMConfig | ChatGLM1Config:
         raise CheckpointError("Checkpoints with quantized embeddings (chatglm-6b-int4-qe) are not supported; use "
                               "THUDM/chatglm-6b-int4 or chatglm-6b with --quant int4.")
     if raw.get("pre_seq_len"):
-        raise CheckpointError("P-tuning checkpoints (pre_seq_len) are not supported; use LoRA adapters.")
+        raise CheckpointError("This is a P-tuning v2 prefix checkpoint (pre_seq_len), not a base model: put its folder "
+                              "in the adapters folder and load the base model it was trained on.")
     if raw.get("quantization_bit") not in (None, 0, 4, 8):
         raise CheckpointError(
             f"Pre-quantized checkpoints with quantization_bit={raw['quantization_bit']} are not supported: "

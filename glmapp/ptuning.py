@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from glmapp.errors import AdapterError
 
 PREFIX = "transformer.prefix_encoder."
+NOT_IN_ENGINE = ("P-tuning v2 prefixes are recognised and validated, but the engine does not apply them yet (issue "
+                 "#12); use a LoRA adapter, or glmapp.ptuning.prefix_kv + seed_cache from Python.")
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "adapter_model.bin", "adapter_model.safetensors")
 
 
