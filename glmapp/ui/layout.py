@@ -24,6 +24,7 @@ from glmapp.ui.compare_handlers import (
 from glmapp.ui.config import AppConfig
 from glmapp.ui.conversations import BROWSER_SECRET, BROWSER_STORAGE_KEY, SETTINGS, ConversationHandlers
 from glmapp.ui.export import conversation_record, write_html, write_json
+from glmapp.ui.leaderboard import ARENA_VOTES, TIME_RANGES, ArenaHandlers, leaderboard
 from glmapp.ui.render import LATEX_DELIMITERS
 from glmapp.ui.server import ServerLimits
 from glmapp.ui.sessions import ActiveRequests
@@ -53,6 +54,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
     chat = ChatHandlers(backend, active, config.max_new_tokens)
     conv = ConversationHandlers(store, chat, backend)
     compare = CompareHandlers(backend, config.comparisons_file, active, config.max_new_tokens)
+    arena = ArenaHandlers(compare, store, backend)
     picker = AdapterHandlers(backend, hub_downloads(config))
     choices = picker.choices()
     with gr.Blocks(title="glmapp · ChatGLM chat", delete_cache=limits.cache_sweep) as demo:
@@ -64,10 +66,15 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
                 chat_widgets = create_chat_tab(chat, backend, config, adapter, choices, conv)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 compare_widgets = create_compare_tab(compare, backend, config, choices)
+                arena_widgets = create_arena_panel(choices)
+            with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard") as board_tab:
+                board_widgets = create_leaderboard_tab()
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter)
+        wire_votes(arena, compare_widgets, arena_widgets, chat_widgets["panel"]["owner"], config)
+        wire_leaderboard(store, board_tab, board_widgets)
         demo.unload(chat.closed)
     return demo
 
@@ -294,8 +301,8 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
             columns.append(col)
     record = gr.State(None)
     with gr.Row():
-        vote_buttons = {c: gr.Button(VOTES[c], elem_id=f"vote-{c}", visible=c in ("A", "B", "tie"))
-                        for c in ("A", "B", "C", "D", "tie")}
+        vote_buttons = {c: gr.Button(VOTES[c], elem_id=f"vote-{c}", visible=c in ("A", "B", "tie", "both_bad"))
+                        for c in ("A", "B", "C", "D", "tie", "both_bad")}
     note = gr.Textbox(label="Note (saved with the vote)", elem_id="compare-note")
     vote_status = gr.Markdown("", elem_id="vote-status")
     with gr.Row():
@@ -316,13 +323,87 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
                      preprocess=False)  # raw values: the handler checks them and names a bad one
     run.click(api_name="compare", **run_event)
     prompt.submit(api_visibility="private", **run_event)
-    for choice, button in vote_buttons.items():
-        button.click(lambda n, r, c=choice: compare.vote(c, n, r), [note, record], vote_status,
-                     concurrency_limit=None, api_visibility="private")
     export.click(lambda r: gr.File(compare.export(r), visible=True), record, export_file, concurrency_limit=None,
                  api_visibility="private")
     assert len(column_inputs) == MAX_COLUMNS * len(COLUMN_FIELDS)
-    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters)
+    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters,
+                max_new_tokens=max_new_tokens, vote_buttons=vote_buttons, note=note, vote_status=vote_status)
+
+
+def create_arena_panel(adapter_choices: list) -> dict:
+    """Anonymous A/B under the Compare tab's prompt: two entries drawn from those ticked, names shown after the vote."""
+    gr.Markdown("### Arena: two answers, names hidden\nTick what to draw from (the base model counts); two of them "
+                "answer the prompt above as A and B, and their names are shown after your vote. A vote made after "
+                "showing the names, or on an empty or failed answer, is kept but not counted on the Leaderboard.")
+    w = {"state": gr.State(None)}
+    w["pool"] = gr.CheckboxGroup(adapter_choices, label="Draw from", elem_id="arena-pool",
+                                 value=[v for label, v in adapter_choices if not label.endswith("(unavailable)")])
+    w["run"] = gr.Button("Draw two and run", variant="primary", elem_id="arena-run")
+    with gr.Row(equal_height=False):
+        for label in "AB":
+            with gr.Column(min_width=220):
+                gr.Markdown(f"### {label}")
+                w[f"stats-{label}"] = gr.Markdown("", elem_id=f"arena-stats-{label}", elem_classes="stats-line")
+                w[f"out-{label}"] = gr.Markdown("", elem_id=f"arena-out-{label}", sanitize_html=True,
+                                                latex_delimiters=LATEX_DELIMITERS, container=True, min_height=120)
+    with gr.Row():
+        w["votes"] = {c: gr.Button(VOTES[c], elem_id=f"arena-vote-{c}") for c in ARENA_VOTES}
+        w["reveal"] = gr.Button("Show names", elem_id="arena-reveal")
+    w["note"] = gr.Textbox(label="Note (saved with the vote)", elem_id="arena-note")
+    w["status"] = gr.Markdown("", elem_id="arena-status")
+    return w
+
+
+def wire_votes(arena: ArenaHandlers, compare: dict, w: dict, owner, config: AppConfig) -> None:
+    """Compare and arena votes go to comparisons.jsonl and to the store, with the browser's or user's owner id."""
+    quick = dict(concurrency_limit=None, api_visibility="private")
+
+    def compare_vote(choice):
+        def handler(note, record, browser_id, request: gr.Request):
+            return arena.compare_vote(choice, note, record, browser_id, request)
+        return handler
+
+    for choice, button in compare["vote_buttons"].items():
+        button.click(compare_vote(choice), [compare["note"], compare["record"], owner], compare["vote_status"], **quick)
+    shown = [w["out-A"], w["out-B"], w["stats-A"], w["stats-B"], w["state"], w["status"]]
+    w["run"].click(gpu_decorator()(arena.run), [compare["prompt"], compare["max_new_tokens"], w["pool"]], shown,
+                   concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
+                   preprocess=False, api_visibility="private")
+
+    def arena_vote(choice):
+        def handler(note, state, browser_id, request: gr.Request):
+            return arena.vote(choice, note, state, browser_id, request)
+        return handler
+
+    for choice, button in w["votes"].items():
+        button.click(arena_vote(choice), [w["note"], w["state"], owner], [w["state"], w["status"]], **quick)
+    w["reveal"].click(arena.reveal, w["state"], [w["state"], w["status"]], **quick)
+
+
+def create_leaderboard_tab() -> dict:
+    gr.Markdown("Bradley–Terry ratings of adapters from the counted Compare and arena votes (a tie or \"both bad\" "
+                "is half a win each way), on an Elo-like scale (400 points = 10:1 odds), with 95% intervals from "
+                "bootstrap resampling. An interval narrows like 1/√games: *Games for ±50* says how many an adapter "
+                "needs for an interval of ±50 points.")
+    w = {}
+    with gr.Row():
+        w["range"] = gr.Radio(list(TIME_RANGES), value="All time", label="Votes from", elem_id="board-range")
+        w["anonymous"] = gr.Checkbox(False, label="Anonymous (arena) votes only", elem_id="board-anonymous")
+        w["refresh"] = gr.Button("Refresh", size="sm", elem_id="board-refresh")
+    w["table"] = gr.Markdown("", elem_id="board-table")
+    gr.Markdown("#### Win rate of each row against each column (games below it)")
+    w["heat"] = gr.HTML("", elem_id="board-heat")
+    w["notes"] = gr.Markdown("", elem_id="board-notes")
+    return w
+
+
+def wire_leaderboard(store, tab, w: dict) -> None:
+    def show(time_range, anonymous_only):
+        return leaderboard(store.votes, time_range, anonymous_only)
+
+    for trigger in (tab.select, w["refresh"].click, w["range"].input, w["anonymous"].input):
+        trigger(show, [w["range"], w["anonymous"]], [w["table"], w["heat"], w["notes"]], concurrency_id="leaderboard",
+                concurrency_limit=2, api_visibility="private")
 
 
 def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adapter_choices: list) -> dict:
