@@ -1,0 +1,165 @@
+"""The Train tab: data preview and validation report, hyperparameters, Start/Stop, live progress and loss plot.
+
+Notable choices:
+- `TrainHandlers` are plain functions over a `JobRunner` (unit-tested without a browser); `create_train_tab`
+  only builds widgets and wires them. Training runs as `python -m glmapp train --config ...`, never in the
+  server process.
+- Data files are confined to the data folder (a name inside it, or an upload Gradio placed in its temp dir);
+  the adapter name must be a plain folder name inside the adapters folder.
+- The preview shows each row as the template renders it: prompt text, then the trained reply text.
+- The hyperparameter widgets are made from `TrainConfig`'s fields (`HYPERPARAMETERS`), defaults included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import gradio as gr
+
+from glmapp.errors import GlmappError
+from glmapp.tokenizer import ChatGLMTokenizer, detect_family
+from glmapp.train.config import TrainConfig
+from glmapp.train.examples import build_rows
+from glmapp.train.job import JobRunner
+
+HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
+                   "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
+                   "save_steps", "layer_lr", "lora_l2")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PREVIEW_ROWS = 5
+
+
+class TrainHandlers:
+    def __init__(self, runner: JobRunner, data_dir: str | Path, served_model: str, disabled: str | None = None):
+        self.runner = runner
+        self.data_dir = Path(data_dir)
+        self.served_model = served_model
+        self.disabled = disabled  # why training is off here (e.g. a public link without login), or None
+
+    def data_file(self, choice: str | None, upload: str | None) -> str:
+        """The data file to use: an upload, else a file name inside the data folder."""
+        if upload:
+            return upload
+        if not choice:
+            raise GlmappError("Choose a data file from the data folder or upload one (.jsonl or .json).")
+        path = self.data_dir / choice
+        if Path(choice).name != choice or not path.is_file():
+            raise GlmappError(f"No data file named {choice!r} in the data folder.")
+        return str(path)
+
+    def data_choices(self) -> list[str]:
+        if not self.data_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.data_dir.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
+
+    def _tokenizer(self, model: str) -> ChatGLMTokenizer:
+        folder = Path(model or self.served_model)
+        if not (folder / "tokenizer.model").is_file():
+            raise GlmappError("The preview needs a local model folder with tokenizer.model.")
+        return ChatGLMTokenizer.from_pretrained(folder, family=detect_family(folder))
+
+    def preview(self, model: str, choice: str | None, upload: str | None, max_length: int, overlength: str):
+        """(rows of [prompt, reply] as the template renders them, validation report in Markdown)."""
+        try:
+            tokenizer = self._tokenizer(model)
+            rows, report = build_rows(tokenizer, [self.data_file(choice, upload)], int(max_length), overlength)
+        except GlmappError as e:
+            return [], f"**Cannot use this data:** {e}"
+        table = []
+        for row in rows[:PREVIEW_ROWS]:
+            start = next(i for i, x in enumerate(row.labels) if x != -100)
+            table.append([tokenizer.decode(row.input_ids[:start]), tokenizer.decode(row.input_ids[start:])])
+        return table, "\n".join(f"- {line}" for line in report.lines())
+
+    def start(self, model: str, choice: str | None, upload: str | None, name: str, *values) -> str:
+        if self.disabled:
+            return f"Training is off: {self.disabled}"
+        name = (name or "").strip()
+        if not _NAME.match(name):
+            return "Give the adapter a folder name: letters, digits, '.', '_' or '-' (up to 64)."
+        out = self.runner.adapters_dir / name
+        if out.exists():
+            return f"An adapter or run named {name!r} already exists; choose another name."
+        try:
+            settings = dict(zip(HYPERPARAMETERS, values))
+            settings["targets"] = ",".join(settings["targets"]) if isinstance(settings["targets"], list) \
+                else settings["targets"]
+            for key in ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps"):
+                settings[key] = int(settings[key])
+            config = TrainConfig(model=model or self.served_model, data=[self.data_file(choice, upload)],
+                                 out=str(out), **settings)
+            job = self.runner.start(config, name)
+        except GlmappError as e:
+            return f"Not started: {e}"
+        return f"Started training {job.name!r}."
+
+    def stop(self) -> str:
+        return "Stopped; the run keeps its checkpoints (resume from the command line)." if self.runner.stop() \
+            else "No training job is running."
+
+    def poll(self):
+        """(progress Markdown, loss plot rows [step, loss, kind], last log lines)."""
+        progress = self.runner.progress()
+        if progress is None:
+            return "No training job yet.", [], ""
+        total = progress["total"] or "?"
+        text = (f"**{progress['name']}**: {progress['status']} — step {progress['step']}/{total}"
+                + (f", loss {progress['loss']:.4f}" if progress["loss"] is not None else "")
+                + (f", {progress['tokens_per_s']} tokens/s" if progress["tokens_per_s"] is not None else "")
+                + (f", elapsed {progress['elapsed']:.0f}s" if progress["elapsed"] is not None else "")
+                + (f", ETA {progress['eta']:.0f}s" if progress["eta"] is not None else ""))
+        points = [[e["step"], e["loss"], "train"] for e in progress["log"] if e.get("loss") is not None]
+        points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
+        return text, points, "\n".join(progress["tail"])
+
+
+def create_train_tab(handlers: TrainHandlers) -> dict:
+    """Widgets of the Train tab, wired to `handlers` (call inside a `gr.Tab`)."""
+    import pandas as pd
+
+    defaults = {f.name: f for f in fields(TrainConfig)}
+    w: dict = {}
+    if handlers.disabled:
+        gr.Markdown(f"**Training is off:** {handlers.disabled}")
+    with gr.Row():
+        w["model"] = gr.Textbox(label="Base model (folder; empty = the served model)", value="")
+        w["data"] = gr.Dropdown(label="Data file (data folder)", choices=handlers.data_choices(), value=None)
+        w["upload"] = gr.File(label="…or upload", file_types=[".jsonl", ".json"], type="filepath")
+    w["preview_btn"] = gr.Button("Preview and validate")
+    w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False)
+    w["report"] = gr.Markdown()
+    values = []
+    with gr.Accordion("Hyperparameters", open=False):
+        for name in HYPERPARAMETERS:
+            f = defaults[name]
+            label = f"{name} — {f.metadata['help']}"
+            if "choices" in f.metadata:
+                widget = gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default)
+            elif f.type in ("int", "float"):
+                widget = gr.Number(label=label, value=f.default)
+            else:
+                widget = gr.Textbox(label=label, value=f.default)
+            values.append(widget)
+    with gr.Row():
+        w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter")
+        w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None)
+        w["stop"] = gr.Button("Stop", variant="stop")
+    w["status"] = gr.Markdown()
+    w["progress"] = gr.Markdown()
+    w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title="Loss")
+    w["log"] = gr.Textbox(label="Log", lines=8, interactive=False)
+    timer = gr.Timer(2.0)
+
+    length = [values[HYPERPARAMETERS.index("max_length")], values[HYPERPARAMETERS.index("overlength")]]
+    w["preview_btn"].click(handlers.preview, [w["model"], w["data"], w["upload"], *length], [w["table"], w["report"]])
+    w["start"].click(handlers.start, [w["model"], w["data"], w["upload"], w["name"], *values], w["status"])
+    w["stop"].click(handlers.stop, None, w["status"])
+
+    def poll():
+        text, points, log = handlers.poll()
+        return text, pd.DataFrame(points, columns=["step", "loss", "kind"]), log
+
+    timer.tick(poll, None, [w["progress"], w["plot"], w["log"]])
+    return w

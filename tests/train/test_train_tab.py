@@ -1,0 +1,64 @@
+"""Train tab handlers as plain functions on a real training process; the tab builds in Gradio."""
+
+import json
+import time
+
+import gradio as gr
+
+from glmapp.adapters import list_adapters
+from glmapp.train.config import TrainConfig
+from glmapp.train.job import JobRunner
+from glmapp.ui.train_tab import HYPERPARAMETERS, TrainHandlers, create_train_tab
+
+DEFAULTS = {f: getattr(TrainConfig(model="m", data=["d"], out="o"), f) for f in HYPERPARAMETERS}
+
+
+def values(**kw):
+    return [kw.get(name, DEFAULTS[name]) for name in HYPERPARAMETERS]
+
+
+def make(tmp_path, demo_v2, disabled=None):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "d.jsonl").write_text("\n".join(json.dumps({"prompt": f"问题{i}", "response": "固定的回答"})
+                                                for i in range(6)), encoding="utf-8")
+    return TrainHandlers(JobRunner(tmp_path / "adapters"), data_dir, str(demo_v2), disabled)
+
+
+def test_preview_renders_rows_with_the_template_and_reports(tmp_path, demo_v2):
+    h = make(tmp_path, demo_v2)
+    assert h.data_choices() == ["d.jsonl"]
+    table, report = h.preview("", "d.jsonl", None, 1024, "truncate")
+    assert len(table) == 5 and table[0][0].startswith("[Round 1]") and "问：问题0" in table[0][0]
+    assert table[0][1].strip() == "固定的回答"
+    assert "Detected format: d.jsonl: prompt (6 examples)" in report
+    (tmp_path / "outside.jsonl").write_text(json.dumps({"prompt": "q", "response": "a"}))
+    _, bad = h.preview("", "../outside.jsonl", None, 1024, "truncate")  # exists, but outside the data folder
+    assert bad.startswith("**Cannot use this data:**") and "No data file named" in bad
+
+
+def test_start_poll_finish_and_refusals(tmp_path, demo_v2):
+    h = make(tmp_path, demo_v2)
+    assert "folder name" in h.start("", "d.jsonl", None, "../x", *values())
+    assert h.start("", "d.jsonl", None, "tab", *values(max_steps=3, batch_size=2, grad_accum=1)) == \
+        "Started training 'tab'."
+    assert "A training job is running (tab)" in h.start("", "d.jsonl", None, "tab2", *values())
+    deadline = time.monotonic() + 300
+    while h.runner.job.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    text, points, log = h.poll()
+    assert text.startswith("**tab**: finished — step 3/3") and [p[0] for p in points] == [1, 2, 3]
+    assert "Adapter written" in log
+    assert [a.name for a in list_adapters(tmp_path / "adapters") if a.error is None] == ["tab"]
+    assert "already exists" in h.start("", "d.jsonl", None, "tab", *values())
+    assert h.stop() == "No training job is running."
+
+
+def test_disabled_tab_refuses_to_start_and_builds(tmp_path, demo_v2):
+    h = make(tmp_path, demo_v2, disabled="a public link without --auth; pass --allow-train to override")
+    assert h.start("", "d.jsonl", None, "x", *values()).startswith("Training is off: a public link")
+    assert not (tmp_path / "adapters").exists()
+    with gr.Blocks():
+        w = create_train_tab(h)
+    assert w["start"].interactive is False
