@@ -7,6 +7,7 @@ Nothing heavy is imported until a command runs, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -72,61 +73,93 @@ def load_for_cli(args, stdin_is_tty: bool | None = None):
         return load_for_cli(args)
 
 
-def cmd_chat(args) -> int:
-    """Terminal chat with streaming output. Commands: `clear` resets history, `exit` quits."""
-    model, tokenizer = load_for_cli(args)
-    if args.kv_cache_mb is not None or args.compile:
-        from glmapp.engine.engine import EngineConfig
+def backend_for_cli(args):
+    """The Backend `glmapp chat` talks to: a model server with --backend-url, else the local model (its host
+    and one engine), with --adapter made resident."""
+    if args.backend_url:
+        from glmapp.backends.remote import RemoteBackend
 
-        model.engine_config = EngineConfig(kv_cache_mb=args.kv_cache_mb, compile=args.compile)
-    print(f"glmapp chat: {model.config.name_or_path} ({tokenizer.family}, {model.dtype}, "
-          f"{model.device}). Type `clear` to reset, `exit` to quit.", file=sys.stderr)
-    history: list = []
+        backend = RemoteBackend(args.backend_url, args.backend_key or os.environ.get("GLMAPP_BACKEND_KEY"))
+        print(f"glmapp chat: {backend.name} ({backend.family}) served by {len(backend.replicas)} model server(s). "
+              "Type `clear` to reset, `exit` to quit.", file=sys.stderr)
+        return backend, args.adapter and backend.load_adapter(args.adapter).name
+    from glmapp import adapter_hub
+    from glmapp.backends import LocalBackend
+    from glmapp.engine.engine import EngineConfig
+    from glmapp.host import ModelHost
+
+    model, tokenizer = load_for_cli(args)
+    config = EngineConfig(kv_cache_mb=args.kv_cache_mb, compile=args.compile)
+    host = ModelHost(model, tokenizer, str(model.config.name_or_path), adapters_dir=args.adapters_dir,
+                     engine_config=config)
+    print(f"glmapp chat: {host.name} ({tokenizer.family}, {model.dtype}, {model.device}). "
+          "Type `clear` to reset, `exit` to quit.", file=sys.stderr)
     adapter = None
     if args.adapter:
-        from glmapp.adapters import AdapterManager
-
-        adapter = AdapterManager.of(model).load(args.adapter, args.adapters_dir).name
+        adapter = host.load_adapter(args.adapter, confine=False, download=adapter_hub.download).name
         print(f"LoRA adapter {adapter!r} applied.", file=sys.stderr)
-    sampling = dict(adapter=adapter, max_length=args.max_length, top_p=args.top_p, temperature=args.temperature, top_k=args.top_k,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                    system=args.system)
+    return LocalBackend(host), adapter
+
+
+def cmd_chat(args) -> int:
+    """Terminal chat with streaming output. Commands: `clear` resets history, `exit` quits."""
+    from glmapp.engine.sampling import SamplingParams
+
+    backend, adapter = backend_for_cli(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+    history: list = []
     echo = not sys.stdin.isatty()  # piped input is not echoed by a terminal: show it, so the transcript reads
-    while True:
-        try:
-            query = input("\nUser: ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if echo:
-            print(printable(query))
-        command = query.strip().lower()
-        if command in ("exit", "quit", "stop"):
-            return 0
-        if command == "clear":
-            history = []
-            print("(history cleared)")
-            continue
-        print("ChatGLM: ", end="", flush=True)
-        shown = ""
-        try:
-            for response, new_history in model.stream_chat(tokenizer, query, history, **sampling):
-                text = response if isinstance(response, str) else str(response)
-                if text.startswith(shown):
-                    print(printable(text[len(shown):]), end="", flush=True)
-                else:  # post-processing rewrote earlier text (e.g. strip): show the final form
-                    print("\n" + printable(text), end="", flush=True)
-                shown = text
-                history = new_history
-        except KeyboardInterrupt:
-            print("\n(stopped)")
-            continue
-        except GlmappError as e:
-            print(f"\n[error] {printable(str(e))}")
-            continue
-        stats = model.last_stats
-        print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
-              f"{stats.reused_tokens} prompt tokens reused]", file=sys.stderr)
+    try:
+        while True:
+            try:
+                query = input("\nUser: ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if echo:
+                print(printable(query))
+            command = query.strip().lower()
+            if command in ("exit", "quit", "stop"):
+                return 0
+            if command == "clear":
+                history = []
+                print("(history cleared)")
+                continue
+            history = _reply(backend, query, history, args, params, adapter)
+    finally:
+        backend.close()
+
+
+def _reply(backend, query: str, history: list, args, params, adapter) -> list:
+    """Stream one reply to the terminal -> the history after it (unchanged when it failed or was stopped)."""
+    print("ChatGLM: ", end="", flush=True)
+    shown, update = "", None
+    stream = backend.chat_stream(query, history, system=args.system, max_length=args.max_length,
+                                 max_new_tokens=args.max_new_tokens, params=params, adapter=adapter)
+    try:
+        for update in stream:
+            text = update.response if isinstance(update.response, str) else str(update.response)
+            if text.startswith(shown):
+                print(printable(text[len(shown):]), end="", flush=True)
+            else:  # post-processing rewrote earlier text (e.g. strip): show the final form
+                print("\n" + printable(text), end="", flush=True)
+            shown = text
+    except KeyboardInterrupt:
+        stream.close()  # cancels the request
+        print("\n(stopped)")
+        return history
+    except GlmappError as e:
+        print(f"\n[error] {printable(str(e))}")
+        return history
+    if update is None or update.error:
+        print(f"\n[error] {printable(update.error if update else 'no reply')}")
+        return history
+    usage = update.usage
+    if usage is not None:
+        print(f"\n[{usage.completion_tokens} tokens, {usage.decode_tokens_per_second:.1f} tok/s, "
+              f"{usage.cached_tokens} prompt tokens reused]", file=sys.stderr)
+    return update.history
 
 
 def cmd_make_demo(args) -> int:
@@ -178,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch.compile the decode step (CUDA: minutes of warm-up for faster decoding)")
     chat.add_argument("--adapters-dir", default="adapters", help="folder of LoRA adapters (default: %(default)s)")
     chat.add_argument("--adapter", default=None, help="LoRA adapter: folder name in --adapters-dir, or a hub id")
+    chat.add_argument("--backend-url", action="append", default=None, metavar="URL",
+                      help="chat with an OpenAI-compatible model server (vLLM, a glmapp app) instead of a local "
+                           "model; repeat for replicas")
+    chat.add_argument("--backend-key", default=None, help="its bearer key (env GLMAPP_BACKEND_KEY is preferred)")
     chat.set_defaults(func=cmd_chat)
     demo = sub.add_parser("make-demo", help="write a small random checkpoint in the official format")
     demo.add_argument("--family", choices=FAMILIES, default="chatglm2", help="(default: %(default)s)")

@@ -190,20 +190,21 @@ class ModelHost:
         model = self._model
         return AdapterManager.of(model).names() if model is not None else []
 
-    def load_adapter(self, spec: str, *, reload: bool = False,
-                     download: Callable[[str], Path] | None = None) -> AdapterInfo:
+    def load_adapter(self, spec: str, *, reload: bool = False, download: Callable[[str], Path] | None = None,
+                     confine: bool = True) -> AdapterInfo:
         """Make `spec` (folder name in the adapters folder, or hub id) resident; instant if it already is.
 
-        Names are confined to the adapters folder (they come from the web UI and the HTTP API). A hub id not
-        in the cache is fetched with `download` (None: refused). The download runs without the adapter lock,
-        so other tabs pick and load adapters meanwhile; the lock is taken only to install.
+        Names are confined to the adapters folder (they come from the web UI and the HTTP API); the command
+        line, whose user owns the file system, passes `confine=False` (any path). A hub id not in the cache is
+        fetched with `download` (None: refused). The download runs without the adapter lock, so other tabs pick
+        and load adapters meanwhile; the lock is taken only to install.
         Raises AdapterError (nothing changes on the model) when it cannot be loaded."""
         spec = (spec or "").strip()
         with self._adapter_lock:
             resident = AdapterManager.of(self.model).adapters
             if not reload and spec in resident:
                 return resident[spec].info
-        name, folder = resolve_adapter(spec, self.adapters_dir, confine=True, download=download)
+        name, folder = resolve_adapter(spec, self.adapters_dir, confine=confine, download=download)
         with self._adapter_lock:
             adapters = AdapterManager.of(self.model)  # the model may have been reloaded meanwhile
             if not reload and name in adapters.adapters:

@@ -198,3 +198,23 @@ def test_the_web_app_on_a_remote_model_chats_compares_two_adapters_and_records_a
         page.screenshot(path=str(artifacts / "remote-compare.png"))
     finally:
         context.close()
+
+
+def test_terminal_chat_on_a_remote_model_prints_the_servers_reply(upstream):
+    import subprocess
+    import sys
+
+    remote = RemoteBackend(upstream.url)
+    try:
+        want = last(remote.chat_stream("hello there", [], max_new_tokens=10, params=GREEDY)).response
+    finally:
+        remote.close()
+    out = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--backend-url", upstream.url + "v1",
+                          "--temperature", "0", "--max-new-tokens", "10", "--adapter", "nope"],
+                         input="hello there\nexit\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "does not serve an adapter named 'nope'" in out.stderr  # a clear refusal
+    out = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--backend-url", upstream.url + "v1",
+                          "--temperature", "0", "--max-new-tokens", "10"],
+                         input="hello there\nexit\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"ChatGLM: {want}\n" in out.stdout and "10 tokens" in out.stderr
