@@ -28,6 +28,7 @@ from glmapp.ui.leaderboard import ARENA_VOTES, TIME_RANGES, ArenaHandlers, leade
 from glmapp.ui.render import LATEX_DELIMITERS
 from glmapp.ui.server import ServerLimits
 from glmapp.ui.sessions import ActiveRequests
+from glmapp.ui.train_tab import create_train_tab, train_handlers
 
 CSS = """
 #demo-banner { border: 2px solid #f0b429; background: #fff8e1; border-radius: 8px; padding: 4px 12px; }
@@ -71,6 +72,8 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
                 board_widgets = create_leaderboard_tab()
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                create_train_tab(train_handlers(backend, config))
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter)
         wire_votes(arena, compare_widgets, arena_widgets, chat_widgets["panel"]["owner"], config)

@@ -55,9 +55,17 @@ class TrainHandlers:
         return sorted(p.name for p in self.data_dir.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
 
     def _tokenizer(self, model: str) -> ChatGLMTokenizer:
-        folder = Path(model or self.served_model)
-        if not (folder / "tokenizer.model").is_file():
-            raise GlmappError("The preview needs a local model folder with tokenizer.model.")
+        model = model or self.served_model
+        folder = Path(model)
+        if not folder.is_dir():  # a hub id: its copy in the Hugging Face cache, never a download from here
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(model, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached, or not a valid id: same answer to the user
+                folder = None
+        if folder is None or not (folder / "tokenizer.model").is_file():
+            raise GlmappError(f"No tokenizer.model for {model!r}: give a model folder or a hub id in the cache.")
         return ChatGLMTokenizer.from_pretrained(folder, family=detect_family(folder))
 
     def preview(self, model: str, choice: str | None, upload: str | None, max_length: int, overlength: str):
@@ -113,6 +121,16 @@ class TrainHandlers:
         points = [[e["step"], e["loss"], "train"] for e in progress["log"] if e.get("loss") is not None]
         points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
         return text, points, "\n".join(progress["tail"])
+
+
+def train_handlers(backend, config) -> TrainHandlers:
+    """The Train tab's handlers for the app: jobs write into the adapters folder, data from `config.data_dir`.
+    A public link without a login turns training off (anyone holding the link could run code on the GPU)."""
+    public = config.share and not (config.auth or config.auth_file)
+    disabled = ("this app is shared by a public link without --auth; anyone with the link could run training "
+                "on this machine. Add --auth, or --allow-train to override.") \
+        if public and not getattr(config, "allow_train", False) else None
+    return TrainHandlers(JobRunner(backend.adapters_dir), config.data_dir, backend.name, disabled)
 
 
 def create_train_tab(handlers: TrainHandlers) -> dict:

@@ -62,3 +62,22 @@ def test_disabled_tab_refuses_to_start_and_builds(tmp_path, demo_v2):
     with gr.Blocks():
         w = create_train_tab(h)
     assert w["start"].interactive is False
+
+
+def test_app_has_a_train_tab_that_a_public_link_without_login_turns_off(tmp_path, demo_v2):
+    from glmapp.backends import LocalBackend
+    from glmapp.ui import AppConfig
+    from glmapp.ui.layout import build_ui
+
+    backend = LocalBackend.load(str(demo_v2), adapters_dir=str(tmp_path / "adapters"))
+    try:
+        for config, off in [(AppConfig(share=True, data_dir=str(tmp_path)), True),
+                            (AppConfig(share=True, auth=["u:p"], data_dir=str(tmp_path)), False)]:
+            demo = build_ui(backend, config)
+            tabs = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+            assert "tab-train" in tabs
+            starts = [b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Start"]
+            assert len(starts) == 1 and starts[0].interactive is (not off)
+            demo.close()
+    finally:
+        backend.close()
