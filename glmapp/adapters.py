@@ -460,10 +460,7 @@ class AdapterManager:
 def export_merged(base: str, adapter: str, out: str | Path, adapters_dir: str | Path = "adapters",
                   dtype: str | None = None, num_shards: int = 2) -> Path:
     """`glmapp merge`: base checkpoint + adapter -> a merged checkpoint in the official layout."""
-    import shutil
-
-    from glmapp.checkpoint import load_model, read_config, resolve
-    from glmapp.demo import write_weights
+    from glmapp.checkpoint import load_model, read_config, resolve, write_checkpoint
 
     out = Path(out)
     src = resolve(base).path
@@ -476,13 +473,8 @@ def export_merged(base: str, adapter: str, out: str | Path, adapters_dir: str | 
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(store)
     if store_dtype is None:
         raise AdapterError(f"Unknown dtype {store!r} for the merged checkpoint: use float16, bfloat16 or float32.")
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(store_dtype).contiguous() for k, v in model.state_dict().items()}
-    write_weights(state, out, "safetensors-sharded", num_shards)
     raw_config["torch_dtype"] = store
-    (out / "config.json").write_text(json.dumps(raw_config, indent=2, ensure_ascii=False) + "\n")
-    for fname in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / fname).is_file():
-            shutil.copyfile(src / fname, out / fname)
+    write_checkpoint(out, state, raw_config, tokenizer_from=src, num_shards=num_shards)
     read_config(out)  # the result must load
     return out

@@ -8,21 +8,29 @@ Notable choices:
 - Every file is checked before anything is kept: a missing or truncated shard, an unknown
   `model_type` or a tensor of the wrong shape raises `CheckpointError` naming the file/tensor,
   and the half-built model is dropped.
+- It is also the one writer of checkpoints in the official layouts (`write_checkpoint`: demo checkpoints,
+  merged adapters, the int4 layout), so a written folder is exactly what the loader reads. It imports the
+  quantization schemes; they never import it (no cycle).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from glmapp import commands
-from glmapp.choices import DEFAULT_MODEL, FAMILIES
+from glmapp.choices import DEFAULT_MODEL, DEMO_FORMATS, FAMILIES
 from glmapp.cpu_threads import single_threaded
-from glmapp.errors import CheckpointError
+from glmapp.errors import CheckpointError, QuantizationError
+from glmapp.quant import (QuantizingLoader, layer_linear_names, linear_names, model_mode, quantize_weight,
+                          resolve_mode, swap_for_loading)
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmapp.models.chatglm1 import ChatGLM1Config, ChatGLM1ForConditionalGeneration, is_v1_config
 
@@ -262,8 +270,6 @@ def build_empty(config: ChatGLMConfig | ChatGLM1Config, dtype: torch.dtype, devi
                 quant: str = "none"):
     """Model skeleton: built on meta (no init cost), linears swapped for `quant`, then allocated once in
     dtype on device (so a quantized model never allocates its full-precision linears)."""
-    from glmapp.quant import swap_for_loading
-
     with torch.device("meta"):
         model = model_class(config, model_cls)(config)
     swap_for_loading(model, quant)
@@ -296,8 +302,6 @@ def iter_tensors(path: Path):
 
 def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: str | None = None,
                 quant: str | None = None, progress=None):
-    from glmapp.quant import QuantizingLoader, resolve_mode
-
     config = read_config(path)
     if family:
         if family not in SUPPORTED_FAMILIES:
@@ -352,3 +356,103 @@ def _load_model(path: Path, device=None, dtype="auto", model_cls=None, family: s
     if mode in ("int8", "int4"):
         model.config.quantization_bit = int(mode[3:])  # as the official model.quantize() records it
     return model
+
+
+# ---- the one writer: official layouts (demo checkpoints, merged adapters, int4) -----------------------------
+TOKENIZER_FILES = ("tokenizer.model", "ice_text.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _shards(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    target, shards, current, size = total / n, [], {}, 0
+    for name, t in state.items():
+        current[name] = t
+        size += t.numel() * t.element_size()
+        if size >= target * (len(shards) + 1) and len(shards) < n - 1:
+            shards.append(current)
+            current = {}
+    shards.append(current)
+    return [s for s in shards if s]
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, fmt: str, num_shards: int = 2) -> None:
+    """Write `state` in one of the official layouts (`bin`: one pytorch_model.bin, as the int4 checkpoints)."""
+    if fmt not in (*DEMO_FORMATS, "bin"):
+        raise CheckpointError(f"Unknown weight format {fmt!r}: use one of {', '.join(DEMO_FORMATS)}, bin.")
+    if fmt == "safetensors":
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    if fmt == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+        return
+    shards = _shards(state, num_shards)
+    stem, ext, index = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors-sharded"
+                        else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        if ext == "safetensors":
+            save_file(shard, out / fname, metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_checkpoint(out: str | Path, state: dict[str, torch.Tensor], raw_config: dict, *,
+                     tokenizer_from: Path | None = None, fmt: str = "safetensors-sharded", num_shards: int = 2) -> Path:
+    """A checkpoint folder in the official layout: the weights, config.json, and the tokenizer files of
+    `tokenizer_from` (a writer that makes its own tokenizer, like the demo, writes them itself). -> the folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(state, out, fmt, num_shards)
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2, ensure_ascii=False) + "\n")
+    for name in TOKENIZER_FILES if tokenizer_from is not None else ():
+        if (tokenizer_from / name).is_file():
+            shutil.copyfile(tokenizer_from / name, out / name)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.model", "ice_text.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def int4_state_dict(tensors, quantized: set[str]):
+    """(name, tensor) stream -> the official chatglm2-6b-int4 state dict (spec §2.2): the `quantized`
+    linear weights as packed int8 + fp16 weight_scale, everything else fp16."""
+    state = {}
+    for name, tensor in tensors:
+        if name in quantized and tensor.is_floating_point():
+            q, scale = quantize_weight(tensor, 4)
+            state[name] = q
+            state[name.removesuffix("weight") + "weight_scale"] = scale.half()
+        else:
+            state[name] = tensor.half() if tensor.is_floating_point() else tensor
+    return state
+
+
+def write_int4_checkpoint(model_or_path, out) -> Path:
+    """Write an int4 checkpoint in the official layout: config.json with quantization_bit 4, one
+    pytorch_model.bin, and the tokenizer files of the source. Takes a checkpoint folder (streamed tensor by
+    tensor) or a loaded full-precision / int4 model (its name_or_path folder supplies config and tokenizer)."""
+    out = Path(out)
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if model_mode(model) not in ("none", "int4"):
+            raise QuantizationError(f"Cannot write int4 from a {model_mode(model)} model: load it full precision.")
+        source = Path(model.config.name_or_path)
+        names = {f"{p}.weight" for p in linear_names(model)}
+        state = int4_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names)
+    else:
+        source = Path(model_or_path)
+        config = read_config(source)
+        if config.quantization_bit:
+            raise QuantizationError(f"{source.name!r} is already quantized (quantization_bit="
+                                    f"{config.quantization_bit}); write from the full-precision checkpoint.")
+        names = {f"{p}.weight" for p in layer_linear_names(config.num_layers, config.family == "chatglm1")}
+        state = int4_state_dict(iter_tensors(source), names)
+    if not (source / "config.json").is_file():
+        raise QuantizationError(f"No config.json next to the source ({source}); give the checkpoint folder.")
+    raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    raw.update(quantization_bit=4, torch_dtype="float16")
+    return write_checkpoint(out, state, raw, tokenizer_from=source, fmt="bin")

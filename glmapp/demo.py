@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from glmapp.choices import DEMO_FORMATS
+from glmapp.checkpoint import write_weights
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmapp.models.chatglm1 import RESIDUAL_ALPHA, ChatGLM1Config, ChatGLM1ForConditionalGeneration
@@ -130,41 +130,6 @@ def random_state_dict(config: ChatGLMConfig | ChatGLM1Config, seed: int, dtype=t
         keep_fp32 = v1 and "layernorm" in name
         state[name] = t.to(torch.float32 if keep_fp32 else dtype).contiguous()
     return state
-
-
-def _shards(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    target, shards, current, size = total / n, [], {}, 0
-    for name, t in state.items():
-        current[name] = t
-        size += t.numel() * t.element_size()
-        if size >= target * (len(shards) + 1) and len(shards) < n - 1:
-            shards.append(current)
-            current = {}
-    shards.append(current)
-    return [s for s in shards if s]
-
-
-def write_weights(state: dict[str, torch.Tensor], out: Path, fmt: str, num_shards: int = 2) -> None:
-    """Write `state` in one of the official layouts."""
-    if fmt not in FORMATS:
-        raise CheckpointError(f"Unknown weight format {fmt!r}: use one of {', '.join(FORMATS)}.")
-    if fmt == "safetensors":
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        return
-    shards = _shards(state, num_shards)
-    stem, ext, index = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors-sharded"
-                        else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-        if ext == "safetensors":
-            save_file(shard, out / fname, metadata={"format": "pt"})
-        else:
-            torch.save(shard, out / fname)
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def make_demo(out: str | os.PathLike, family: str = "chatglm2", size: str = "tiny",

@@ -10,7 +10,7 @@ Notable choices:
   that moment end as "cancelled"; new ones get `ModelReloading` until the swap. If the new load fails, the
   previous settings are loaded again and the error is reported (`ReloadFailed` carries the result).
 - Dtype and quantization reloads are one path (`_swap`): only how the new weights are made differs (a fresh
-  load from the checkpoint, or `glmapp.quant.switch_quantization`, which streams the weights in the new mode).
+  load from the checkpoint, or `switch_quantization`, which streams the weights in the new mode).
 - Adapters are loaded once and stay resident (switching between them is instant); the validated CPU copy of
   each is kept, so a reload re-applies them to the new model without reading them again.
 - Which adapter a reply uses is the caller's choice per request: the host holds no per-user state.
@@ -30,11 +30,62 @@ from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapt
 from glmapp.backends.base import DTYPES, ModelInfo, ReloadResult, format_bytes
 from glmapp.backends.handle import RequestHandle
 from glmapp.checkpoint import DEFAULT_MODEL
-from glmapp.errors import AdapterError, CheckpointError, GlmappError, ModelReloading
+from glmapp.errors import AdapterError, CheckpointError, GlmappError, ModelReloading, QuantizationError
 
 FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2  # up to 5 s for running streams to let go of the old model
 _HOSTS: dict[int, "ModelHost"] = {}  # id(model) -> its host, while the host serves it
 _HOSTS_LOCK = threading.Lock()
+
+
+class QuantizationSwitchFailed(QuantizationError):
+    """Loading the new mode failed; `model` is the previous mode, loaded again. The cause is chained."""
+
+    def __init__(self, message: str, model):
+        super().__init__(message)
+        self.model = model
+
+
+def switch_quantization(path, model, mode: str, progress=None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Reload the checkpoint at `path` in quantization `mode`, freeing `model`'s weights first.
+
+    Contract: `model` is consumed — its weights are released before the new ones load, so at most one
+    copy of the weights is held. Use only the returned model. If the new mode fails to load, the previous
+    mode is loaded again and `QuantizationSwitchFailed` is raised with it as `.model` (cause chained); if
+    that reload fails too, its error propagates. Adapters are not carried over: re-apply them on the
+    returned model (`AdapterManager.install`). `progress(fraction, message)` reports along the way.
+    """
+    from glmapp.checkpoint import load_model
+    from glmapp.quant import model_mode, release_weights, resolve_mode
+
+    path = Path(path)
+
+    report = progress or (lambda fraction, message: None)
+    weight = model.transformer.output_layer.weight
+    device = device or weight.device
+    dtype = dtype or weight.dtype
+    previous, family, model_cls = model_mode(model), model.config.family, type(model)
+    resolve_mode(mode, 0, torch.device(device))  # an unknown or unavailable mode fails before anything is freed
+
+    def load(m: str, start: float, end: float):
+        def step(fraction, message):
+            report(start + (end - start) * fraction, message)
+        return load_model(path, device=device, dtype=dtype, model_cls=model_cls, family=family, quant=m,
+                          progress=step)
+
+    report(0.0, f"Freeing the {previous} weights")
+    release_weights(model)
+    report(0.05, f"Loading {mode}")
+    try:
+        new = load(mode, 0.05, 1.0)
+    except Exception as e:
+        gc.collect()
+        report(0.5, f"Loading {mode} failed ({type(e).__name__}); loading {previous} again")
+        restored = load(previous, 0.5, 1.0)
+        raise QuantizationSwitchFailed(f"Switching to {mode!r} failed ({type(e).__name__}: {e}); "
+                                       f"the model was reloaded as {previous!r}.", restored) from e
+    report(1.0, f"Loaded {mode}")
+    return new
 
 
 class ReloadFailed(GlmappError):
@@ -229,10 +280,10 @@ class ModelHost:
         return result
 
     def quantize(self, mode: str, progress=None) -> ReloadResult:
-        """Switch quantization with `glmapp.quant.switch_quantization` (it streams the weights in the new mode
+        """Switch quantization with `switch_quantization` (it streams the weights in the new mode
         and reloads the previous mode when that fails); resident adapters are re-applied."""
         from glmapp.checkpoint import resolve
-        from glmapp.quant import QuantizationSwitchFailed, resolve_mode, switch_quantization
+        from glmapp.quant import resolve_mode
 
         resolve_mode(mode, 0, self.model.transformer.output_layer.weight.device)  # fail before freeing
         path = resolve(self.name).path

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 import glmapp
 from glmapp import quant_kernels
-from glmapp.checkpoint import build_empty, load_model
-from glmapp.demo import demo_config, random_state_dict, write_weights
+from glmapp.checkpoint import build_empty, load_model, write_int4_checkpoint, write_weights
+from glmapp.demo import demo_config, random_state_dict
+from glmapp.host import QuantizationSwitchFailed, switch_quantization
 from glmapp.errors import QuantizationError
 from glmapp.models.chatglm import ChatGLMConfig
 from glmapp.quant import (
     MODES,
-    QuantizationSwitchFailed,
     QuantizedLinear,
     available_modes,
     dequantize,
@@ -26,9 +26,7 @@ from glmapp.quant import (
     pack_int4,
     quantize_weight,
     release_weights,
-    switch_quantization,
     unpack_int4,
-    write_int4_checkpoint,
 )
 
 # Layout of chatglm2-6b-int4 (spec §2.2): module -> (packed int8 weight shape, has bias).

@@ -10,7 +10,8 @@ import glmapp
 from glmapp.checkpoint import iter_tensors
 from glmapp.demo import make_demo
 from glmapp.errors import CheckpointError
-from glmapp.quant import QuantizedLinear, dequantize, layer_linear_names, quantize_weight, write_int4_checkpoint
+from glmapp.checkpoint import write_int4_checkpoint
+from glmapp.quant import QuantizedLinear, dequantize, layer_linear_names, quantize_weight
 
 
 @pytest.fixture(scope="module")
