@@ -6,6 +6,7 @@ them (`checkpoint`, `quant`, `demo`) take them from here.
 
 DEFAULT_MODEL = "THUDM/chatglm2-6b"
 QUANT_MODES = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bf16/fp16 on GPU, fp32 on CPU
 FAMILIES = ("chatglm1", "chatglm2", "chatglm3")
 DEMO_SIZES = ("tiny", "small", "mid")  # the keys of glmapp.demo.SIZES
 DEMO_FORMATS = ("safetensors-sharded", "safetensors", "bin-sharded")

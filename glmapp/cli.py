@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from glmapp.choices import DEFAULT_MODEL, DEMO_FORMATS, DEMO_SIZES, FAMILIES, QUANT_MODES
+from glmapp.choices import DEFAULT_MODEL, DEMO_DEFAULTS, DEMO_FORMATS, DEMO_SIZES, FAMILIES, QUANT_MODES
 from glmapp.errors import CheckpointError, GlmappError
 
 DEMO_HINT = "Run with --demo to chat with the built-in demo checkpoint (random weights, gibberish replies)."
@@ -106,7 +106,9 @@ def cmd_chat(args) -> int:
     from glmapp.engine.sampling import SamplingParams
 
     backend, adapter = backend_for_cli(args)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    defaults = DEMO_DEFAULTS.get(backend.family, DEMO_DEFAULTS["chatglm2"])  # one set of defaults: the app's
+    params = SamplingParams(temperature=defaults["temperature"] if args.temperature is None else args.temperature,
+                            top_p=defaults["top_p"] if args.top_p is None else args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, seed=args.seed)
     history: list = []
     echo = not sys.stdin.isatty()  # piped input is not echoed by a terminal: show it, so the transcript reads
@@ -199,8 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-length", type=int, default=8192, help="prompt + reply tokens (default: %(default)s)")
     chat.add_argument("--max-new-tokens", type=int, default=None,
                       help="reply tokens at most (default: what --max-length leaves after the prompt)")
-    chat.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
-    chat.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (default: %(default)s)")
+    per_family = {key: ", ".join(f"{family} {d[key]}" for family, d in DEMO_DEFAULTS.items())
+                  for key in ("temperature", "top_p")}  # the official demos' values, as the app's sliders
+    chat.add_argument("--temperature", type=float, default=None,
+                      help=f"0 = greedy (default per family: {per_family['temperature']})")
+    chat.add_argument("--top-p", type=float, default=None,
+                      help=f"nucleus sampling (default per family: {per_family['top_p']})")
     chat.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
     chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from glmapp.adapters import AdapterInfo, AdapterManager, LoraWeights, list_adapters, resolve_adapter
-from glmapp.backends.base import DTYPES, ModelInfo, ReloadResult, format_bytes
+from glmapp.backends.base import ModelInfo, ReloadResult, format_bytes
+from glmapp.choices import DTYPES
 from glmapp.backends.handle import RequestHandle
 from glmapp.checkpoint import DEFAULT_MODEL
 from glmapp.errors import AdapterError, CheckpointError, GlmappError, ModelReloading, QuantizationError

@@ -117,9 +117,11 @@ def test_app_help_shows_the_defaults_without_importing_torch_transformers_or_gra
 
 def test_chat_help_shows_the_defaults_and_the_chat_commands_without_importing_torch():
     out = help_of("glmapp", "chat", "--help")
-    for flag, default in [("--temperature", "0.8"), ("--top-p", "0.8"), ("--max-length", "8192"),
-                          ("--top-k", "0"), ("--repetition-penalty", "1.0")]:
+    for flag, default in [("--max-length", "8192"), ("--top-k", "0"), ("--repetition-penalty", "1.0")]:
         assert f"(default: {default})" in help_entry(out, flag), help_entry(out, flag)
+    # the app's slider starts (the official demos' values), one set of defaults for both
+    assert "chatglm2 0.95, chatglm3 0.6" in " ".join(help_entry(out, "--temperature").split())
+    assert "chatglm2 0.8, chatglm3 0.8" in " ".join(help_entry(out, "--top-p").split())
     assert "--max-new-tokens" in out and "what --max-length leaves" in out
     assert "`clear`" in out and "`exit`" in out
     top = help_of("glmapp", "--help")

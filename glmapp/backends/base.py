@@ -18,8 +18,6 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 from glmapp.engine.request import Usage
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 @dataclass(frozen=True)
 class Capabilities:

@@ -10,7 +10,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from glmapp.choices import DEFAULT_MODEL, DEMO_DEFAULTS, QUANT_MODES
+from glmapp.choices import DEFAULT_MODEL, DEMO_DEFAULTS, DTYPES, QUANT_MODES
 from glmapp.errors import GlmappError
 
 
@@ -72,6 +72,8 @@ class AppConfig:
                                          "list)", "GLMAPP_BACKEND_KEY")
     backend_family: str | None = _opt(None, "chatglm2 or chatglm3: the family behind --backend-url (default: from "
                                             "the model's name)", "GLMAPP_BACKEND_FAMILY")
+    allow_train: bool = _opt(False, "keep the Train tab on with --share and no --auth (anyone holding the link "
+                                    "could then run training on this machine)", "GLMAPP_ALLOW_TRAIN")
     comparisons_file: str = _opt("comparisons.jsonl", "JSONL file the Compare tab appends votes to",
                                  "GLMAPP_COMPARISONS_FILE")
     data_dir: str = _opt("data", "folder of the app's data: the conversations and votes database (SQLite) "
@@ -94,8 +96,8 @@ class AppConfig:
             raise ConfigError(f"--backend-family must be chatglm2 or chatglm3 (got {self.backend_family!r}).")
         if self.quant is not None and self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r}).")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r}).")
         for name in ("max_concurrency", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")

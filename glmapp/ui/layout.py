@@ -9,7 +9,7 @@ import tempfile
 
 import gradio as gr
 
-from glmapp.backends.base import DTYPES
+from glmapp.choices import DTYPES
 from glmapp.store import open_store, sqlite_url
 from glmapp.ui import model_handlers
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads

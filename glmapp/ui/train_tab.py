@@ -129,7 +129,7 @@ def train_handlers(backend, config) -> TrainHandlers:
     public = config.share and not (config.auth or config.auth_file)
     disabled = ("this app is shared by a public link without --auth; anyone with the link could run training "
                 "on this machine. Add --auth, or --allow-train to override.") \
-        if public and not getattr(config, "allow_train", False) else None
+        if public and not config.allow_train else None
     return TrainHandlers(JobRunner(backend.adapters_dir), config.data_dir, backend.name, disabled)
 
 
