@@ -59,7 +59,7 @@ def test_the_app_launched_with_login_and_no_key_serves_the_api_refusing_anonymou
     from glmapp.ui import launch
 
     config = AppConfig(demo=True, port=_free_port(), auth=["alice:s3cret"], adapters_dir=str(tmp_path),
-                       comparisons_file=str(tmp_path / "votes.jsonl"))
+                       comparisons_file=str(tmp_path / "votes.jsonl"), data_dir=str(tmp_path / "data"))
     demo = launch(config, block=False)
     try:
         url = f"http://127.0.0.1:{config.port}"

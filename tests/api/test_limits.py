@@ -139,7 +139,7 @@ def test_the_launched_app_limits_each_client_address_when_the_api_is_open(tmp_pa
     from glmapp.ui import launch
 
     config = AppConfig(demo=True, port=_free_port(), rate_limit_rpm=1, adapters_dir=str(tmp_path),
-                       comparisons_file=str(tmp_path / "votes.jsonl"))
+                       comparisons_file=str(tmp_path / "votes.jsonl"), data_dir=str(tmp_path / "data"))
     demo = launch(config, block=False)
     try:
         url = f"http://127.0.0.1:{config.port}"

@@ -79,15 +79,16 @@ def test_a_conversation_survives_reload_and_restart_and_continues_with_versions(
 
 def test_two_browsers_never_see_each_others_conversations(browser, shared):
     alice, bob = new_page(browser, shared), new_page(browser, shared)
-    for page, text in ((alice, "alpha secret"), (bob, "beta note")):
+    for page, text in ((alice, "alpha secret\n```\nprint(1)\n```"), (bob, "beta note")):
         set_number(page, "max-new-tokens", 2)
         send(page, text)
         wait_finished(page)
-        wait_listed(page, text)
+        wait_listed(page, text.split("\n")[0])
+    alice.locator("#chatbot button.copy_code_button").first.wait_for()  # Gradio's own, on every code block
     bob.reload()
     wait_listed(bob, "beta note")
     assert "alpha" not in listed(bob)
-    alice.locator("#conv-search input, #conv-search textarea").first.fill("note")  # search says nothing either
+    alice.locator("#conv-search input, #conv-search textarea").first.fill("beta note")  # search finds no other
     alice.wait_for_function("() => !(document.querySelector('#conv-list')?.innerText || '').includes('alpha')")
     assert "beta" not in listed(alice)
     for page in (alice, bob):

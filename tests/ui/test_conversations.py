@@ -184,3 +184,20 @@ def test_a_page_without_browser_id_or_login_is_told_to_reload(conv):
     assert new_browser_id("not-an-id") != "not-an-id"
     kept = new_browser_id()
     assert new_browser_id(kept) == kept
+
+
+def test_data_dir_and_db_name_the_database_and_a_bad_one_stops_launch_before_the_model_loads(tmp_path):
+    from glmapp.ui import ConfigError, launch, load_config
+
+    store = load_config(["--data-dir", str(tmp_path / "d")], environ={}).open_store()
+    store.close()
+    assert (tmp_path / "d" / "glmapp.sqlite3").exists()
+    url = f"sqlite:///{tmp_path / 'other.sqlite3'}"
+    store = load_config([], environ={"GLMAPP_DB": url, "GLMAPP_DATA_DIR": str(tmp_path / "unused")}).open_store()
+    store.close()
+    assert (tmp_path / "other.sqlite3").exists() and not (tmp_path / "unused").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="Cannot use --data-dir"):
+        load_config(["--data-dir", str(tmp_path / "a-file")], environ={}).open_store()
+    with pytest.raises(ConfigError, match="--db .*nosuch://x"):
+        launch(load_config(["--db", "nosuch://x", "--model", str(tmp_path / "no-model")], environ={}), block=False)
