@@ -28,7 +28,7 @@ from glmapp.ui.leaderboard import ARENA_VOTES, TIME_RANGES, ArenaHandlers, leade
 from glmapp.ui.render import LATEX_DELIMITERS
 from glmapp.ui.server import ServerLimits
 from glmapp.ui.sessions import ActiveRequests
-from glmapp.ui.train_tab import create_train_tab, train_handlers
+from glmapp.ui.train_tab import create_train_tab, train_handlers, wire_train_results
 
 CSS = """
 #demo-banner { border: 2px solid #f0b429; background: #fff8e1; border-radius: 8px; padding: 4px 12px; }
@@ -62,7 +62,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         gr.Markdown("## glmapp · chat with ChatGLM on your machine")
         gr.Markdown(model_handlers.demo_banner(backend), elem_id="demo-banner", visible=backend.demo)
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_widgets = create_chat_tab(chat, backend, config, adapter, choices, conv)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
@@ -73,8 +73,12 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                create_train_tab(train_handlers(backend, config))
+                train = train_handlers(backend, config)
+                train_widgets = create_train_tab(train)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
+        wire_train_results(tabs, train_widgets, train, picker.choices,
+                           [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
+                           compare_widgets)
         wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter)
         wire_votes(arena, compare_widgets, arena_widgets, chat_widgets["panel"]["owner"], config)
         wire_leaderboard(store, board_tab, board_widgets)
@@ -329,7 +333,7 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
     export.click(lambda r: gr.File(compare.export(r), visible=True), record, export_file, concurrency_limit=None,
                  api_visibility="private")
     assert len(column_inputs) == MAX_COLUMNS * len(COLUMN_FIELDS)
-    return dict(prompt=prompt, outputs=outputs, stats=stats, record=record, adapters=adapters,
+    return dict(prompt=prompt, n_columns=n_columns, outputs=outputs, stats=stats, record=record, adapters=adapters,
                 max_new_tokens=max_new_tokens, vote_buttons=vote_buttons, note=note, vote_status=vote_status)
 
 

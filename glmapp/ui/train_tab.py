@@ -8,6 +8,9 @@ Notable choices:
   the adapter name must be a plain folder name inside the adapters folder.
 - The preview shows each row as the template renders it: prompt text, then the trained reply text.
 - The hyperparameter widgets are made from `TrainConfig`'s fields (`HYPERPARAMETERS`), defaults included.
+- When a job has written its adapter, each open page refreshes its adapter dropdowns once (a per-page state
+  remembers which job it has shown) and offers "Compare with base": the Compare tab with the base model and
+  the new adapter in two columns, the prompt set to the first user turn of the job's eval (else training) data.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import gradio as gr
 from glmapp.errors import GlmappError
 from glmapp.tokenizer import ChatGLMTokenizer, detect_family
 from glmapp.train.config import TrainConfig
+from glmapp.train.data import read_file
 from glmapp.train.examples import build_rows
 from glmapp.train.job import JobRunner
+from glmapp.ui.adapter_handlers import BASE
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
@@ -37,6 +42,7 @@ class TrainHandlers:
         self.data_dir = Path(data_dir)
         self.served_model = served_model
         self.disabled = disabled  # why training is off here (e.g. a public link without login), or None
+        self.prompts: dict[str, str] = {}  # job name -> the prompt "Compare with base" fills in
 
     def data_file(self, choice: str | None, upload: str | None) -> str:
         """The data file to use: an upload, else a file name inside the data folder."""
@@ -101,7 +107,18 @@ class TrainHandlers:
             job = self.runner.start(config, name)
         except GlmappError as e:
             return f"Not started: {e}"
+        self.prompts[job.name] = first_prompt(config.eval or config.data[0])
         return f"Started training {job.name!r}."
+
+    def finished_adapter(self) -> str | None:
+        """The last job's adapter name once it ended with its adapter written, else None."""
+        job = self.runner.job
+        if job is None or job.process.poll() != 0 or not (job.out / "adapter_config.json").is_file():
+            return None
+        return job.name
+
+    def compare_prompt(self, name: str) -> str:
+        return self.prompts.get(name, "")
 
     def stop(self) -> str:
         return "Stopped; the run keeps its checkpoints (resume from the command line)." if self.runner.stop() \
@@ -121,6 +138,15 @@ class TrainHandlers:
         points = [[e["step"], e["loss"], "train"] for e in progress["log"] if e.get("loss") is not None]
         points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
         return text, points, "\n".join(progress["tail"])
+
+
+def first_prompt(path: str) -> str:
+    """The first user turn of a data file ("" when it cannot be read: the training run reports why)."""
+    try:
+        _, records = read_file(path, "chatglm3")  # the family with every role: any valid file reads
+    except GlmappError:
+        return ""
+    return next((m["content"] for m in records[0].messages if m["role"] == "user"), "")
 
 
 def train_handlers(backend, config) -> TrainHandlers:
@@ -164,6 +190,7 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
         w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter")
         w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None)
         w["stop"] = gr.Button("Stop", variant="stop")
+        w["compare"] = gr.Button("Compare with base", elem_id="train-compare", visible=False)
     w["status"] = gr.Markdown()
     w["progress"] = gr.Markdown()
     w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title="Loss")
@@ -180,4 +207,34 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
         return text, pd.DataFrame(points, columns=["step", "loss", "kind"]), log
 
     timer.tick(poll, None, [w["progress"], w["plot"], w["log"]])
+    w["timer"] = timer
     return w
+
+
+def wire_train_results(tabs, w: dict, handlers: TrainHandlers, adapter_choices, dropdowns: list, compare: dict
+                       ) -> None:
+    """A finished job's adapter in every adapter dropdown of the page, and "Compare with base" -> the Compare tab
+    with the base model (A) and the new adapter (B). `adapter_choices()`: the picker's (label, value) list."""
+    shown = gr.State(None)  # the finished job this page has refreshed its dropdowns for
+
+    def on_tick(seen):
+        name = handlers.finished_adapter()
+        if name is None or name == seen:
+            return seen, gr.update(visible=name is not None), *(gr.skip() for _ in dropdowns)
+        choices = adapter_choices()
+        return name, gr.update(visible=True), *(gr.update(choices=choices) for _ in dropdowns)
+
+    w["timer"].tick(on_tick, shown, [shown, w["compare"], *dropdowns], api_visibility="private",
+                    show_progress="hidden")
+
+    def to_compare():
+        name = handlers.finished_adapter()
+        if name is None:
+            raise gr.Error("No finished training job: its adapter appears here when the job ends.")
+        choices = adapter_choices()
+        return (gr.Tabs(selected="compare"), 2, gr.update(choices=choices, value=BASE),
+                gr.update(choices=choices, value=name), handlers.compare_prompt(name))
+
+    a, b = compare["adapters"][:2]
+    w["compare"].click(to_compare, None, [tabs, compare["n_columns"], a, b, compare["prompt"]],
+                       api_visibility="private")

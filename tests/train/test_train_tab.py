@@ -45,8 +45,10 @@ def test_start_poll_finish_and_refusals(tmp_path, demo_v2):
     assert "A training job is running (tab)" in h.start("", "d.jsonl", None, "tab2", *values())
     deadline = time.monotonic() + 300
     while h.runner.job.running():
+        assert h.finished_adapter() is None
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    assert h.finished_adapter() == "tab" and h.compare_prompt("tab") == "问题0"  # "Compare with base" fills these
     text, points, log = h.poll()
     assert text.startswith("**tab**: finished — step 3/3") and [p[0] for p in points] == [1, 2, 3]
     assert "Adapter written" in log
