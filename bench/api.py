@@ -134,6 +134,10 @@ def main():
                                            args.baseline_app.resolve())
             run(args, streams, model, tok, {side: (url, psutil.Process(app.pid)) for side, (app, url) in apps.items()},
                 checkpoint.name)
+        except Exception:
+            for side in apps:  # why a server stopped answering
+                print(f"--- {side} app log (end) ---\n" + (tmp / side / "app.log").read_text(errors="replace")[-3000:])
+            raise
         finally:
             for app, _ in apps.values():
                 app.terminate()

@@ -34,6 +34,8 @@ def deterministic(body) -> bool:
 
 
 class MemoryCache:
+    blocking = False  # in this process: the API calls it on the event loop
+
     def __init__(self, size: int):
         self.size = size
         self._entries: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -79,6 +81,8 @@ return extra
 
 
 class RedisCache:
+    blocking = True  # its calls wait on the network: the API makes them off the event loop
+
     def __init__(self, redis, size: int, prefix: str = "glmapp:cache:"):
         self.redis, self.size, self.prefix = redis, size, prefix
         self._uses = prefix + "lru"

@@ -10,7 +10,7 @@ Notable choices:
 - The engine's deltas are read in the event loop itself: each request's handles `listen` with one
   `asyncio.Event`, the engine wakes the loop once per step (`glmapp.engine.delivery`), and each wake-up
   turns all the deltas a choice got into one piece of text (one SSE chunk), not one per token. No thread
-  per stream: at 32 streams, per-token thread hops cost a quarter of the engine's throughput (GIL).
+  per stream: with many streams, per-token thread hops held the GIL the engine thread needs (bench/RESULTS.md).
 """
 
 from __future__ import annotations

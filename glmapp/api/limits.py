@@ -52,6 +52,8 @@ class TokenBucket:
 
 
 class RateLimiter:
+    blocking = False  # in this process: the API calls it on the event loop
+
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
                  clock: Callable[[], float] = time.monotonic, window_s: float = 60.0):
         self.rpm, self.tpm, self.clock, self.window_s = requests_per_minute, tokens_per_minute, clock, window_s
@@ -166,6 +168,7 @@ return {'', '0'}
 
 class RedisRateLimiter(RateLimiter):
     """The same token buckets in Redis, shared by every front end that uses the same Redis."""
+    blocking = True  # its calls wait on the network: the API makes them off the event loop
 
     def __init__(self, redis, requests_per_minute: int | None, tokens_per_minute: int | None,
                  window_s: float = 60.0, prefix: str = "glmapp:limits:"):

@@ -50,6 +50,7 @@ from glmapp.errors import ModelReloading
 
 MAX_CHOICES = 64  # prompts x n of one request
 _LOADERS = anyio.CapacityLimiter(2)  # adapter loads (file reads) run off the event loop, apart from Gradio's pool
+_REDIS_CALLS = anyio.CapacityLimiter(16)  # rate limit and cache lookups in Redis, off the event loop
 
 
 class _ErrorsAsJSON(APIRoute):
@@ -113,14 +114,14 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
         key = keys.check(request.headers.get("authorization"))
         return key or f"address:{request.client.host if request.client else 'unknown'}"
 
-    def admit(client: str, prompt_ids: list[list[int]], budgets: list[int], n: int) -> _Meter:
+    async def admit(client: str, prompt_ids: list[list[int]], budgets: list[int], n: int) -> _Meter:
         meter = _Meter(metrics, limiter, client, time.perf_counter(),
                        sum(len(p) for p in prompt_ids) + n * sum(budgets))
         if limiter is not None:
-            limiter.admit(client, meter.charged)
+            await _io(limiter, limiter.admit, client, meter.charged)
         return meter
 
-    def cached(kind: str, body, prompt_ids, budgets, adapter, tools: bool) -> tuple[str | None, dict | None]:
+    async def cached(kind: str, body, prompt_ids, budgets, adapter, tools: bool) -> tuple[str | None, dict | None]:
         """(cache key, cached entry) of a deterministic request; (None, None) when it is not cached."""
         if cache is None or not deterministic(body):
             return None, None
@@ -128,7 +129,7 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
         key = cache_key({"route": kind, "model": [info.name, info.dtype, info.quant], "adapter": adapter,
                          "prompts": prompt_ids, "budgets": budgets, "tools": tools, "n": body.n, "stop": body.stop,
                          "sampling": [body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed]})
-        entry = cache.get(key)
+        entry = await _io(cache, cache.get, key)
         metrics.cache_lookup(entry is not None)
         return key, entry
 
@@ -162,9 +163,9 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
         tools = body.tools if body.tool_choice != "none" else None
         prompt = chat_prompt(backend.tokenizer, body.messages, tools)
         budgets = [token_budget(backend, prompt.ids, body.token_limit(), "messages")]
-        meter = admit(client, [prompt.ids], budgets, body.n)
+        meter = await admit(client, [prompt.ids], budgets, body.n)
         with meter.refund_on_error():
-            key, entry = cached("chat.completion", body, [prompt.ids], budgets, adapter, prompt.tools)
+            key, entry = await cached("chat.completion", body, [prompt.ids], budgets, adapter, prompt.tools)
             run = _Run(backend, body, [prompt.ids], budgets, adapter, meter, "chat.completion",
                        chat_visible(backend.family, prompt.tools), prompt.history if prompt.tools else None,
                        cache=(cache, key, entry))
@@ -180,9 +181,9 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
             raise APIError(400, f"Give 1 to {MAX_CHOICES // body.n} prompts with n={body.n}.", "prompt")
         ids = [completion_prompt_ids(backend.tokenizer, text, "prompt") for text in texts]
         budgets = [token_budget(backend, p, body.token_limit(), "prompt") for p in ids]
-        meter = admit(client, ids, budgets, body.n)
+        meter = await admit(client, ids, budgets, body.n)
         with meter.refund_on_error():
-            key, entry = cached("text_completion", body, ids, budgets, adapter, False)
+            key, entry = await cached("text_completion", body, ids, budgets, adapter, False)
             run = _Run(backend, body, ids, budgets, adapter, meter, "text_completion", cache=(cache, key, entry))
         return await run.respond(request)
 
@@ -190,6 +191,21 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
 
 
 # ---- request parts -------------------------------------------------------------------------------------
+async def _io(store, fn, *args):
+    """`fn(*args)` of a limiter or cache, off the event loop when it waits on the network (Redis)."""
+    if store.blocking:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=_REDIS_CALLS)
+    return fn(*args)
+
+
+def _later(store, fn, *args) -> None:
+    """`fn(*args)` that nothing waits for (a refund, a cache write): on a worker thread when it is Redis'."""
+    if store.blocking:
+        asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    else:
+        fn(*args)
+
+
 async def _parse(request: Request, schema):
     try:
         data = await request.json()
@@ -287,7 +303,8 @@ class _Meter:
             return
         self.closed = True
         if self.limiter is not None:
-            self.limiter.refund(self.client, self.charged - self.prompt_tokens - sum(self.generated.values()))
+            _later(self.limiter, self.limiter.refund, self.client,
+                   self.charged - self.prompt_tokens - sum(self.generated.values()))
 
     @contextlib.contextmanager
     def refund_on_error(self):
@@ -342,7 +359,7 @@ class _Run:
         failed = next((c for c in choices if c.finish_reason == "error"), None)
         if failed is not None:
             raise self._failure(failed)
-        self._store(choices)
+        await self._store(choices)
         return JSONResponse({"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
                              "choices": [self._choice(c, c.text) for c in choices],
                              "usage": self.usage(choices).model_dump()})
@@ -378,15 +395,16 @@ class _Run:
         if include_usage:
             yield _event({"id": self.id, "object": chunk_kind, "created": self.created, "model": self.body.model,
                           "choices": [], "usage": self.usage(finished).model_dump()})
-        self._store(finished)
+        await self._store(finished)
         yield "data: [DONE]\n\n"
 
-    def _store(self, choices: list[Choice]) -> None:
-        """Keep a deterministic answer whose every choice ended normally."""
+    async def _store(self, choices: list[Choice]) -> None:
+        """Keep a deterministic answer whose every choice ended normally (before the client has all of it, so
+        the same request made next finds it)."""
         if not self.cacheable or len(choices) != self.expected_choices or \
                 any(c.finish_reason not in ("stop", "length", "tool_calls") for c in choices):
             return
-        self.cache.put(self.cache_key, {"choices": [
+        await _io(self.cache, self.cache.put, self.cache_key, {"choices": [
             {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "tool_calls": c.tool_calls or [],
              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.usage.completion_tokens} for c in choices]})
 
