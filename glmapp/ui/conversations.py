@@ -26,7 +26,7 @@ from glmapp.store import StoreError
 from glmapp.ui import notices
 from glmapp.ui.adapter_handlers import dropdown_value
 from glmapp.ui.chat_handlers import ChatHandlers
-from glmapp.ui.render import chatbot_messages
+from glmapp.ui.render import chatbot_messages, safe_markdown
 
 SETTINGS = ("system", "max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 SAMPLING = SETTINGS[1:]
@@ -60,10 +60,10 @@ def label(summary) -> str:
 
 def describe(view) -> str:
     """The model, adapter and settings a conversation uses, as one Markdown line."""
-    parts = [f"model `{view.model['name']}`"] if view.model.get("name") else []
-    parts.append(f"adapter `{view.adapter}`" if view.adapter else "base model")
+    parts = [f"model {view.model['name']}"] if view.model.get("name") else []
+    parts.append(f"adapter {view.adapter}" if view.adapter else "base model")
     parts += [f"{k.replace('_', ' ')} {v}" for k, v in view.settings.items() if k in SAMPLING]
-    return notices.as_text(" · ".join(parts))
+    return safe_markdown(" · ".join(parts))
 
 
 def tab_messages(view) -> list[dict]:
@@ -88,7 +88,7 @@ def versions_bar(view, focus_id=None) -> tuple[str, int | None]:
                   f"{meta.get('tokens', 0)} tokens", f"{meta.get('tokens_per_second', 0):.1f} tokens/s"]
         if meta.get("finish_reason") not in (None, "stop"):
             parts.append(str(meta["finish_reason"]))
-    return notices.as_text(" · ".join(parts)), target.id
+    return safe_markdown(" · ".join(parts)), target.id
 
 
 class ConversationHandlers:

@@ -8,7 +8,8 @@ Notable choices:
 - Every vote (arena or not) goes to comparisons.jsonl as before and to the store with its owner; the store
   decides whether it counts (names shown before an anonymous vote, an empty or failed column: not counted).
 - The leaderboard is computed from the store on each refresh (bootstrap of `BOOTSTRAP` resamples: well under a
-  second for a few adapters). The win-rate matrix is an HTML table coloured by win rate; names are escaped.
+  second for a few adapters). The win-rate matrix is an HTML table coloured by win rate. Adapter names come
+  from folder names: escaped in HTML, made inert (adapter_handlers.cell) in Markdown.
 - "Votes to separate" two neighbours whose intervals overlap: half-widths shrink like 1/sqrt(votes), so both
   intervals must shrink by the factor that makes the sum of half-widths smaller than the gap.
 """
@@ -26,7 +27,7 @@ from glmapp import arena
 from glmapp.store import StoreError
 from glmapp.store.votes import BASE as BASE_NAME
 from glmapp.ui import notices
-from glmapp.ui.adapter_handlers import BASE
+from glmapp.ui.adapter_handlers import BASE, cell
 from glmapp.ui.chat_handlers import ChatSettings
 from glmapp.ui.compare_handlers import VOTES, CompareHandlers
 from glmapp.ui.conversations import owner_of
@@ -108,7 +109,7 @@ def anonymous_stats(column: dict) -> str:
 
 
 def names_line(record: dict) -> str:
-    return " · ".join(f"{c['label']} = {notices.as_text(c.get('adapter') or BASE_NAME)}" for c in record["columns"])
+    return " · ".join(f"{c['label']} = {cell(c.get('adapter') or BASE_NAME)}" for c in record["columns"])
 
 
 def counted_line(stored) -> str:
@@ -135,13 +136,9 @@ def ratings_table(board) -> str:
             "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(board.ratings, 1):
         need = arena.votes_needed(r.half_width, r.votes, NARROW) if r.half_width > 0 else r.votes
-        rows.append(f"| {i} | {_cell(r.name)} | {r.rating:.0f} | {r.low:.0f} – {r.high:.0f} (±{r.half_width:.0f}) "
+        rows.append(f"| {i} | {cell(r.name)} | {r.rating:.0f} | {r.low:.0f} – {r.high:.0f} (±{r.half_width:.0f}) "
                     f"| {r.votes} | {r.win_rate:.0%} | {need} |")
     return "\n".join(rows)
-
-
-def _cell(name: str) -> str:
-    return html.escape(name).replace("|", "&#124;")
 
 
 def heat_map(board) -> str:
@@ -171,12 +168,12 @@ def separation_notes(board) -> str:
             continue
         gap = a.rating - b.rating
         if gap < 1:
-            notes.append(f"- {_cell(a.name)} and {_cell(b.name)} are rated the same: more votes would not tell "
+            notes.append(f"- {cell(a.name)} and {cell(b.name)} are rated the same: more votes would not tell "
                          "them apart unless one is really better.")
             continue
         factor = ((a.half_width + b.half_width) / gap) ** 2  # intervals must shrink by sqrt(factor)
         more = [max(0, math.ceil(r.votes * factor) - r.votes) for r in (a, b)]
-        notes.append(f"- {_cell(a.name)} vs {_cell(b.name)}: intervals overlap (gap {gap:.0f}); about "
-                     f"{more[0]} more games for {_cell(a.name)} and {more[1]} for {_cell(b.name)} would separate "
+        notes.append(f"- {cell(a.name)} vs {cell(b.name)}: intervals overlap (gap {gap:.0f}); about "
+                     f"{more[0]} more games for {cell(a.name)} and {more[1]} for {cell(b.name)} would separate "
                      "them if the gap stays.")
     return "\n".join(notes) or "Every neighbour's interval is apart from the next one's."

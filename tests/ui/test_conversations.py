@@ -201,3 +201,13 @@ def test_data_dir_and_db_name_the_database_and_a_bad_one_stops_launch_before_the
         load_config(["--data-dir", str(tmp_path / "a-file")], environ={}).open_store()
     with pytest.raises(ConfigError, match="--db .*nosuch://x"):
         launch(load_config(["--db", "nosuch://x", "--model", str(tmp_path / "no-model")], environ={}), block=False)
+
+
+def test_names_in_the_info_and_versions_lines_cannot_make_links_or_tags():
+    from glmapp.ui.conversations import describe, versions_bar
+
+    evil = "[y](javascript:alert(1)) <img src=x onerror=alert(1)>"
+    view = SimpleNamespace(model={"name": "m"}, adapter=evil, settings={"temperature": 0.5})
+    message = SimpleNamespace(id=1, role="assistant", version=1, versions=1, meta={"adapter": evil, "tokens": 1})
+    for text in (describe(view), versions_bar(SimpleNamespace(messages=[message]))[0]):
+        assert "](javascript:" not in text and "<img" not in text

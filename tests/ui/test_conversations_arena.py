@@ -12,6 +12,7 @@ import pytest
 
 from glmapp.backends import LocalBackend
 from glmapp.store import open_store, sqlite_url
+from glmapp.ui.adapter_handlers import cell
 from glmapp.ui.compare_handlers import CompareHandlers
 from glmapp.ui.conversations import new_browser_id
 from glmapp.ui.leaderboard import ArenaHandlers, leaderboard
@@ -104,7 +105,7 @@ def test_leaderboard_ranks_filters_and_says_how_many_votes_would_separate(store)
         store.votes.record("u", prompt="p", columns=_record("weak", None)["columns"], choice="B", at=old)
     table, heat, notes = leaderboard(store.votes, bootstrap=200)
     names = [row.split("|")[2].strip() for row in table.splitlines()[2:]]
-    assert names == ["good&lt;b&gt;", "base", "weak"] and "95% interval" in table
+    assert names == [cell("good<b>"), "base", "weak"] and "95% interval" in table and "<b>" not in table
     assert "<b>" not in heat and "good&lt;b&gt;" in heat and "75%" in heat  # good<b> won 9 of 12 against base
     assert "Games for ±50" in table
     recent, _, _ = leaderboard(store.votes, "Last 7 days", bootstrap=50)
@@ -113,7 +114,7 @@ def test_leaderboard_ranks_filters_and_says_how_many_votes_would_separate(store)
     assert "weak" not in anonymous
     assert "more games" in notes or "apart" in notes
     close, _, close_notes = leaderboard(store.votes, "Last 7 days", bootstrap=200)
-    assert "intervals overlap" in close_notes and "more games for good&lt;b&gt;" in close_notes
+    assert "intervals overlap" in close_notes and f"more games for {cell('good<b>')}" in close_notes
     with pytest.raises(gr.Error, match="Unknown time range"):
         leaderboard(store.votes, "forever")
     empty_store_table, _, _ = leaderboard(SimpleNamespace(games=lambda **_: []))
