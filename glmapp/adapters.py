@@ -182,7 +182,6 @@ def describe(folder: Path, name: str | None = None) -> AdapterInfo:
     if prefix_cfg is not None:
         info.kind, info.pre_seq_len = "ptuning", int(prefix_cfg["pre_seq_len"])
         info.base_model = str(prefix_cfg.get("_name_or_path") or "")
-        info.error = ptuning.NOT_IN_ENGINE
         return info
     try:
         cfg = _read_config(folder)
@@ -307,11 +306,11 @@ class AdapterManager:
                 out[path] = module
         return out
 
-    def validate(self, name: str, folder: Path) -> LoraWeights:
+    def validate(self, name: str, folder: Path) -> LoraWeights | ptuning.PrefixAdapter:
         """Read and check everything on CPU; raises AdapterError naming what is wrong."""
-        if ptuning.read_prefix_config(folder) is not None:
-            ptuning.read_prefix(name, folder, self.model.config)  # a bad checkpoint is named as such first
-            raise AdapterError(f"Adapter {name!r}: {ptuning.NOT_IN_ENGINE}")
+        if ptuning.read_prefix_config(folder) is not None:  # P-tuning v2: the engine prepends its prefix KV
+            weights = ptuning.read_prefix(name, folder, self.model.config)
+            return ptuning.PrefixAdapter(name, f"{name}#{next(self._uids)}", weights, describe(folder, name))
         cfg = _read_config(folder)
         _check_config(name, cfg)
         state = _read_weights(_weight_file(folder))
@@ -368,7 +367,18 @@ class AdapterManager:
         self.install(weights)
         return weights
 
-    def install(self, weights: LoraWeights) -> None:
+    def prefix(self, name: str) -> ptuning.PrefixAdapter | None:
+        """The loaded P-tuning adapter called `name` (None: a LoRA adapter or not loaded)."""
+        w = self.adapters.get(name)
+        return w if isinstance(w, ptuning.PrefixAdapter) else None
+
+    def install(self, weights: LoraWeights | ptuning.PrefixAdapter) -> None:
+        if isinstance(weights, ptuning.PrefixAdapter):  # no module changes: the engine applies it per row
+            with self.lock:
+                if weights.name in self.adapters:
+                    self._remove(weights.name)
+                self.adapters[weights.name] = weights
+            return
         device = self.model.transformer.output_layer.weight.device
         dtype = self.model.transformer.output_layer.weight.dtype
         # On CPU the deltas stay fp32: their small matmuls cost 2x more in bf16 (17.6 vs 39.4 us for
@@ -441,6 +451,9 @@ class AdapterManager:
         with self.lock:
             if name not in self.adapters:
                 raise AdapterError(f"Adapter {name!r} is not loaded.")
+            if self.prefix(name) is not None:
+                raise AdapterError(f"Adapter {name!r} is a P-tuning v2 prefix: it adds keys/values to attention and "
+                                   f"has no weights to merge; serve it as an adapter instead.")
             cpu_linear.unpack(self.model)
             wrappers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
             # Check everything first: a refused merge must not leave some layers merged.

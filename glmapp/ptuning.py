@@ -10,13 +10,15 @@ Notable choices:
   Prefix keys get no rotary embedding; positions of the prompt are not shifted by P; every query sees the
   prefix (spec §8). Dropout is an identity at inference.
 - Applying it is seeding a KV cache: the prefix fills the first P slots, then the prompt runs as usual
-  (`seed_cache`). The engine's shared prefix blocks are not built yet (issue #12).
+  (`seed_cache` for a `DenseKVCache`). Loaded for serving it is a `PrefixAdapter`, resident in the
+  `AdapterManager` beside LoRA adapters; the engine's scheduler gives its KV cache blocks of its own (`PrefixBlocks`),
+  filled once from `PrefixAdapter.kv` and shared by every row that uses it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +27,6 @@ import torch.nn.functional as F
 from glmapp.errors import AdapterError
 
 PREFIX = "transformer.prefix_encoder."
-NOT_IN_ENGINE = ("P-tuning v2 prefixes are recognised and validated, but the engine does not apply them yet (issue "
-                 "#12); use a LoRA adapter, or glmapp.ptuning.prefix_kv + seed_cache from Python.")
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "adapter_model.bin", "adapter_model.safetensors")
 
 
@@ -146,3 +146,26 @@ def seed_cache(cache, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         cache.v[layer, :, :p] = v
     cache.commit(p)
     return p
+
+
+@dataclass(eq=False)
+class PrefixAdapter:
+    """A P-tuning checkpoint loaded for serving: what `AdapterManager` holds under its name (beside `LoraWeights`)."""
+
+    name: str
+    uid: str  # changes when a checkpoint of the same name is loaded again
+    weights: PrefixWeights
+    info: object  # glmapp.adapters.AdapterInfo
+    _kv: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.weights.pre_seq_len
+
+    def kv(self, config, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [layers, P, groups, head_dim] in `dtype` on `device`, computed once (per dtype/device)."""
+        key = (dtype, str(device))
+        if key not in self._kv:
+            layers = prefix_kv(self.weights, config, dtype, device)
+            self._kv = {key: (torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers]))}
+        return self._kv[key]

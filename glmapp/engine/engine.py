@@ -173,6 +173,7 @@ class Engine:
         seq.v1_context = self.runner.v1_context(seq.prompt_ids)  # None unless ChatGLM-6B (2-D positions)
         if request.adapter is not None:
             seq.adapter_uid = AdapterManager.of(self.model).uid(request.adapter)
+            seq.prefix = AdapterManager.of(self.model).prefix(request.adapter)  # P-tuning: None for LoRA
         seq.payload = RequestState(handle, state, frozenset(request.stop_ids or self.tokenizer.stop_ids))
         with self._wake:
             if not self._alive:

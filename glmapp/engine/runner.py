@@ -7,6 +7,9 @@ Attention writes the step's keys/values into their slots first, then decode rows
 over exact context slots when its cost model says so, `paged_decode_rows`) and prefill chunks
 attend one by one. Decode-only steps without LoRA rows go to the static-shape path instead when the
 engine has one (`static_decode.py`: CUDA graphs).
+A P-tuning prefix (spec §8) is written into its own blocks at the first step that needs it (`PrefixBlocks`), its
+partial last block copied into each new sequence's first block; a prefix row then attends over KV positions
+P + i (the prefix first, visible to every query; positions of the tokens are not shifted by P).
 """
 
 from __future__ import annotations
@@ -109,21 +112,22 @@ class ModelRunner:
             with self.adapters.rows([]):  # base rows only; holds adapter installs off until the step is done
                 logits = self.static.run(work)
             return self._sample(logits, [w.seq for w in work])
+        self._place_prefixes(work)
         ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
         adapter_rows: dict[str, list[int]] = {}
         n_tokens = 0
         for w in work:
             seq, start = w.seq, w.seq.num_computed
-            stop = start + w.num_tokens
+            stop, p = start + w.num_tokens, seq.prefix_len  # token i is at KV position p + i
             ids.extend(seq.token_slice(start, stop))
             positions.extend(self._positions(seq, start, stop))
-            slots.append(self._slots(seq.block_table, start, stop))
+            slots.append(self._slots(seq.block_table, p + start, p + stop))
             if w.num_tokens == 1 and start > 0:
-                decode_rows.append((n_tokens, seq.block_table, stop))
+                decode_rows.append((n_tokens, seq.block_table, p + stop))
             else:
-                prefills.append((n_tokens, w.num_tokens, self._dev(self._slots(seq.block_table, 0, stop)), start,
-                                 seq.bidirectional))
-            if seq.adapter is not None:
+                prefills.append((n_tokens, w.num_tokens, self._dev(self._slots(seq.block_table, 0, p + stop)),
+                                 p + start, p + seq.bidirectional))
+            if seq.adapter is not None and seq.prefix is None:  # (a prefix changes the KV, not the linears)
                 adapter_rows.setdefault(seq.adapter, []).extend(range(n_tokens, n_tokens + w.num_tokens))
             n_tokens += w.num_tokens
             if w.samples:
@@ -148,6 +152,25 @@ class ModelRunner:
         if not logits_index:
             return []
         return self._sample(logits, [w.seq for w in work if w.samples])
+
+    def _place_prefixes(self, work) -> None:
+        """Fill new prefix blocks from the adapter's keys/values; copy a partial last one into a new sequence."""
+        k_cache, v_cache, bs = self.cache.k, self.cache.v, self.cache.block_size
+        for w in work:
+            seq, pin = w.seq, w.seq.prefix_blocks
+            if pin is None:
+                continue
+            if not pin.written:
+                keys, values = pin.prefix.kv(self.model.config, k_cache.dtype, self.device)  # [L, P, groups, d]
+                where = self._dev(self._slots(pin.blocks, 0, pin.prefix.length))
+                k_cache[:, where], v_cache[:, where] = keys, values
+                pin.written = True
+            if seq.copy_prefix_tail:
+                p = seq.prefix_len
+                src = self._dev(self._slots(pin.blocks, p - p % bs, p))
+                dst = self._dev(self._slots(seq.block_table, p - p % bs, p))
+                k_cache[:, dst], v_cache[:, dst] = k_cache[:, src], v_cache[:, src]
+                seq.copy_prefix_tail = False
 
     def _sample(self, logits: torch.Tensor, seqs) -> list[int]:
         states = [s.payload.sampling for s in seqs]

@@ -4,6 +4,13 @@ Knows token counts and blocks, never tensors. Each `schedule()` returns the work
 running sequences decode one token each; prompts are prefilled in chunks within a token budget so
 streams already running keep flowing; a waiting request is admitted when its blocks fit.
 After an out-of-memory step the batch limits shrink (`shrink`) and double back after calm steps (`regrow`).
+
+A P-tuning v2 prefix (spec §8) is P keys/values in front of a sequence's tokens: KV position P + i holds token i.
+Its blocks are its own (`PrefixBlocks`, filled once by the runner) and shared by every sequence using it: the full
+ones join each block table; a partial last one is copied into each sequence's first own block, whose remaining
+slots take that sequence's first tokens. An idle prefix keeps its blocks until memory is needed. Block-level work
+(hashing, prefix reuse, allocation) runs in KV positions, where the prefix counts as P pseudo-tokens under a root
+hash of the adapter's uid, so prefix and non-prefix sequences never share cached blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 from glmapp.engine.kv_cache import BlockAllocator, chain_hash
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+PREFIX_TOKEN = -1  # stands for each P-tuning prefix position in block hashes (never a real token id)
 
 
 @dataclass
@@ -37,6 +45,20 @@ class Sequence:
     # ChatGLM-6B (v1): (context length, mask position) of the prompt (`ModelRunner.v1_context`), else None.
     # The context attends both ways, so it is prefilled in one chunk and reused from the cache only whole.
     v1_context: tuple[int, int] | None = None
+    prefix: object = None  # a P-tuning adapter (`glmapp.ptuning.PrefixAdapter`: uid, length) whose KV comes first
+    prefix_blocks: PrefixBlocks | None = None  # its blocks, held from admission until the blocks are freed
+    copy_prefix_tail: bool = False  # the runner still has to copy the prefix's partial block into block_table
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
+
+    def kv_slice(self, start: int, stop: int) -> list[int]:
+        """What KV positions start..stop-1 hold: PREFIX_TOKEN for the prefix, then the tokens."""
+        p = self.prefix_len
+        if start >= p:
+            return self.token_slice(start - p, stop - p)
+        return [PREFIX_TOKEN] * (min(stop, p) - start) + (self.token_slice(0, stop - p) if stop > p else [])
 
     @property
     def bidirectional(self) -> int:
@@ -61,7 +83,18 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[:stop - n]
 
     def root_hash(self) -> int:
-        return hash(("glmapp-root", self.adapter_uid))  # KV depends on the adapter: never share across adapters
+        uid = self.prefix.uid if self.prefix is not None else self.adapter_uid
+        return hash(("glmapp-root", uid))  # KV depends on the adapter: never share across adapters
+
+
+@dataclass(eq=False)
+class PrefixBlocks:
+    """A P-tuning prefix's KV positions 0..P-1 in blocks of its own (one reference held on each while pinned)."""
+
+    prefix: object  # glmapp.ptuning.PrefixAdapter (the runner reads its keys/values)
+    blocks: list[int]
+    written: bool = False  # the runner has filled them
+    users: int = 0  # sequences holding them
 
 
 @dataclass
@@ -86,6 +119,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.prefixes: dict[str, PrefixBlocks] = {}  # prefix uid -> its pinned blocks
 
     # ---- queue -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -119,12 +153,40 @@ class Scheduler:
         keep = {id(s) for s in open_seqs}
         self.running[:] = [s for s in self.running if id(s) in keep]
         self.waiting = deque(s for s in self.waiting if id(s) in keep)
-        return self.allocator.reclaim(Counter(b for s in open_seqs for b in s.block_table))
+        held = Counter(b for s in open_seqs for b in s.block_table)
+        for pin in self.prefixes.values():
+            held.update(pin.blocks)
+            pin.users = sum(1 for s in open_seqs if s.prefix_blocks is pin)
+        return self.allocator.reclaim(held)
 
     def _free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks first: they are the least likely to be reused
             self.allocator.release(block)
         seq.block_table = []
+        if seq.prefix_blocks is not None:
+            seq.prefix_blocks.users -= 1
+            seq.prefix_blocks, seq.copy_prefix_tail = None, False
+
+    # ---- P-tuning prefixes --------------------------------------------------------------------------
+    def _pin(self, prefix) -> PrefixBlocks | None:
+        """The blocks of `prefix`, allocated (to be filled by the runner) at its first use; None: no memory yet."""
+        pin = self.prefixes.get(prefix.uid)
+        if pin is None:
+            n = -(-prefix.length // self.block_size)
+            if n > self.allocator.num_free:
+                self._unpin_idle()
+                if n > self.allocator.num_free:
+                    return None
+            pin = self.prefixes[prefix.uid] = PrefixBlocks(prefix, [self.allocator.allocate() for _ in range(n)])
+        return pin
+
+    def _unpin_idle(self, keep: PrefixBlocks | None = None) -> bool:
+        """Give back the blocks of prefixes no sequence uses (an unloaded adapter's too); True if any."""
+        idle = [uid for uid, pin in self.prefixes.items() if pin.users == 0 and pin is not keep]
+        for uid in idle:
+            for block in self.prefixes.pop(uid).blocks:
+                self.allocator.release(block)
+        return bool(idle)
 
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's blocks back and queue it first; it resumes by re-prefilling."""
@@ -165,10 +227,10 @@ class Scheduler:
     # ---- prefix cache -----------------------------------------------------------------------------
     def publish(self, seq: Sequence) -> None:
         """After a step: make newly completed full blocks of `seq` findable by later requests."""
-        bs = self.block_size
-        while (seq.num_registered + 1) * bs <= seq.num_computed:
+        bs, done = self.block_size, seq.prefix_len + seq.num_computed
+        while (seq.num_registered + 1) * bs <= done:
             i = seq.num_registered
-            chunk = tuple(seq.token_slice(i * bs, (i + 1) * bs))
+            chunk = tuple(seq.kv_slice(i * bs, (i + 1) * bs))
             parent = seq.last_hash if i else seq.root_hash()
             self.allocator.register(seq.block_table[i], parent, chunk)
             seq.last_hash = chain_hash(parent, chunk)
@@ -177,19 +239,23 @@ class Scheduler:
     def _publish_partial(self, seq: Sequence) -> None:
         """A finished conversation's last, partly filled block can be continued by its next turn."""
         self.publish(seq)
-        i, bs = seq.num_registered, self.block_size
-        if seq.num_computed > i * bs and i < len(seq.block_table):
+        i, bs, done = seq.num_registered, self.block_size, seq.prefix_len + seq.num_computed
+        if done > i * bs and i < len(seq.block_table) and not seq.copy_prefix_tail:  # (a tail never copied: no KV)
             parent = seq.last_hash if i else seq.root_hash()
-            self.allocator.register(seq.block_table[i], parent, tuple(seq.token_slice(i * bs, seq.num_computed)))
+            self.allocator.register(seq.block_table[i], parent, tuple(seq.kv_slice(i * bs, done)))
 
-    def _match_prefix(self, seq: Sequence, pending: set[int]) -> tuple[list[int], int, int, bool]:
-        """Cached blocks for the start of `seq`: (blocks, tokens covered, last hash, blocked by pending)."""
-        bs, tokens, alloc = self.block_size, seq.tokens, self.allocator
-        limit = seq.length - 1  # the last token must run to produce logits
+    def _match_prefix(self, seq: Sequence, pending: set[int],
+                      pin: PrefixBlocks | None = None) -> tuple[list[int], int, int, bool]:
+        """Cached blocks for the start of `seq`: (blocks, KV positions covered, last hash, blocked by pending).
+        The full blocks of its P-tuning prefix (`pin`) always match."""
+        bs, alloc = self.block_size, self.allocator
+        tokens = seq.kv_slice(0, seq.prefix_len + seq.length)
+        limit = len(tokens) - 1  # the last token must run to produce logits
+        pinned = pin.blocks[:seq.prefix_len // bs] if pin is not None else []
         parent, blocks = seq.root_hash(), []
         while (len(blocks) + 1) * bs <= limit:
             chunk = tuple(tokens[len(blocks) * bs:(len(blocks) + 1) * bs])
-            block = alloc.lookup_full(parent, chunk)
+            block = pinned[len(blocks)] if len(blocks) < len(pinned) else alloc.lookup_full(parent, chunk)
             h = chain_hash(parent, chunk)
             if block is None:
                 if h in pending:
@@ -213,15 +279,16 @@ class Scheduler:
         if seq.num_computed >= len(seq.prompt_ids):
             return pending
         parent = seq.last_hash if seq.num_registered else seq.root_hash()
-        for i in range(seq.num_registered, len(seq.prompt_ids) // bs):
-            parent = chain_hash(parent, tuple(seq.prompt_ids[i * bs:(i + 1) * bs]))
+        for i in range(seq.num_registered, (seq.prefix_len + len(seq.prompt_ids)) // bs):
+            parent = chain_hash(parent, tuple(seq.kv_slice(i * bs, (i + 1) * bs)))
             pending.add(parent)
         return pending
 
     # ---- one step -----------------------------------------------------------------------------------
     def _ensure_blocks(self, seq: Sequence, upto: int) -> bool:
-        need = -(-upto // self.block_size) - len(seq.block_table)
-        if need > self.allocator.num_free:
+        """Blocks for tokens 0..upto-1 (and the prefix before them)."""
+        need = -(-(seq.prefix_len + upto) // self.block_size) - len(seq.block_table)
+        if need > self.allocator.num_free and not (self._unpin_idle() and need <= self.allocator.num_free):
             return False
         for _ in range(need):
             seq.block_table.append(self.allocator.allocate())
@@ -257,25 +324,40 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_seqs:
                 break
-            blocks, covered, _, blocked = self._match_prefix(seq, pending)
-            if covered < seq.bidirectional:
+            pin = None
+            if seq.prefix is not None:
+                pin = self._pin(seq.prefix)
+                if pin is None:
+                    break  # wait for memory for the prefix's blocks
+            p, bs = seq.prefix_len, self.block_size
+            blocks, covered, _, blocked = self._match_prefix(seq, pending, pin)  # covered: KV positions
+            if covered < p + seq.bidirectional:
                 # v1: the KV of a context token depends on the whole context (it attends both ways), so cached
                 # blocks are valid only when the entire context matched; a shared start alone is not reusable.
-                blocks, covered, blocked = [], 0, False
+                blocks, blocked = blocks[:p // bs], False
+                covered = len(blocks) * bs
             if blocked:
                 continue
+            tail = covered < p  # the prefix's partial last block is copied into a block of our own
+            if tail:
+                blocks = blocks[:p // bs]  # (not into a cached block that held only part of it)
+            covered = max(covered, p) - p  # in tokens from here on
             n = self._chunk(seq, covered, min(seq.length - covered, budget))
-            need = -(-(covered + n) // self.block_size) - len(blocks)
+            need = -(-(p + covered + n) // bs) - len(blocks)
             reusable_free = sum(1 for b in blocks if self.allocator.ref[b] == 0)
-            if need + reusable_free > self.allocator.num_free:
+            if need + reusable_free > self.allocator.num_free and not (
+                    self._unpin_idle(keep=pin) and need + reusable_free <= self.allocator.num_free):
                 break  # wait for memory; keep FIFO order
             for b in blocks:
                 self.allocator.take(b)
-            if covered % self.block_size:  # continuing a partial block: it is ours now, forget its old key
+            if (p + covered) % bs and not tail:  # continuing a partial block: it is ours now, forget its old key
                 self.allocator.forget(blocks[-1])
+            if pin is not None:
+                pin.users += 1
+                seq.prefix_blocks, seq.copy_prefix_tail = pin, tail
             seq.block_table = blocks
             seq.num_computed = seq.cached_tokens = covered
-            seq.num_registered = covered // self.block_size
+            seq.num_registered = (p + covered) // bs
             seq.last_hash = self._hash_upto(seq, seq.num_registered)
             self._ensure_blocks(seq, covered + n)
             self.waiting.remove(seq)
@@ -293,7 +375,7 @@ class Scheduler:
         return max(n, seq.bidirectional - start) if 0 < n else n
 
     def _hash_upto(self, seq: Sequence, num_blocks: int) -> int:
-        h, bs, tokens = seq.root_hash(), self.block_size, seq.tokens
+        h, bs = seq.root_hash(), self.block_size
         for i in range(num_blocks):
-            h = chain_hash(h, tuple(tokens[i * bs:(i + 1) * bs]))
+            h = chain_hash(h, tuple(seq.kv_slice(i * bs, (i + 1) * bs)))
         return h if num_blocks else 0
