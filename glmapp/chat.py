@@ -101,8 +101,9 @@ class ChatModel(ChatGLMForConditionalGeneration):
 
     @staticmethod
     def _official(updates, prompt_ids, stats, with_past):
-        """ChatUpdates -> the official (response, history[, past]) yields, with stats kept current."""
-        response, output = "", []
+        """ChatUpdates -> the official (response, history[, past]) yields, with stats kept current. The end is
+        always yielded unless the text shown last is already final (an empty reply too: `chat()` returns "")."""
+        response, output, shown = "", [], False
         for update in updates:
             output.extend(update.token_ids)
             if update.usage is not None:
@@ -114,11 +115,11 @@ class ChatModel(ChatGLMForConditionalGeneration):
                 raise InputError(update.error)
             if update.finish_reason is not None:
                 stats.finish_reason = update.finish_reason
-                if update.response == response and output:
+                if shown and update.response == response:
                     continue  # the last yield already showed the final text
             elif not update.new_text:
                 continue  # a token that completes no character yet (official: no yield)
-            response = update.response
+            response, shown = update.response, True
             past = ConversationCache(prompt_ids + output)
             yield (response, update.history, past) if with_past else (response, update.history)
 
@@ -159,8 +160,6 @@ class ChatModel1(ChatGLM1ForConditionalGeneration):
                                        top_p=top_p, temperature=temperature, logits_processor=logits_processor,
                                        **kwargs):
             pass
-        if result is None:  # an empty reply yields nothing while streaming
-            return "", [*(history or []), (query, "")]
         return result
 
 
