@@ -241,8 +241,19 @@ def build_training_rows(tokenizer, messages: list[dict]) -> list[tuple[list[int]
     - chatglm2: the prompt is the full encoding of the text so far, so an earlier reply inside a later prompt
       is not tokenised as it was generated; each trained reply gets its own row: `build_prompt_ids` of its turn
       + reply + eos.
+    - chatglm1: as chatglm2 with v1's prompt, which ends `[gMASK] <sop>`; as in the official v1 P-tuning
+      layout the labels start at `<sop>` (the model learns to open its reply) and end with `<eop>` (eos).
     """
     eos = tokenizer.eos_token_id
+    if tokenizer.family == "chatglm1":
+        rows, history = [], []
+        for query, reply in zip(messages[0::2], messages[1::2]):
+            if reply.get("loss", True):
+                prompt = build_prompt_ids(tokenizer, query["content"], history)  # ... [gMASK] <sop>
+                answer = tokenizer.encode(reply["content"], add_special_tokens=False) + [eos]
+                rows.append((prompt + answer, [-100] * (len(prompt) - 1) + prompt[-1:] + answer))
+            history.append((query["content"], reply["content"]))
+        return rows
     if tokenizer.family == "chatglm2":
         rows, history = [], []
         for query, reply in zip(messages[0::2], messages[1::2]):

@@ -20,7 +20,7 @@ from glmapp.prompts import build_training_rows
 from glmapp.train.data import DataError, Record, read_file
 
 OVERLENGTH = ("truncate", "drop")
-FAMILIES = ("chatglm2", "chatglm3")  # the families `build_training_rows` has a template for
+FAMILIES = ("chatglm1", "chatglm2", "chatglm3")  # the families `build_training_rows` has a template for
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
@@ -103,7 +103,8 @@ def build_rows(tokenizer, files: list[str], max_length: int, overlength: str = "
                ) -> tuple[list[Row], DataReport]:
     """Read, validate and encode `files` -> (rows, report); DataError on any bad file or no usable row."""
     if tokenizer.family not in FAMILIES:
-        raise DataError(f"Training supports ChatGLM2 and ChatGLM3 models; this one is {tokenizer.family!r}.")
+        raise DataError(f"Training supports ChatGLM-6B, ChatGLM2 and ChatGLM3 models; this one is "
+                        f"{tokenizer.family!r}.")
     if overlength not in OVERLENGTH:
         raise DataError(f"Unknown over-length action {overlength!r}: use one of {', '.join(OVERLENGTH)}.")
     if max_length < 8:
