@@ -96,8 +96,10 @@ def backend_for_cli(args):
           "Type `clear` to reset, `exit` to quit.", file=sys.stderr)
     adapter = None
     if args.adapter:
-        adapter = host.load_adapter(args.adapter, confine=False, download=adapter_hub.download).name
-        print(f"LoRA adapter {adapter!r} applied.", file=sys.stderr)
+        info = host.load_adapter(args.adapter, confine=False, download=adapter_hub.download)
+        adapter = info.name
+        kind = "P-tuning v2 prefix" if info.kind == "ptuning" else "LoRA adapter"
+        print(f"{kind} {adapter!r} applied.", file=sys.stderr)
     return LocalBackend(host), adapter
 
 
