@@ -417,13 +417,13 @@ def write_checkpoint(out: str | Path, state: dict[str, torch.Tensor], raw_config
 TOKENIZER_FILES = ("tokenizer.model", "ice_text.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def int4_state_dict(tensors, quantized: set[str]):
-    """(name, tensor) stream -> the official chatglm2-6b-int4 state dict (spec §2.2): the `quantized`
-    linear weights as packed int8 + fp16 weight_scale, everything else fp16."""
+def quantized_state_dict(tensors, quantized: set[str], bits: int = 4):
+    """(name, tensor) stream -> the official int4/int8 state dict (spec §2.2): the `quantized` linear weights as
+    int8 (two int4 per byte for 4 bits) + fp16 weight_scale, everything else fp16."""
     state = {}
     for name, tensor in tensors:
         if name in quantized and tensor.is_floating_point():
-            q, scale = quantize_weight(tensor, 4)
+            q, scale = quantize_weight(tensor, bits)
             state[name] = q
             state[name.removesuffix("weight") + "weight_scale"] = scale.half()
         else:
@@ -431,18 +431,21 @@ def int4_state_dict(tensors, quantized: set[str]):
     return state
 
 
-def write_int4_checkpoint(model_or_path, out) -> Path:
-    """Write an int4 checkpoint in the official layout: config.json with quantization_bit 4, one
-    pytorch_model.bin, and the tokenizer files of the source. Takes a checkpoint folder (streamed tensor by
-    tensor) or a loaded full-precision / int4 model (its name_or_path folder supplies config and tokenizer)."""
-    out = Path(out)
+def write_quantized_checkpoint(model_or_path, out, bits: int = 4) -> Path:
+    """Write an int4 (or int8) checkpoint in the official layout (THUDM/chatglm2-6b-int4, chatglm-6b-int4/-int8):
+    config.json with quantization_bit, one pytorch_model.bin, and the tokenizer files of the source. Takes a
+    checkpoint folder (streamed tensor by tensor) or a loaded full-precision model or one already in that mode
+    (its name_or_path folder supplies config and tokenizer)."""
+    if bits not in (4, 8):
+        raise QuantizationError(f"The official layouts are 4 or 8 bits (got {bits}).")
+    out, mode = Path(out), f"int{bits}"
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
-        if model_mode(model) not in ("none", "int4"):
-            raise QuantizationError(f"Cannot write int4 from a {model_mode(model)} model: load it full precision.")
+        if model_mode(model) not in ("none", mode):
+            raise QuantizationError(f"Cannot write {mode} from a {model_mode(model)} model: load it full precision.")
         source = Path(model.config.name_or_path)
         names = {f"{p}.weight" for p in linear_names(model)}
-        state = int4_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names)
+        state = quantized_state_dict(((k, v.detach().cpu()) for k, v in model.state_dict().items()), names, bits)
     else:
         source = Path(model_or_path)
         config = read_config(source)
@@ -450,9 +453,14 @@ def write_int4_checkpoint(model_or_path, out) -> Path:
             raise QuantizationError(f"{source.name!r} is already quantized (quantization_bit="
                                     f"{config.quantization_bit}); write from the full-precision checkpoint.")
         names = {f"{p}.weight" for p in layer_linear_names(config.num_layers, config.family == "chatglm1")}
-        state = int4_state_dict(iter_tensors(source), names)
+        state = quantized_state_dict(iter_tensors(source), names, bits)
     if not (source / "config.json").is_file():
         raise QuantizationError(f"No config.json next to the source ({source}); give the checkpoint folder.")
     raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    raw.update(quantization_bit=4, torch_dtype="float16")
+    raw.update(quantization_bit=bits, torch_dtype="float16")
     return write_checkpoint(out, state, raw, tokenizer_from=source, fmt="bin")
+
+
+def write_int4_checkpoint(model_or_path, out) -> Path:
+    """`write_quantized_checkpoint` with 4 bits (the layout of THUDM/chatglm2-6b-int4)."""
+    return write_quantized_checkpoint(model_or_path, out, 4)

@@ -10,7 +10,7 @@ import glmapp
 from glmapp.checkpoint import iter_tensors
 from glmapp.demo import make_demo
 from glmapp.errors import CheckpointError
-from glmapp.checkpoint import write_int4_checkpoint
+from glmapp.checkpoint import write_quantized_checkpoint
 from glmapp.quant import QuantizedLinear, dequantize, layer_linear_names, quantize_weight
 
 
@@ -67,15 +67,15 @@ def test_a_wrong_family_is_refused(v1_demo):
 def test_official_quantized_layout_loads(v1_demo, tmp_path, bits):
     full, tok = glmapp.load(str(v1_demo))  # (a fresh copy: its weights are changed below)
     ids = torch.tensor([tok.encode("quantized 量化 model")])
-    if bits == 4:
-        out = write_int4_checkpoint(v1_demo, tmp_path / "int4")  # the chatglm-6b-int4 layout
-        state = torch.load(out / "pytorch_model.bin", weights_only=True)
-        assert state["transformer.layers.0.attention.query_key_value.weight"].dtype == torch.int8
-        assert "transformer.layers.0.attention.query_key_value.weight_scale" in state
-        model, _ = glmapp.load(str(out))
-    else:
-        model, _ = glmapp.load(str(v1_demo), quant="int8")
+    out = write_quantized_checkpoint(v1_demo, tmp_path / f"int{bits}", bits)  # the chatglm-6b-int4/-int8 layout
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    qkv = state["transformer.layers.0.attention.query_key_value.weight"]
+    assert qkv.dtype == torch.int8 and qkv.shape[1] == full.config.hidden_size * bits // 8  # int4: two per byte
+    assert "transformer.layers.0.attention.query_key_value.weight_scale" in state
+    model, _ = glmapp.load(str(out))  # as it lies on disk
     assert model.config.quantization_bit == bits
+    runtime, _ = glmapp.load(str(v1_demo), quant=f"int{bits}")  # --quant on the full checkpoint: the same tensors
+    torch.testing.assert_close(runtime.state_dict(), model.state_dict(), atol=0, rtol=0)
     assert isinstance(model.transformer.layers[0].mlp.dense_4h_to_h, QuantizedLinear)
     with torch.no_grad():  # the same network with every quantized linear's weight replaced by q * scale
         for path in layer_linear_names(full.config.num_layers, v1=True):
