@@ -66,10 +66,14 @@ class JobRunner:
         self.job: TrainJob | None = None
         self._lock = threading.Lock()
 
+    def ensure_idle(self) -> None:
+        """Raise TrainBusy when a job is running."""
+        if self.job is not None and self.job.running():
+            raise TrainBusy(f"A training job is running ({self.job.name}); stop it or wait until it ends.")
+
     def start(self, config: TrainConfig, name: str) -> TrainJob:
         with self._lock:
-            if self.job is not None and self.job.running():
-                raise TrainBusy(f"A training job is running ({self.job.name}); stop it or wait until it ends.")
+            self.ensure_idle()
             jobs = self.adapters_dir / ".jobs"
             jobs.mkdir(parents=True, exist_ok=True)
             config_file, stderr_file = jobs / f"{name}.yaml", jobs / f"{name}.log"

@@ -7,6 +7,8 @@ Notable choices:
 - Data files are confined to the data folder (a name inside it, or an upload Gradio placed in its temp dir);
   the adapter name must be a plain folder name inside the adapters folder.
 - The preview shows each row as the template renders it: prompt text, then the trained reply text.
+- Start first estimates the job's memory (`glmapp.train.memory`) and refuses, with the estimate and what to
+  change, when it would not fit in what is free beside the served model.
 - The hyperparameter widgets are made from `TrainConfig`'s fields (`HYPERPARAMETERS`), defaults included.
 - When a job has written its adapter, each open page refreshes its adapter dropdowns once (a per-page state
   remembers which job it has shown) and offers "Compare with base": the Compare tab with the base model and
@@ -23,6 +25,7 @@ import gradio as gr
 
 from glmapp.errors import GlmappError
 from glmapp.tokenizer import ChatGLMTokenizer, detect_family
+from glmapp.train import memory
 from glmapp.train.config import TrainConfig
 from glmapp.train.data import read_file
 from glmapp.train.examples import build_rows
@@ -60,16 +63,23 @@ class TrainHandlers:
             return []
         return sorted(p.name for p in self.data_dir.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
 
+    @staticmethod
+    def _folder(model: str) -> Path | None:
+        """The model's local folder: the path itself, or a hub id's copy in the Hugging Face cache (never a
+        download from here); None when neither exists."""
+        folder = Path(model)
+        if folder.is_dir():
+            return folder
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, or not a valid id: same answer to the user
+            return None
+
     def _tokenizer(self, model: str) -> ChatGLMTokenizer:
         model = model or self.served_model
-        folder = Path(model)
-        if not folder.is_dir():  # a hub id: its copy in the Hugging Face cache, never a download from here
-            from huggingface_hub import snapshot_download
-
-            try:
-                folder = Path(snapshot_download(model, local_files_only=True))
-            except Exception:  # noqa: BLE001 - not cached, or not a valid id: same answer to the user
-                folder = None
+        folder = self._folder(model)
         if folder is None or not (folder / "tokenizer.model").is_file():
             raise GlmappError(f"No tokenizer.model for {model!r}: give a model folder or a hub id in the cache.")
         return ChatGLMTokenizer.from_pretrained(folder, family=detect_family(folder))
@@ -104,11 +114,15 @@ class TrainHandlers:
                 settings[key] = int(settings[key])
             config = TrainConfig(model=model or self.served_model, data=[self.data_file(choice, upload)],
                                  out=str(out), **settings)
+            self.runner.ensure_idle()
+            folder = self._folder(config.model)
+            # A model not found here is reported by the run itself, with the places it looked.
+            fits = memory.check(config, folder) if folder is not None else ""
             job = self.runner.start(config, name)
         except GlmappError as e:
             return f"Not started: {e}"
         self.prompts[job.name] = first_prompt(config.eval or config.data[0])
-        return f"Started training {job.name!r}."
+        return f"Started training {job.name!r}." + (f" {fits}" if fits else "")
 
     def finished_adapter(self) -> str | None:
         """The last job's adapter name once it ended with its adapter written, else None."""
