@@ -211,12 +211,18 @@ class ConversationHandlers:
         return self.switch(1, conversation, focus, browser_id, request)
 
     # ---- saving while chatting -----------------------------------------------------------------------------
-    def accept(self, message, messages, *values, request: gr.Request = None):
+    # Explicit parameters: Gradio passes `request` only to a named parameter, never after *args.
+    def accept(self, message, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
+               repetition_penalty, seed, adapter, conversation, browser_id, request: gr.Request = None):
         """ChatHandlers.accept, then the user message is stored (the conversation is created on the first one).
-        values: *SETTINGS, adapter, conversation, browser id. -> (chatbot, messages, textbox, conversation, list)."""
-        *settings, adapter, conversation, browser_id = values
-        owner = owner_of(browser_id, request)
+        -> (chatbot, messages, textbox, conversation, list)."""
+        settings = [system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
         chatbot, new_messages, box = self.chat.accept(message, messages, *settings, adapter, request=request)
+        try:
+            owner = owner_of(browser_id, request)
+        except gr.Error as e:  # sent before the page had its id: the chat goes on, unsaved, and says so
+            notices.warning(f"This conversation is not saved. {e.message}")
+            return chatbot, new_messages, box, None, gr.skip()
         try:
             conversation = self._record_settings(owner, conversation, settings, adapter)
             before = list(messages or [])
@@ -247,25 +253,28 @@ class ConversationHandlers:
             return {}
         return {"name": info.name, "family": info.family, "dtype": info.dtype, "quant": info.quant}
 
-    def reply(self, messages, *values, request: gr.Request = None):
+    def reply(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+              seed, adapter, conversation, browser_id, request: gr.Request = None):
         """ChatHandlers.reply; the reply is stored when it ends. Yields (chatbot, messages, textbox, stats, bar,
         focus, list)."""
-        *settings, adapter, conversation, browser_id = values
+        settings = [system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
         user_id = messages[-1].get("id") if messages else None
         stream = self.chat.reply(messages, *settings, adapter, request=request)
         yield from self._saving(stream, browser_id, conversation, request, lambda _: user_id)
 
-    def regenerate(self, messages, *values, request: gr.Request = None):
+    def regenerate(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
+                   repetition_penalty, seed, adapter, conversation, browser_id, request: gr.Request = None):
         """A new version of the last reply (the old one stays a version). Yields as `reply`."""
-        *settings, adapter, conversation, browser_id = values
+        settings = [system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
         users = [m for m in messages or [] if m["role"] == "user"]
         user_id = users[-1].get("id") if users else None
         stream = self.chat.regenerate(messages, *settings, adapter, request=request)
         yield from self._saving(stream, browser_id, conversation, request, lambda _: user_id)
 
-    def edit(self, messages, *values, edit: gr.EditData = None, request: gr.Request = None):
+    def edit(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+             seed, adapter, conversation, browser_id, edit: gr.EditData = None, request: gr.Request = None):
         """A past message edited: its new text is stored as a new version once the reply starts. Yields as `reply`."""
-        *settings, adapter, conversation, browser_id = values
+        settings = [system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
         messages = list(messages or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         original = messages[index] if 0 <= index < len(messages) else None

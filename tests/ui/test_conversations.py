@@ -211,3 +211,32 @@ def test_names_in_the_info_and_versions_lines_cannot_make_links_or_tags():
     message = SimpleNamespace(id=1, role="assistant", version=1, versions=1, meta={"adapter": evil, "tokens": 1})
     for text in (describe(view), versions_bar(SimpleNamespace(messages=[message]))[0]):
         assert "](javascript:" not in text and "<img" not in text
+
+
+@pytest.mark.parametrize("name", ["accept", "reply", "regenerate", "edit", "page_load", "search", "open", "rename",
+                                  "delete", "undo_delete", "older", "newer", "new_chat"])
+def test_gradio_gives_every_page_handler_the_request(conv, name):
+    """Gradio passes gr.Request (the login, the tab's session) only to a named parameter: without it every tab
+    would share one session (Stop, the busy check) and a logged-in user would have no owner."""
+    import inspect
+
+    from gradio.helpers import special_args
+
+    handler = getattr(conv, name)
+    request = gr.Request(username="alice", session_hash="tab-1")
+    inputs = [None] * sum(p.kind is p.POSITIONAL_OR_KEYWORD and p.annotation not in ("gr.Request", "gr.EditData")
+                          for p in inspect.signature(handler).parameters.values())
+    args, *_ = special_args(handler, inputs, request=request)
+    assert request in args
+
+
+def test_a_message_sent_before_the_page_has_its_id_is_answered_unsaved_with_a_notice(conv, store):
+    tab = Tab(conv)
+    tab.browser_id = None  # the page's load event has not answered yet
+    with pytest.warns(UserWarning, match="not saved"):
+        _, messages, _, conversation, _ = conv.accept("early", [], *tab.values(), request=tab.request)
+    assert conversation is None and messages[-1]["content"] == "early"
+    *_, last = conv.reply(messages, *tab.values(), request=tab.request)
+    assert last[1][-1]["role"] == "assistant" and last[1][-1]["content"]
+    tab.browser_id = new_browser_id()
+    assert conv.search("", None, tab.browser_id, request=tab.request)["choices"] == []
