@@ -9,6 +9,8 @@ Notable choices:
 - The preview shows each row as the template renders it: prompt text, then the trained reply text.
 - Start first estimates the job's memory (`glmapp.train.memory`) and refuses, with the estimate and what to
   change, when it would not fit in what is free beside the served model.
+- Presets are the YAML files `glmapp train --config` reads, kept in DATA/presets/; a preset names data files
+  of the data folder only (an upload is temporary).
 - The hyperparameter widgets are made from `TrainConfig`'s fields (`HYPERPARAMETERS`), defaults included.
 - When a job has written its adapter, each open page refreshes its adapter dropdowns once (a per-page state
   remembers which job it has shown) and offers "Compare with base": the Compare tab with the base model and
@@ -26,7 +28,7 @@ import gradio as gr
 from glmapp.errors import GlmappError
 from glmapp.tokenizer import ChatGLMTokenizer, detect_family
 from glmapp.train import memory
-from glmapp.train.config import TrainConfig
+from glmapp.train.config import ConfigError, TrainConfig, read_yaml, write_yaml
 from glmapp.train.data import read_file
 from glmapp.train.examples import build_rows
 from glmapp.train.job import JobRunner
@@ -34,9 +36,11 @@ from glmapp.ui.adapter_handlers import BASE
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
-                   "save_steps", "layer_lr", "lora_l2")
+                   "save_steps", "eval_steps", "early_stopping_patience", "layer_lr", "lora_l2")
+_INTS = ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps", "eval_steps")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PREVIEW_ROWS = 5
+PRESETS = "presets"  # folder of saved settings inside the data folder
 
 
 class TrainHandlers:
@@ -97,7 +101,25 @@ class TrainHandlers:
             table.append([tokenizer.decode(row.input_ids[:start]), tokenizer.decode(row.input_ids[start:])])
         return table, "\n".join(f"- {line}" for line in report.lines())
 
-    def start(self, model: str, choice: str | None, upload: str | None, name: str, *values) -> str:
+    def eval_file(self, choice: str | None) -> str | None:
+        return self.data_file(choice, None) if choice else None
+
+    def _config(self, model: str, data: list[str], eval_choice: str | None, out: Path | None, values) -> TrainConfig:
+        """TrainConfig from the tab's widgets (values in HYPERPARAMETERS order); ConfigError names a bad one."""
+        settings = dict(zip(HYPERPARAMETERS, values))
+        if isinstance(settings["targets"], list):
+            settings["targets"] = ",".join(settings["targets"])
+        for key in _INTS:
+            if settings[key] is None:
+                raise ConfigError(f"{key} is empty: give a whole number.")
+            settings[key] = int(settings[key])
+        patience = settings["early_stopping_patience"]
+        settings["early_stopping_patience"] = int(patience) if patience else None
+        return TrainConfig(model=model or self.served_model, data=data, eval=self.eval_file(eval_choice),
+                           out=str(out) if out else None, **settings)
+
+    def start(self, model: str, choice: str | None, upload: str | None, eval_choice: str | None, name: str,
+              *values) -> str:
         if self.disabled:
             return f"Training is off: {self.disabled}"
         name = (name or "").strip()
@@ -107,13 +129,7 @@ class TrainHandlers:
         if out.exists():
             return f"An adapter or run named {name!r} already exists; choose another name."
         try:
-            settings = dict(zip(HYPERPARAMETERS, values))
-            settings["targets"] = ",".join(settings["targets"]) if isinstance(settings["targets"], list) \
-                else settings["targets"]
-            for key in ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps"):
-                settings[key] = int(settings[key])
-            config = TrainConfig(model=model or self.served_model, data=[self.data_file(choice, upload)],
-                                 out=str(out), **settings)
+            config = self._config(model, [self.data_file(choice, upload)], eval_choice, out, values)
             self.runner.ensure_idle()
             folder = self._folder(config.model)
             # A model not found here is reported by the run itself, with the places it looked.
@@ -123,6 +139,57 @@ class TrainHandlers:
             return f"Not started: {e}"
         self.prompts[job.name] = first_prompt(config.eval or config.data[0])
         return f"Started training {job.name!r}." + (f" {fits}" if fits else "")
+
+    # ---- presets: the YAML files `glmapp train --config` reads ------------------------------------------
+    @property
+    def presets_dir(self) -> Path:
+        return self.data_dir / PRESETS
+
+    def preset_choices(self) -> list[str]:
+        return sorted(p.stem for p in self.presets_dir.glob("*.yaml")) if self.presets_dir.is_dir() else []
+
+    def save_preset(self, preset: str, model: str, choice: str | None, eval_choice: str | None, name: str,
+                    *values) -> str:
+        """Write the tab's settings to PRESETS/<preset>.yaml -> status. An upload is not kept (it is temporary):
+        the preset names a file of the data folder, or none."""
+        preset = (preset or "").strip()
+        if not _NAME.match(preset):
+            return "Give the preset a name: letters, digits, '.', '_' or '-' (up to 64)."
+        name = (name or "").strip()
+        try:
+            data = [self.data_file(choice, None)] if choice else []
+            config = self._config(model, data, eval_choice, self.runner.adapters_dir / name if _NAME.match(name)
+                                  else None, values)
+        except GlmappError as e:
+            return f"Not saved: {e}"
+        self.presets_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(config, self.presets_dir / f"{preset}.yaml")
+        return (f"Saved preset {preset!r} (`glmapp train --config {PRESETS}/{preset}.yaml` in the data folder)."
+                + ("" if data else " It names no data file: choose one from the data folder to keep it."))
+
+    def load_preset(self, preset: str | None):
+        """(model, data choice, eval choice, adapter name, *HYPERPARAMETERS values, status) from a preset;
+        on a bad preset the widgets stay as they are (gr.skip) and the status says what is wrong."""
+        keep = (gr.skip(),) * (4 + len(HYPERPARAMETERS))
+        if not preset or preset not in self.preset_choices():
+            return (*keep, "Choose a saved preset.")
+        try:
+            config = TrainConfig(**read_yaml(str(self.presets_dir / f"{preset}.yaml")))
+        except (GlmappError, TypeError) as e:
+            return (*keep, f"Cannot load preset {preset!r}: {e}")
+        inside = set(self.data_choices())
+
+        def choice(path):
+            return Path(path).name if path and Path(path).parent == self.data_dir and Path(path).name in inside \
+                else None
+
+        data = choice(config.data[0]) if config.data else None
+        model = "" if config.model in (None, self.served_model) else config.model
+        name = Path(config.out).name if config.out else ""
+        missing = [Path(p).name for p in [*config.data, config.eval] if p and choice(p) is None]
+        note = f" Not in the data folder (choose again): {', '.join(missing)}." if missing else ""
+        return (model, data, choice(config.eval), name, *(getattr(config, n) for n in HYPERPARAMETERS),
+                f"Loaded preset {preset!r}.{note}")
 
     def finished_adapter(self) -> str | None:
         """The last job's adapter name once it ended with its adapter written, else None."""
@@ -185,6 +252,8 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
         w["model"] = gr.Textbox(label="Base model (folder; empty = the served model)", value="")
         w["data"] = gr.Dropdown(label="Data file (data folder)", choices=handlers.data_choices(), value=None)
         w["upload"] = gr.File(label="…or upload", file_types=[".jsonl", ".json"], type="filepath")
+        w["eval"] = gr.Dropdown(label="Eval file (data folder; optional: eval loss, early stopping)",
+                                choices=handlers.data_choices(), value=None)
     w["preview_btn"] = gr.Button("Preview and validate")
     w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False)
     w["report"] = gr.Markdown()
@@ -195,11 +264,16 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
             label = f"{name} — {f.metadata['help']}"
             if "choices" in f.metadata:
                 widget = gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default)
-            elif f.type in ("int", "float"):
+            elif f.type in ("int", "float", "int | None"):
                 widget = gr.Number(label=label, value=f.default)
             else:
                 widget = gr.Textbox(label=label, value=f.default)
             values.append(widget)
+    with gr.Row():
+        w["preset"] = gr.Dropdown(label="Preset", choices=handlers.preset_choices(), value=None,
+                                  allow_custom_value=True, info="a saved settings file; type a new name to save")
+        w["load_preset"] = gr.Button("Load preset")
+        w["save_preset"] = gr.Button("Save preset")
     with gr.Row():
         w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter")
         w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None)
@@ -213,7 +287,15 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
 
     length = [values[HYPERPARAMETERS.index("max_length")], values[HYPERPARAMETERS.index("overlength")]]
     w["preview_btn"].click(handlers.preview, [w["model"], w["data"], w["upload"], *length], [w["table"], w["report"]])
-    w["start"].click(handlers.start, [w["model"], w["data"], w["upload"], w["name"], *values], w["status"])
+    w["start"].click(handlers.start, [w["model"], w["data"], w["upload"], w["eval"], w["name"], *values],
+                     w["status"])
+    fields_in = [w["model"], w["data"], w["eval"], w["name"], *values]
+
+    def save(preset, *inputs):
+        return handlers.save_preset(preset, *inputs), gr.update(choices=handlers.preset_choices())
+
+    w["save_preset"].click(save, [w["preset"], *fields_in], [w["status"], w["preset"]])
+    w["load_preset"].click(handlers.load_preset, w["preset"], [*fields_in, w["status"]])
     w["stop"].click(handlers.stop, None, w["status"])
 
     def poll():

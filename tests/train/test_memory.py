@@ -88,7 +88,7 @@ def test_a_job_that_cannot_fit_is_refused_with_the_estimate_and_what_to_change(t
     handlers = TrainHandlers(JobRunner(tmp_path / "adapters"), data_dir, str(small))
     settings = {**{f: getattr(huge, f) for f in HYPERPARAMETERS}, "targets": huge.targets}
     try:
-        status = handlers.start("", "d.jsonl", None, "big", *settings.values())
+        status = handlers.start("", "d.jsonl", None, None, "big", *settings.values())
     finally:
         handlers.runner.stop(grace_s=5)  # a job started by mistake must not outlive the test
     assert status.startswith("Not started: This job needs about ")

@@ -39,10 +39,10 @@ def test_preview_renders_rows_with_the_template_and_reports(tmp_path, demo_v2):
 
 def test_start_poll_finish_and_refusals(tmp_path, demo_v2):
     h = make(tmp_path, demo_v2)
-    assert "folder name" in h.start("", "d.jsonl", None, "../x", *values())
-    started = h.start("", "d.jsonl", None, "tab", *values(max_steps=3, batch_size=2, grad_accum=1))
+    assert "folder name" in h.start("", "d.jsonl", None, None, "../x", *values())
+    started = h.start("", "d.jsonl", None, None, "tab", *values(max_steps=3, batch_size=2, grad_accum=1))
     assert started.startswith("Started training 'tab'. Needs about ") and "of RAM is available" in started
-    assert "A training job is running (tab)" in h.start("", "d.jsonl", None, "tab2", *values())
+    assert "A training job is running (tab)" in h.start("", "d.jsonl", None, None, "tab2", *values())
     deadline = time.monotonic() + 300
     while h.runner.job.running():
         assert h.finished_adapter() is None
@@ -53,13 +53,13 @@ def test_start_poll_finish_and_refusals(tmp_path, demo_v2):
     assert text.startswith("**tab**: finished — step 3/3") and [p[0] for p in points] == [1, 2, 3]
     assert "Adapter written" in log
     assert [a.name for a in list_adapters(tmp_path / "adapters") if a.error is None] == ["tab"]
-    assert "already exists" in h.start("", "d.jsonl", None, "tab", *values())
+    assert "already exists" in h.start("", "d.jsonl", None, None, "tab", *values())
     assert h.stop() == "No training job is running."
 
 
 def test_disabled_tab_refuses_to_start_and_builds(tmp_path, demo_v2):
     h = make(tmp_path, demo_v2, disabled="a public link without --auth; pass --allow-train to override")
-    assert h.start("", "d.jsonl", None, "x", *values()).startswith("Training is off: a public link")
+    assert h.start("", "d.jsonl", None, None, "x", *values()).startswith("Training is off: a public link")
     assert not (tmp_path / "adapters").exists()
     with gr.Blocks():
         w = create_train_tab(h)
@@ -83,3 +83,39 @@ def test_app_has_a_train_tab_that_a_public_link_without_login_turns_off(tmp_path
             demo.close()
     finally:
         backend.close()
+
+
+def test_presets_are_the_files_glmapp_train_reads_and_load_back_into_the_tab(tmp_path, demo_v2):
+    import argparse
+
+    from glmapp.train.config import add_arguments, from_args
+
+    h = make(tmp_path, demo_v2)
+    (h.data_dir / "e.jsonl").write_text(json.dumps({"prompt": "评估", "response": "固定的回答"}), encoding="utf-8")
+    chosen = values(rank=4, lr=1e-3, targets="query_key_value,dense", eval_steps=5, early_stopping_patience=3,
+                    save_steps=10)
+    status = h.save_preset("fast", "", "d.jsonl", "e.jsonl", "mine", *chosen)
+    assert status.startswith("Saved preset 'fast'") and h.preset_choices() == ["fast"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--config", str(h.presets_dir / "fast.yaml"), "--rank", "2"]))
+    assert (config.model, config.data, config.eval, config.out) == (
+        str(demo_v2), [str(h.data_dir / "d.jsonl")], str(h.data_dir / "e.jsonl"), str(tmp_path / "adapters" / "mine"))
+    assert (config.rank, config.lr, config.targets, config.early_stopping_patience) == \
+        (2, 1e-3, "query_key_value,dense", 3)
+
+    loaded = h.load_preset("fast")
+    assert loaded[:4] == ("", "d.jsonl", "e.jsonl", "mine") and loaded[-1] == "Loaded preset 'fast'."
+    assert dict(zip(HYPERPARAMETERS, loaded[4:-1])) == dict(zip(HYPERPARAMETERS, chosen))
+
+    (h.presets_dir / "bad.yaml").write_text("rank: 4\nbatch: 2\n", encoding="utf-8")
+    bad = h.load_preset("bad")
+    assert bad[-1].startswith("Cannot load preset 'bad': bad.yaml: unknown settings batch")
+    assert all(v is gr.skip() or isinstance(v, type(gr.skip())) for v in bad[:-1])
+    assert h.load_preset("../fast")[-1] == "Choose a saved preset."
+    assert h.save_preset("../x", "", "d.jsonl", None, "", *chosen).startswith("Give the preset a name")
+    assert h.save_preset("p", "", "d.jsonl", None, "", *values(batch_size=None)) == \
+        "Not saved: batch_size is empty: give a whole number."
+    # Early stopping needs an eval file: the setting names what is missing.
+    assert "needs an evaluation set" in h.save_preset("p", "", "d.jsonl", None, "",
+                                                      *values(early_stopping_patience=3))
