@@ -7,6 +7,8 @@ Notable choices:
 - Two ways to read: iterate in a thread (waits on the handle's condition), or in an event loop `listen` with
   an `asyncio.Event` and `take()` what arrived when it is set (see `glmapp.engine.delivery`: the engine wakes
   each loop once per step, whatever the number of its streams).
+- With the inline engine (`glmapp.engine.inline`) there is no engine thread: `drive` (set by that engine) runs
+  steps in the reader's thread until its handle has a delta.
 - A reader never waits forever: with `engine_alive`, a silent stream checks every `POLL_S` seconds that the
   engine thread still runs and ends with an error if it is gone.
 """
@@ -24,6 +26,7 @@ class RequestHandle(Mailbox):
     """Read `Delta`s until one has `finish_reason`; `cancel()` stops the request at the engine's next step."""
 
     POLL_S = 1.0
+    drive = None  # the inline engine's: drive(handle) runs steps here until the handle has a delta
 
     def __init__(self, request_id: str, canceller, engine_alive=None, tokenizer=None):
         super().__init__()
@@ -67,6 +70,8 @@ class RequestHandle(Mailbox):
         return out
 
     def _next(self) -> Delta:
+        if self.drive is not None:
+            self.drive(self)
         with self._ready:
             while not self._deltas:
                 if not self._ready.wait(None if self._engine_alive is None else self.POLL_S) and self._engine_gone():
