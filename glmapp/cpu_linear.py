@@ -6,8 +6,9 @@ reads big weights faster, in fp32 and bf16, at one row and at many (`bench/cpu_l
 bench/RESULTS.md "Prepacked CPU linears"). Small weights stay plain (`PACK_MIN_ELEMENTS`).
 
 `pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
-Parameter holds the packed tensor *instead of* the plain one (same size, ±5%); `unpack(model)` restores
-plain `nn.Linear`s. The engine packs when it starts and unpacks when it stops. `state_dict()` (so
+Parameter holds the packed tensor *instead of* the plain one (same size, ±5%), and puts each CPU int4
+`QuantizedLinear`'s weight in ATen's int4 kernel layout in place (`quant_kernels.to_kernel_layout`: its
+fastest CPU kernel, without a second copy); `unpack(model)` restores plain `nn.Linear`s and official int4. The engine packs when it starts and unpacks when it stops. `state_dict()` (so
 `save_pretrained`) gives plain copies, `load_state_dict` and `.to()`/`.half()` work; code that changes
 weights in place (quantize, merge) calls `unpack` first: a packed tensor can only be multiplied.
 """
@@ -20,6 +21,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glmapp import quant_kernels
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +113,15 @@ def _plain_linears(model: nn.Module):
     return [m for m in model.modules() if type(m) is nn.Linear]
 
 
+def _int4_linears(model: nn.Module):
+    return [m for m in model.modules() if getattr(m, "bits", None) == 4 and hasattr(m, "_int4_pack")]
+
+
 def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_features: int = PACK_MIN_IN_FEATURES) -> int:
     """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place whose weight is big enough for packing to
-    pay (see `PACK_MIN_ELEMENTS`; tests lower the bounds to pack small ones); -> how many were packed."""
-    count = 0
+    pay (see `PACK_MIN_ELEMENTS`; tests lower the bounds to pack small ones), and put CPU int4 weights in their
+    kernel's layout; -> how many linears were packed or laid out."""
+    count = sum(quant_kernels.to_kernel_layout(m) for m in _int4_linears(model))
     with torch.no_grad():
         for m in _plain_linears(model):
             w = m.weight
@@ -136,8 +144,9 @@ def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_feature
 
 
 def unpack(model: nn.Module) -> int:
-    """Give every `PackedLinear` of `model` its plain weight back; -> how many were unpacked."""
-    count = 0
+    """Give every `PackedLinear` of `model` its plain weight back, and int4 weights their official layout;
+    -> how many were unpacked."""
+    count = sum(quant_kernels.to_official_layout(m) for m in _int4_linears(model))
     with torch.no_grad():
         for m in model.modules():
             if type(m) is not PackedLinear:
@@ -151,4 +160,5 @@ def unpack(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(type(m) is PackedLinear for m in model.modules())
+    return (any(type(m) is PackedLinear for m in model.modules())
+            or any(quant_kernels.in_kernel_layout(m) for m in _int4_linears(model)))

@@ -103,17 +103,20 @@ class QuantizedLinear(nn.Module):
         return module
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
+        weight = quant_kernels.official_weight(self)
+        return dequantize(weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_kernels.linear(self, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     # tinygemm's copy of the weight (quant_kernels.Int4Pack) is a cache: dropped whenever the tensors
-    # may be replaced or moved, and rebuilt by the next forward that needs it.
+    # may be replaced or moved, and rebuilt by the next forward that needs it. A CPU weight held in the
+    # kernel's layout instead (quant_kernels.to_kernel_layout) goes back to the official bytes then.
     def drop_packed(self) -> None:
         """Free the kernel-layout copy of the weight (after writes the version counter misses)."""
-        self._int4_pack = None
+        if not quant_kernels.to_official_layout(self):
+            self._int4_pack = None
 
     def packed_bytes(self) -> int:
         return 0 if self._int4_pack is None else self._int4_pack.nbytes
@@ -123,8 +126,16 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        relayout = quant_kernels.in_kernel_layout(self)
         self.drop_packed()
         super()._load_from_state_dict(*args, **kwargs)
+        if relayout:
+            quant_kernels.to_kernel_layout(self)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if quant_kernels.in_kernel_layout(self):  # the state dict keeps the official layout
+            destination[prefix + "weight"] = quant_kernels.official_weight(self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

@@ -15,15 +15,19 @@ Notable choices:
   the next choice of its `DISPATCH` row, or by dequantize + one GEMM (the reference) where there is
   none, as for every CUDA row; after a kernel's first success, its errors propagate.
 - Kernels read the official tensors (`weight`, `weight_scale`) as they lie, except tinygemm: it needs
-  its own tiled layout of the int4 weight, a second copy (+100% of the int4 weight bytes, plus
-  [K/group, N, 2] scales) built at first use and cached on the module as an `Int4Pack`, never in
-  the state dict. The cache is keyed on the weight's and scale's storage and version counter, so
-  `copy_`/`load_state_dict`/`weight.data = ...` rebuild it; writes through `.data` that bypass the
-  version counter do not: call `module.drop_packed()` after those.
-- That copy is on by default on CUDA only (`INT4_PACKED_COPY`): there it is the only fast int4 path
-  (dequantize + GEMM moves several times the bytes tinygemm reads), at the price of int4 needing int8's
-  memory. On CPU the copy-free kernels are fast enough that int4 keeps its memory (int4 is chosen for
-  memory); the copy makes CPU int4 decode faster than int8 (bench/RESULTS.md). Set it True for speed.
+  its own tiled layout of the int4 weight. On CPU that layout is the module's only copy while it serves:
+  `to_kernel_layout` (called by `cpu_linear.pack`, i.e. when the engine starts) rewrites `weight` in
+  place as uint8 in `_convert_weight_to_int4pack_for_cpu`'s layout (same bytes as the official int8
+  [N, K/2]; the dtype marks it), plus bf16 [K/256, N, 2] scales and zeros (+3% at K = 1024);
+  `to_official_layout` (`cpu_linear.unpack`, and QuantizedLinear before saving, `.to()` or loading)
+  restores the official bytes exactly. The layout is checked against ATen's packer once per process
+  (`cpu_layout`); if it ever differs, weights stay official and the copy-free kernels run.
+  Kernels other than tinygemm read an official view built for the call (`official_weight`): with the
+  kernel layout they run only above tinygemm's row bound, where that conversion is a small share.
+- On CUDA tinygemm's layout is a second copy (+100% of the int4 weight bytes), built at first use and
+  cached on the module as an `Int4Pack`, never in the state dict, keyed on the weight's and scale's
+  storage and version counter (writes through `.data` that bypass it: call `module.drop_packed()`).
+  That copy is allowed on CUDA only (`INT4_PACKED_COPY`), where it is the only fast int4 path.
 """
 
 from __future__ import annotations
@@ -49,16 +53,19 @@ DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, run
 DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]] = {
     ("cpu", 8, torch.float32): ((16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
     ("cpu", 8, torch.bfloat16): ((32, "int8pack"), (None, "rowscale")),
-    ("cpu", 4, torch.float32): ((32, "nibbles_int8pack_bf16"), (None, "split_bf16"), (None, "split")),
-    ("cpu", 4, torch.bfloat16): ((32, "tinygemm"), (16, "nibbles_int8pack"), (None, "split")),
+    ("cpu", 4, torch.float32): ((32, "tinygemm_bf16"), (None, "layout_dense"), (32, "nibbles_int8pack_bf16"),
+                                (None, "split_bf16"), (None, "split")),
+    ("cpu", 4, torch.bfloat16): ((32, "tinygemm"), (None, "layout_dense"), (16, "nibbles_int8pack"), (None, "split")),
     ("cuda", 8, torch.bfloat16): ((8, "int8pack"),),
     ("cuda", 8, torch.float16): ((8, "int8pack"),),
     ("cuda", 8, torch.float32): ((8, "int8pack"),),
     ("cuda", 4, torch.bfloat16): ((64, "tinygemm"),),
 }
 
-# May int4 keep tinygemm's second copy of its weight on this device type? (see the module docstring)
+# May int4 keep tinygemm's second copy of its weight on this device type? (see the module docstring; on CPU
+# the weight itself is put in tinygemm's layout instead, by `to_kernel_layout`)
 INT4_PACKED_COPY = {"cpu": False, "cuda": True}
+CPU_GROUP_SIZE = 256  # the largest group the CPU kernel takes: fewest scale/zero pairs (all rows' scales alike)
 
 # ATen's CPU `_weight_int8pack_mm` (torch 2.13, AVX-512) crashes or returns wrong sums unless K is a
 # multiple of its 16-wide vectors (K = 2, 4: segfault; K = 8, 24: wrong results; every K % 16 == 0 right,
@@ -86,7 +93,7 @@ def rowscale(m, x: torch.Tensor) -> torch.Tensor:
 def split(m, x: torch.Tensor) -> torch.Tensor:
     """int4: even input columns times the high nibbles plus odd columns times the low ones (spec §7
     packing), then * scale: two half-width matmuls instead of interleaving the nibbles back."""
-    w = m.weight
+    w = official_weight(m)
     y = F.linear(x[:, 0::2], (w >> 4).to(x.dtype)) + F.linear(x[:, 1::2], ((w << 4) >> 4).to(x.dtype))
     return y * m.weight_scale.to(x.dtype)
 
@@ -99,7 +106,7 @@ def int8pack(m, x: torch.Tensor) -> torch.Tensor:
 def nibbles_int8pack(m, x: torch.Tensor) -> torch.Tensor:
     """int4 without a second copy: each nibble plane, sign-extended to int8 for this call only, through
     the int8 kernel with its half of the input columns."""
-    w, scale = m.weight, m.weight_scale.to(x.dtype)
+    w, scale = official_weight(m), m.weight_scale.to(x.dtype)
     return (torch._weight_int8pack_mm(x[:, 0::2].contiguous(), w >> 4, scale)
             + torch._weight_int8pack_mm(x[:, 1::2].contiguous(), (w << 4) >> 4, scale))
 
@@ -110,6 +117,13 @@ def tinygemm(m, x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         return torch._weight_int4pack_mm(x.contiguous(), pack.weight, pack.group_size, pack.scales_and_zeros)
     return torch._weight_int4pack_mm_for_cpu(x.contiguous(), pack.weight, pack.group_size, pack.scales_and_zeros)
+
+
+def layout_dense(m, x: torch.Tensor) -> torch.Tensor:
+    """int4 in the CPU kernel's layout, many rows: dequantized straight from that layout (no official copy in
+    between), then one dense GEMM, whose cost the dequantization is small against at these row counts."""
+    q = _untile(m.weight, *cpu_layout()).to(x.dtype).sub_(8)
+    return F.linear(x, q.mul_(m.weight_scale.to(x.dtype)[:, None]))
 
 
 def in_bf16(kernel):
@@ -127,6 +141,7 @@ def in_bf16(kernel):
 KERNELS = {DEQUANTIZE: dequantize_linear, "rowscale": rowscale, "split": split, "int8pack": int8pack,
            "nibbles_int8pack": nibbles_int8pack, "tinygemm": tinygemm,
            "int8pack_bf16": in_bf16(int8pack), "nibbles_int8pack_bf16": in_bf16(nibbles_int8pack),
+           "tinygemm_bf16": in_bf16(tinygemm), "layout_dense": layout_dense,
            "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split)}
 
 
@@ -142,10 +157,13 @@ class Int4Pack:
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor
     group_size: int
+    shared: bool = False  # `weight` is the module's own (CPU kernel layout), not a second copy
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales_and_zeros))
+        """Bytes beyond the module's parameters."""
+        return sum(t.numel() * t.element_size() for t in ((self.scales_and_zeros,) if self.shared
+                                                           else (self.weight, self.scales_and_zeros)))
 
 
 def group_size(in_features: int) -> int | None:
@@ -202,7 +220,10 @@ def _version(t: torch.Tensor) -> int:
 
 
 def int4_pack(m, device: torch.device, dtype: torch.dtype) -> Int4Pack:
-    """The module's tinygemm copy, (re)built when the weight or scale changed since it was made."""
+    """The module's tinygemm copy, (re)built when the weight or scale changed since it was made; for a
+    weight in the CPU kernel's layout, the pack `to_kernel_layout` made."""
+    if in_kernel_layout(m):
+        return m._int4_pack
     w, s = m.weight, m.weight_scale
     key = (device, dtype, w.data_ptr(), _version(w), s.data_ptr(), _version(s))
     pack = m._int4_pack
@@ -217,6 +238,112 @@ def int4_pack(m, device: torch.device, dtype: torch.dtype) -> Int4Pack:
             torch.stack((offset >> 4, offset & 0x0F), dim=-1).flatten(-2).to(torch.int32), 1)
     m._int4_pack = Int4Pack(key, packed, scales_and_zeros, g)
     return m._int4_pack
+
+
+# ---- the CPU int4 weight in tinygemm's layout, in place of the official one --------------------------
+# `_convert_weight_to_int4pack_for_cpu` (aten/src/ATen/native/cpu/int4mm_kernel.cpp) tiles the rows in
+# blocks of BLOCK_N (64 with AVX-512, else 32), each block stored k by k as BLOCK_N/2 bytes: "halves"
+# (vector builds): byte j holds row j in its low nibble and row j + BLOCK_N/2 in its high one; "pairs"
+# (the scalar build, and the last partial block everywhere): byte j holds rows 2j (low) and 2j+1 (high).
+LAYOUTS = ((64, True), (32, True), (32, False))  # (BLOCK_N, halves): checked against ATen's packer
+
+
+def _nibbles(weight: torch.Tensor) -> torch.Tensor:
+    """Official int4 int8 [N, K/2] -> uint8 [N, K], each q + 8 in [0, 15] (see `tinygemm_inputs`)."""
+    u = weight.view(torch.uint8) ^ 0x88
+    return torch.stack((u >> 4, u & 0x0F), dim=-1).flatten(-2)
+
+
+def _from_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_nibbles`."""
+    return (((u[:, 0::2] << 4) | u[:, 1::2]) ^ 0x88).view(torch.int8)
+
+
+def _tile(u: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
+    """uint8 [N, K] nibble values -> uint8 [N, K/2] in the CPU kernel's layout."""
+    n, k = u.shape
+    full = n // block * block
+    parts = []
+    if full:
+        t = u[:full].view(n // block, block, k).transpose(1, 2)  # [blocks, K, block]
+        low, high = (t[..., :block // 2], t[..., block // 2:]) if halves else (t[..., 0::2], t[..., 1::2])
+        parts.append(((high << 4) | low).reshape(-1))
+    if n > full:
+        t = u[full:].t()
+        parts.append(((t[:, 1::2] << 4) | t[:, 0::2]).reshape(-1))
+    return torch.cat(parts).view(n, k // 2)
+
+
+def _untile(p: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
+    """Inverse of `_tile`: uint8 [N, K/2] in the kernel's layout -> uint8 [N, K] nibble values."""
+    n, k = p.shape[0], p.shape[1] * 2
+    full = n // block * block
+    flat = p.reshape(-1)
+    parts = []
+    if full:
+        b = flat[:full * k // 2].view(n // block, k, block // 2)
+        low, high = b & 0x0F, b >> 4
+        t = torch.cat((low, high), -1) if halves else torch.stack((low, high), -1).flatten(-2)
+        parts.append(t.transpose(1, 2).reshape(full, k))
+    if n > full:
+        b = flat[full * k // 2:].view(k, (n - full) // 2)
+        parts.append(torch.stack((b & 0x0F, b >> 4), -1).flatten(-2).t())
+    return torch.cat(parts)
+
+
+@functools.cache
+def cpu_layout() -> tuple[int, bool] | None:
+    """The (BLOCK_N, halves) that reproduces ATen's CPU int4 packer in this process, or None (the op is
+    missing or packs some other way: then weights keep the official layout)."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 16, (112, 64), generator=gen, dtype=torch.uint8)  # one full block of 64, a partial one
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1).view(torch.uint8)
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        log.warning("CPU int4 packing unavailable (%s: %s); int4 keeps the official layout", type(e).__name__, e)
+        return None
+    for layout in LAYOUTS:
+        if torch.equal(_tile(u, *layout), packed.reshape(112, 32)):
+            return layout
+    log.warning("ATen's CPU int4 packer uses an unknown layout; int4 keeps the official layout")
+    return None
+
+
+def in_kernel_layout(m) -> bool:
+    """Is this int4 module's weight held in the CPU kernel's layout (uint8) instead of the official int8?"""
+    return m.weight.dtype == torch.uint8
+
+
+def official_weight(m) -> torch.Tensor:
+    """The official int8 weight: the module's own, or one rebuilt for the caller from the kernel layout."""
+    if not in_kernel_layout(m):
+        return m.weight
+    return _from_nibbles(_untile(m.weight, *cpu_layout()))
+
+
+def to_kernel_layout(m, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Put an int4 CPU module's weight in the CPU kernel's layout in place (no second copy) with its
+    scales and zeros for `dtype` activations; -> whether it was converted."""
+    if (m.bits != 4 or in_kernel_layout(m) or m.weight.device.type != "cpu" or ("tinygemm", "cpu") in _BROKEN
+            or m.in_features % CPU_GROUP_SIZE or m.out_features % 16 or cpu_layout() is None):
+        return False
+    with torch.no_grad():
+        tiled = _tile(_nibbles(m.weight), *cpu_layout())
+        s = m.weight_scale.to(dtype).expand(m.in_features // CPU_GROUP_SIZE, m.out_features)
+        scales_and_zeros = torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
+        m.weight = torch.nn.Parameter(tiled, requires_grad=False)
+    m._int4_pack = Int4Pack(("kernel layout", dtype), m.weight, scales_and_zeros, CPU_GROUP_SIZE, shared=True)
+    return True
+
+
+def to_official_layout(m) -> bool:
+    """Undo `to_kernel_layout`: the official int8 bytes back in `weight`; -> whether it was converted."""
+    if not in_kernel_layout(m):
+        return False
+    with torch.no_grad():
+        m.weight = torch.nn.Parameter(official_weight(m), requires_grad=False)
+    m._int4_pack = None
+    return True
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------
@@ -239,10 +366,15 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:
         return False
-    if kernel.endswith("_bf16"):  # without bf16 hardware the detour is emulated and was never measured
-        return device.type != "cpu" or cpu_linear.cpu_has_bf16()
-    return kernel != "tinygemm" or (INT4_PACKED_COPY.get(device.type, False)
-                                    and tinygemm_fits(m.out_features, m.in_features, device, dtype))
+    if kernel.endswith("_bf16") and device.type == "cpu" and not cpu_linear.cpu_has_bf16():
+        return False  # without bf16 hardware the detour is emulated and was never measured
+    if kernel in ("layout_dense", "tinygemm_bf16"):  # only with the weight in the CPU layout (measured so)
+        return in_kernel_layout(m)
+    if not kernel.startswith("tinygemm"):
+        return True
+    if in_kernel_layout(m):
+        return device.type == "cpu"
+    return INT4_PACKED_COPY.get(device.type, False) and tinygemm_fits(m.out_features, m.in_features, device, dtype)
 
 
 def linear(m, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +393,8 @@ def _first_use(kernel: str, m, x: torch.Tensor) -> torch.Tensor:
         raise  # not a missing kernel
     except (RuntimeError, NotImplementedError, AttributeError) as e:  # op absent from this build, or refused
         _BROKEN.add(key)
-        m._int4_pack = None
+        if not to_official_layout(m):
+            m._int4_pack = None
         log.warning("quantized linear kernel %r failed at its first use on %s (%s: %s); it is switched off "
                     "there and the next choice runs instead (dequantize + GEMM if none)",
                     kernel, x.device.type, type(e).__name__, e)
