@@ -200,10 +200,14 @@ class ModelHost:
         return self.max_input_tokens_setting or self.context_length
 
     def submit(self, request_id: str, request, canceller) -> RequestHandle:
+        return self.submit_together([(request_id, request)], canceller)[0]
+
+    def submit_together(self, requests, canceller) -> list[RequestHandle]:
+        """(request id, request) pairs submitted at once: one batch (one call with the inline engine)."""
         engine = self.engine
-        handle = RequestHandle(request_id, canceller, engine.is_running)
-        engine.submit(handle, request)
-        return handle
+        handles = [RequestHandle(request_id, canceller, engine.is_running) for request_id, _ in requests]
+        engine.submit_together([(h, request) for h, (_, request) in zip(handles, requests)])
+        return handles
 
     def cancel(self, request_id: str) -> None:
         engine = self._engine
@@ -350,8 +354,10 @@ class ModelHost:
 
     def _start(self, model, tokenizer) -> None:
         from glmapp.engine.engine import Engine
+        from glmapp.engine.inline import InlineEngine
 
-        engine = Engine(model, tokenizer, self.engine_config)
+        inline = self.engine_config is not None and self.engine_config.inline
+        engine = (InlineEngine if inline else Engine)(model, tokenizer, self.engine_config)
         self._model, self._tokenizer, self._engine = model, tokenizer, engine
         with _HOSTS_LOCK:
             _HOSTS[id(model)] = self

@@ -122,14 +122,36 @@ class LocalBackend:
                       max_new_tokens: int | None = None, params: SamplingParams | None = None,
                       adapter: str | None = None, on_handle=None):
         """Generate after ready prompt ids for the round (`history` + `query`): `ChatUpdate`s as in chat_stream."""
-        family, context_length = self.family, self.context_length  # fixed for this stream, whatever reloads
+        family = self.family  # fixed for this stream, whatever reloads
+        handle = self.submit(self._request(prompt_ids, max_length, max_new_tokens, params, adapter))
+        if on_handle is not None:
+            on_handle(handle)
+        yield from self._updates(handle, family, history, query)
+
+    def chat_streams(self, query: str, history, columns: list[dict], *, system: str | None = None,
+                     on_handle=None) -> list:
+        """One `chat_stream` per column (its keyword arguments: max_length, max_new_tokens, params, adapter), all
+        submitted now, together: one batch (one call with the inline engine). -> their `ChatUpdate` iterators."""
+        prompt_ids, kept, query = self.prepare_chat(query, history, system)
+        family = self.family
+        requests = [self._request(prompt_ids, c.get("max_length"), c.get("max_new_tokens"), c.get("params"),
+                                  c.get("adapter")) for c in columns]
+        handles = self.host.submit_together([(f"req-{next(_REQUEST_IDS)}", r) for r in requests], self.cancel)
+        for handle in handles:
+            if on_handle is not None:
+                on_handle(handle)
+        return [self._updates(handle, family, kept, query) for handle in handles]
+
+    def _request(self, prompt_ids, max_length, max_new_tokens, params, adapter) -> GenerationRequest:
+        context_length = self.context_length
         limit = min(max_length or context_length, context_length)
         budget = limit - len(prompt_ids)
         if max_new_tokens is not None:
             budget = min(budget, int(max_new_tokens))
-        handle = self.submit(GenerationRequest(prompt_ids, params or SamplingParams(), budget, adapter=adapter))
-        if on_handle is not None:
-            on_handle(handle)
+        return GenerationRequest(prompt_ids, params or SamplingParams(), budget, adapter=adapter)
+
+    @staticmethod
+    def _updates(handle, family: str, history, query: str):
         text = ""
         try:
             for delta in handle:

@@ -79,6 +79,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the static decode step
     prepack: bool | None = None  # oneDNN-packed CPU linears while the engine runs (None: on CPU unless compiling)
     oom_regrow_steps: int = 16  # successful steps after an out-of-memory before the batch limits double back
+    inline: bool = False  # no engine thread: readers run the steps (glmapp.engine.inline, for ZeroGPU)
 
     def __post_init__(self):
         if (self.block_size < 1 or self.max_seqs < 1 or (self.max_batch_tokens or 1) < 1
@@ -180,6 +181,11 @@ class Engine:
                 raise EngineStopped(self._stop_reason)
             self._inbox.append(seq)
             self._wake.notify()
+
+    def submit_together(self, pairs) -> None:
+        """Submit (handle, request) pairs at once (the inline engine runs them as one call; here they queue)."""
+        for handle, request in pairs:
+            self.submit(handle, request)
 
     def _validate(self, request) -> str | None:
         n = len(request.prompt_ids)
