@@ -47,6 +47,10 @@ class AppConfig:
                                    "GLMAPP_KV_CACHE_MB")
     compile: bool = _opt(False, "torch.compile the decode step (CUDA: minutes of warm-up for faster decoding)",
                          "GLMAPP_COMPILE")
+    engine: str = _opt("auto", "threaded (one engine thread batches all users), inline (each handler runs the steps "
+                               "of its own requests: ZeroGPU, where CUDA exists only inside a decorated call) or auto "
+                               "(inline when the spaces package is importable and SPACES_ZERO_GPU is set)",
+                       "GLMAPP_ENGINE")
     adapters_dir: str = _opt("adapters", "folder of PEFT LoRA adapters (one sub-folder each) listed by the adapter "
                                          "picker", "GLMAPP_ADAPTERS_DIR")
     api_key: list[str] = _opt(None, "bearer key accepted by the OpenAI-compatible API under /v1; repeat for more "
@@ -96,6 +100,8 @@ class AppConfig:
             raise ConfigError(f"--backend-family must be chatglm2 or chatglm3 (got {self.backend_family!r}).")
         if self.quant is not None and self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
+        if self.engine not in ENGINE_MODES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINE_MODES)} (got {self.engine!r}).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r}).")
         for name in ("max_concurrency", "max_new_tokens"):
@@ -118,7 +124,8 @@ class AppConfig:
     def engine_config(self):
         from glmapp.engine.engine import EngineConfig
 
-        return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile)
+        return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile,
+                            inline=engine_mode(self.engine) == "inline")
 
     def open_store(self):
         """The conversations and votes database named by --db (else SQLite under --data-dir), migrated."""
@@ -148,6 +155,20 @@ class AppConfig:
                 raise ConfigError(f"Login {entry.split(':')[0]!r}...: expected USER:PASS with both parts non-empty.")
             pairs.append((user, password))
         return pairs
+
+
+ENGINE_MODES = ("auto", "threaded", "inline")
+
+
+def engine_mode(choice: str, environ: dict[str, str] | None = None) -> str:
+    """threaded or inline: `auto` is inline on ZeroGPU (the `spaces` package importable, SPACES_ZERO_GPU set)."""
+    import importlib.util
+
+    if choice != "auto":
+        return choice
+    environ = os.environ if environ is None else environ
+    zero_gpu = environ.get("SPACES_ZERO_GPU", "") != "" and importlib.util.find_spec("spaces") is not None
+    return "inline" if zero_gpu else "threaded"
 
 
 def _base_type(f) -> type:
