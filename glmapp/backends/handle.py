@@ -8,12 +8,15 @@ Notable choices:
   an `asyncio.Event` and `take()` what arrived when it is set (see `glmapp.engine.delivery`: the engine wakes
   each loop once per step, whatever the number of its streams).
 - With the inline engine (`glmapp.engine.inline`) there is no engine thread: `drive` (set by that engine) runs
-  steps in the reader's thread until its handle has a delta.
+  steps in the reader's thread until its handle has a delta; an event-loop reader must not block, so `listen`
+  starts a thread that drives the request to its end.
 - A reader never waits forever: with `engine_alive`, a silent stream checks every `POLL_S` seconds that the
   engine thread still runs and ends with an error if it is gone.
 """
 
 from __future__ import annotations
+
+import threading
 
 from glmapp.engine.delivery import Mailbox
 from glmapp.engine.request import Delta, Usage
@@ -44,6 +47,11 @@ class RequestHandle(Mailbox):
 
     def cancel(self) -> None:
         self._cancel(self.id)
+
+    def listen(self, event) -> None:
+        super().listen(event)
+        if self.drive is not None:
+            threading.Thread(target=self.drive.__self__.drive_to_end, daemon=True, name=f"inline-{self.id}").start()
 
     def _decoded(self, delta: Delta) -> Delta:
         if self._decoder is not None:

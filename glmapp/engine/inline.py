@@ -188,9 +188,6 @@ class InlineRun(Engine):
 
     def drive(self, handle) -> None:
         """Run steps in this (the reader's) thread until `handle` has a delta."""
-        if threading.get_ident() not in self._threads:
-            self._threads.add(threading.get_ident())
-            claim_compute_threads(self.config.num_threads)
         while not handle._deltas:
             with self.engine.lock:
                 if handle._deltas or handle.done:
@@ -198,15 +195,30 @@ class InlineRun(Engine):
                 if not self._open:  # every request of the run ended, this one without a word
                     handle.put(Delta(finish_reason="error", error=LOST))
                     return
-                before = (self.steps, self.error_count)
-                try:
-                    self._iteration([], set())
-                except Exception as e:  # noqa: BLE001 - as the engine thread: the run's open requests end
-                    self._internal_error(e, "running a step", list(self._open.values()))
-                self.engine.steps += self.steps - before[0]
-                self.engine.error_count += self.error_count - before[1]
-                self._deliver()
-                self.release_if_done()
+                self._step_once()
+
+    def _step_once(self) -> None:
+        """One step of the run (under the engine's lock); its deltas delivered, its memory freed if it ended."""
+        if threading.get_ident() not in self._threads:
+            self._threads.add(threading.get_ident())
+            claim_compute_threads(self.config.num_threads)
+        before = (self.steps, self.error_count)
+        try:
+            self._iteration([], set())
+        except Exception as e:  # noqa: BLE001 - as the engine thread: the run's open requests end
+            self._internal_error(e, "running a step", list(self._open.values()))
+        self.engine.steps += self.steps - before[0]
+        self.engine.error_count += self.error_count - before[1]
+        self._deliver()
+        self.release_if_done()
+
+    def drive_to_end(self) -> None:
+        """Run steps until every request of the run ended (for readers in an event loop, from a thread of their own)."""
+        while self._open:
+            with self.engine.lock:
+                if not self._open:
+                    return
+                self._step_once()
 
     def cancel(self, request_id: str) -> None:
         seq = self._open.get(request_id)

@@ -167,3 +167,26 @@ def test_bad_requests_get_the_threaded_engines_errors(model_tok, inline):
     handle = submit(inline, [], SamplingParams(), 8)
     assert collect(handle)[1].error == "The prompt is empty."
     assert inline.stats()["runs"] == 0
+
+
+def test_an_event_loop_reader_gets_the_same_tokens_without_blocking_its_loop(model_tok, inline, threaded_results):
+    import asyncio
+
+    tok = model_tok[1]
+
+    async def read(handle):
+        arrived, tokens = asyncio.Event(), []
+        handle.listen(arrived)
+        while not handle.done:
+            await asyncio.wait_for(arrived.wait(), timeout=60)
+            arrived.clear()
+            for delta in handle.take():
+                tokens.extend(delta.token_ids)
+        return tokens
+
+    async def main():
+        handle = together(inline, [request(PROMPTS(tok)[1], 1)])[0]
+        return await read(handle)
+
+    assert asyncio.run(main()) == threaded_results[(1, 1)]
+    assert inline.stats()["runs"] == 0
