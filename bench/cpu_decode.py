@@ -1,7 +1,7 @@
 """Batch-1 CPU decode speed of bf16, int8 and int4 side by side in one run (issue 17), each also as a share
 of the memory-bandwidth bound.
 
-    python bench/cpu_decode.py [--size mid] [--new-tokens 64] [--rounds 3]
+    python bench/cpu_decode.py [--size mid] [--new-tokens 64] [--rounds 3] [--threads N]
 
 All three models are loaded once; each round runs one greedy `model.chat` per mode, in a rotated order, and
 each mode's figure is its best round (the machine is shared: a load change hits all modes of a round alike).
@@ -12,6 +12,9 @@ Bound: every decode step reads every linear's weight once (the 48 encoder linear
 output layer), so tok/s cannot exceed copy bandwidth / those bytes. Copy bandwidth = (bytes read + bytes
 written) / time of the best of 10 copies of a 256 MiB tensor (torch's default threads). KV and activations
 are left out (a few MiB at these lengths), so the shares are upper estimates of what is reachable.
+
+`--threads` sets the engine's intra-op threads (and the copy's); on a machine busy with other work, one
+thread can be several times faster than two (OpenMP teams wait on each other), so record which was used.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import torch
 import glmapp
 from glmapp.cpu_threads import single_threaded
 from glmapp.demo import make_demo
+from glmapp.engine.engine import EngineConfig
 from glmapp.quant import linear_weight_bytes
 
 MODES = ("none", "int8", "int4")
@@ -55,13 +59,17 @@ def main():
     ap.add_argument("--size", default="mid")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="engine threads (default: the process's)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, threads {threads}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         with single_threaded():  # keep this thread free of an OpenMP team (see glmapp.cpu_threads)
             path = make_demo(Path(tmp) / args.size, size=args.size, fmt="safetensors")
         models = {mode: glmapp.load(str(path), device="cpu", dtype="bfloat16", quant=mode) for mode in MODES}
+    for model, _ in models.values():
+        model.engine_config = EngineConfig(num_threads=threads)
     speeds = {mode: [] for mode in MODES}
     read = {}
     for r in range(args.rounds):
@@ -75,10 +83,12 @@ def main():
             model.backend(tok).close()
         print(f"round {r + 1}: " + ", ".join(f"{m} {speeds[m][-1]:.1f}" for m in MODES) + f" tok/s, load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
+    torch.set_num_threads(threads)  # after the engines are closed: one OpenMP team at a time
     bandwidth = copy_bandwidth()
     print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); best of {args.rounds} greedy chats of "
           f"{args.new_tokens} new tokens, batch 1")
-    print("| mode (bf16 activations) | weights read per token | bound tok/s | decode tok/s | share of bound | vs bf16 |")
+    print("| mode (bf16 activations) | weights read per token | bound tok/s | decode tok/s | share of bound "
+          "| vs bf16 |")
     print("|---|---|---|---|---|---|")
     for mode in MODES:
         bound = bandwidth / read[mode]

@@ -8,7 +8,8 @@ bench/RESULTS.md "Prepacked CPU linears"). Small weights stay plain (`PACK_MIN_E
 `pack(model)` swaps each plain `nn.Linear` with a CPU fp32/bf16 weight for a `PackedLinear` whose weight
 Parameter holds the packed tensor *instead of* the plain one (same size, ±5%), and puts each CPU int4
 `QuantizedLinear`'s weight in ATen's int4 kernel layout in place (`quant_kernels.to_kernel_layout`: its
-fastest CPU kernel, without a second copy); `unpack(model)` restores plain `nn.Linear`s and official int4. The engine packs when it starts and unpacks when it stops. `state_dict()` (so
+fastest CPU kernel, without a second copy); `unpack(model)` restores plain `nn.Linear`s and official int4.
+The engine packs when it starts and unpacks when it stops. `state_dict()` (so
 `save_pretrained`) gives plain copies, `load_state_dict` and `.to()`/`.half()` work; code that changes
 weights in place (quantize, merge) calls `unpack` first: a packed tensor can only be multiplied.
 """
