@@ -13,11 +13,14 @@ Notable choices:
   on the model, and on CPU one compute thread pool at a time is faster); calls are not batched with each other.
 - No static decode (CUDA graphs): a captured graph is bound to one cache's buffers, and a cache lives for one call.
 - A cancel ends the request at once in the cancelling thread: the reader that would drive may be the one leaving.
+- The decode rate of finished requests (`DecodeRate`, in `stats()`) sizes the next ZeroGPU call
+  (`glmapp.ui.zero_gpu`); it lives in shared memory because ZeroGPU runs each call in a forked worker process.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 
 import torch
@@ -35,6 +38,29 @@ from glmapp.errors import EngineStopped
 log = logging.getLogger(__name__)
 
 LOST = "The inline engine ended this request's run without an answer for it (an engine bug); send it again."
+
+
+class DecodeRate:
+    """Tokens per second after the first token, averaged over finished requests (0.0 until one finished).
+
+    In shared memory: a ZeroGPU call runs in a worker forked from this process, and what it measures must reach
+    the main process, which sizes the next call."""
+
+    WEIGHT = 0.3  # of the newest request in the running average
+
+    def __init__(self):
+        self._value = multiprocessing.Value("d", 0.0)
+
+    @property
+    def value(self) -> float:
+        return self._value.value
+
+    def record(self, tokens_per_s: float) -> None:
+        if tokens_per_s <= 0:
+            return
+        with self._value.get_lock():
+            old = self._value.value
+            self._value.value = tokens_per_s if old == 0 else (1 - self.WEIGHT) * old + self.WEIGHT * tokens_per_s
 
 
 class InlineEngine:
@@ -58,6 +84,7 @@ class InlineEngine:
         self._restore_weights = True
         self.steps = 0
         self.error_count = 0
+        self.decode_rate = DecodeRate()
         use_pack = self.config.prepack if self.config.prepack is not None else not self.config.compile
         self.packed_linears = cpu_linear.pack(model) if use_pack and self.device.type == "cpu" else 0
 
@@ -135,7 +162,8 @@ class InlineEngine:
                     "running": sum(len(r.scheduler.running) for r in runs), "steps": self.steps,
                     "capacity_tokens": self.capacity_tokens, "errors": self.error_count,
                     "max_seqs": self.config.max_seqs, "max_batch_tokens": self.config.max_batch_tokens or 0,
-                    "runs": len(runs), "kv_bytes": sum(r.kv_bytes for r in runs)}
+                    "runs": len(runs), "kv_bytes": sum(r.kv_bytes for r in runs),
+                    "decode_tokens_per_s": self.decode_rate.value}
 
     def _forget(self, run: InlineRun) -> None:
         for seq_id in [i for i, r in self._runs.items() if r is run]:
@@ -219,6 +247,12 @@ class InlineRun(Engine):
                 if not self._open:
                     return
                 self._step_once()
+
+    def _finish(self, seq, reason: str, error: str | None = None, token_ids: list[int] | None = None) -> None:
+        super()._finish(seq, reason, error, token_ids)
+        if reason in ("stop", "length") and self._outbox and self._outbox[-1][0] is seq.payload.handle:
+            usage = self._outbox[-1][1].usage  # what the reader is told
+            self.engine.decode_rate.record(usage.decode_tokens_per_second if usage is not None else 0.0)
 
     def cancel(self, request_id: str) -> None:
         seq = self._open.get(request_id)

@@ -190,3 +190,12 @@ def test_an_event_loop_reader_gets_the_same_tokens_without_blocking_its_loop(mod
 
     assert asyncio.run(main()) == threaded_results[(1, 1)]
     assert inline.stats()["runs"] == 0
+
+
+def test_finished_requests_measure_the_decode_rate_for_the_next_call(model_tok, inline):
+    tok = model_tok[1]
+    assert inline.stats()["decode_tokens_per_s"] == 0.0
+    handle = submit(inline, PROMPTS(tok)[0], SETTINGS[0], 16)
+    usage = collect(handle)[1].usage
+    assert inline.stats()["decode_tokens_per_s"] == pytest.approx(usage.decode_tokens_per_second)
+    assert usage.decode_tokens_per_second > 0
