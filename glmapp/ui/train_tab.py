@@ -54,7 +54,7 @@ class TrainHandlers:
     def data_file(self, choice: str | None, upload: str | None) -> str:
         """The data file to use: an upload, else a file name inside the data folder."""
         if upload:
-            return upload
+            return str(upload)  # Gradio gives a str subclass that YAML cannot write
         if not choice:
             raise GlmappError("Choose a data file from the data folder or upload one (.jsonl or .json).")
         path = self.data_dir / choice
@@ -206,10 +206,10 @@ class TrainHandlers:
             else "No training job is running."
 
     def poll(self):
-        """(progress Markdown, loss plot rows [step, loss, kind], last log lines)."""
+        """(progress Markdown, progress bar HTML, loss plot rows [step, loss, kind], last log lines)."""
         progress = self.runner.progress()
         if progress is None:
-            return "No training job yet.", [], ""
+            return "No training job yet.", "", [], ""
         total = progress["total"] or "?"
         text = (f"**{progress['name']}**: {progress['status']} — step {progress['step']}/{total}"
                 + (f", loss {progress['loss']:.4f}" if progress["loss"] is not None else "")
@@ -218,7 +218,9 @@ class TrainHandlers:
                 + (f", ETA {progress['eta']:.0f}s" if progress["eta"] is not None else ""))
         points = [[e["step"], e["loss"], "train"] for e in progress["log"] if e.get("loss") is not None]
         points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
-        return text, points, "\n".join(progress["tail"])
+        bar = (f'<progress value="{int(progress["step"])}" max="{int(progress["total"])}"></progress>'
+               if progress["total"] else "")
+        return text, bar, points, "\n".join(progress["tail"])
 
 
 def first_prompt(path: str) -> str:
@@ -249,25 +251,30 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
     if handlers.disabled:
         gr.Markdown(f"**Training is off:** {handlers.disabled}")
     with gr.Row():
-        w["model"] = gr.Textbox(label="Base model (folder; empty = the served model)", value="")
-        w["data"] = gr.Dropdown(label="Data file (data folder)", choices=handlers.data_choices(), value=None)
-        w["upload"] = gr.File(label="…or upload", file_types=[".jsonl", ".json"], type="filepath")
+        w["model"] = gr.Textbox(label="Base model (folder; empty = the served model)", value="",
+                                elem_id="train-model")
+        w["data"] = gr.Dropdown(label="Data file (data folder)", choices=handlers.data_choices(), value=None,
+                                elem_id="train-data")
+        w["upload"] = gr.File(label="…or upload", file_types=[".jsonl", ".json"], type="filepath",
+                              elem_id="train-upload")
         w["eval"] = gr.Dropdown(label="Eval file (data folder; optional: eval loss, early stopping)",
-                                choices=handlers.data_choices(), value=None)
-    w["preview_btn"] = gr.Button("Preview and validate")
-    w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False)
-    w["report"] = gr.Markdown()
+                                choices=handlers.data_choices(), value=None, elem_id="train-eval")
+    w["preview_btn"] = gr.Button("Preview and validate", elem_id="train-preview")
+    w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False,
+                              elem_id="train-table")
+    w["report"] = gr.Markdown(elem_id="train-report")
     values = []
-    with gr.Accordion("Hyperparameters", open=False):
+    with gr.Accordion("Hyperparameters", open=False, elem_id="train-hyperparameters"):
         for name in HYPERPARAMETERS:
             f = defaults[name]
-            label = f"{name} — {f.metadata['help']}"
+            label, elem_id = f"{name} — {f.metadata['help']}", f"train-{name.replace('_', '-')}"
             if "choices" in f.metadata:
-                widget = gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default)
+                widget = gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default,
+                                     elem_id=elem_id)
             elif f.type in ("int", "float", "int | None"):
-                widget = gr.Number(label=label, value=f.default)
+                widget = gr.Number(label=label, value=f.default, elem_id=elem_id)
             else:
-                widget = gr.Textbox(label=label, value=f.default)
+                widget = gr.Textbox(label=label, value=f.default, elem_id=elem_id)
             values.append(widget)
     with gr.Row():
         w["preset"] = gr.Dropdown(label="Preset", choices=handlers.preset_choices(), value=None,
@@ -275,14 +282,16 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
         w["load_preset"] = gr.Button("Load preset")
         w["save_preset"] = gr.Button("Save preset")
     with gr.Row():
-        w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter")
-        w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None)
-        w["stop"] = gr.Button("Stop", variant="stop")
+        w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter", elem_id="train-name")
+        w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None,
+                               elem_id="train-start")
+        w["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
         w["compare"] = gr.Button("Compare with base", elem_id="train-compare", visible=False)
-    w["status"] = gr.Markdown()
-    w["progress"] = gr.Markdown()
-    w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title="Loss")
-    w["log"] = gr.Textbox(label="Log", lines=8, interactive=False)
+    w["status"] = gr.Markdown(elem_id="train-status")
+    w["progress"] = gr.Markdown(elem_id="train-progress")
+    w["bar"] = gr.HTML("", elem_id="train-bar")  # step/total as a <progress> bar (numbers only)
+    w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title="Loss", elem_id="train-plot")
+    w["log"] = gr.Textbox(label="Log", lines=8, interactive=False, elem_id="train-log")
     timer = gr.Timer(2.0)
 
     length = [values[HYPERPARAMETERS.index("max_length")], values[HYPERPARAMETERS.index("overlength")]]
@@ -299,10 +308,11 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
     w["stop"].click(handlers.stop, None, w["status"])
 
     def poll():
-        text, points, log = handlers.poll()
-        return text, pd.DataFrame(points, columns=["step", "loss", "kind"]), log
+        text, bar, points, log = handlers.poll()
+        return text, bar, pd.DataFrame(points, columns=["step", "loss", "kind"]), log
 
-    timer.tick(poll, None, [w["progress"], w["plot"], w["log"]])
+    timer.tick(poll, None, [w["progress"], w["bar"], w["plot"], w["log"]], api_visibility="private",
+               show_progress="hidden")
     w["timer"] = timer
     return w
 

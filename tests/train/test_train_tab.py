@@ -49,8 +49,9 @@ def test_start_poll_finish_and_refusals(tmp_path, demo_v2):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert h.finished_adapter() == "tab" and h.compare_prompt("tab") == "问题0"  # "Compare with base" fills these
-    text, points, log = h.poll()
+    text, bar, points, log = h.poll()
     assert text.startswith("**tab**: finished — step 3/3") and [p[0] for p in points] == [1, 2, 3]
+    assert bar == '<progress value="3" max="3"></progress>'
     assert "Adapter written" in log
     assert [a.name for a in list_adapters(tmp_path / "adapters") if a.error is None] == ["tab"]
     assert "already exists" in h.start("", "d.jsonl", None, None, "tab", *values())
