@@ -19,7 +19,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import threading
 
@@ -34,8 +33,6 @@ from glmapp.engine.request import Delta
 from glmapp.engine.runner import ModelRunner
 from glmapp.engine.scheduler import Scheduler
 from glmapp.errors import EngineStopped
-
-log = logging.getLogger(__name__)
 
 LOST = "The inline engine ended this request's run without an answer for it (an engine bug); send it again."
 
