@@ -279,12 +279,13 @@ class ConversationStore:
 
     def import_records(self, owner: str, data) -> list[str]:
         """Store conversations from an export (one record, a list, or `glmapp.conversations/1`) as new ones owned
-        by `owner`, all or none; returns their ids."""
+        by `owner`, all or none; returns their ids in the file's order."""
         records = self._records(data)
         prepared = [self._prepare(i, r) for i, r in enumerate(records)]
         ids = []
         with self.db.session() as session:
-            for title, system, model, settings, messages in prepared:
+            # Last record first: the list (newest first) then shows them in the file's order, above older ones.
+            for title, system, model, settings, messages in reversed(prepared):
                 now = utcnow()
                 c = Conversation(id=uuid.uuid4().hex, owner=_check_owner(owner), title=title, created_at=now,
                                  updated_at=now, system_prompt=system, model=model, adapter=settings.get("adapter"),
@@ -294,7 +295,7 @@ class ConversationStore:
                 for role, content in messages:
                     self._add(session, c, role, content, None, c.leaf_id)
                 ids.append(c.id)
-        return ids
+        return ids[::-1]
 
     @staticmethod
     def _records(data) -> list:
@@ -327,6 +328,11 @@ class ConversationStore:
         model, settings = record.get("model") or {}, record.get("settings") or {}
         if not isinstance(model, dict) or not isinstance(settings, dict):
             raise ImportFormatError(f"{where}: \"model\" and \"settings\" must be objects.")
+        for key, value in settings.items():  # opening a conversation puts these values into the page's widgets
+            if key == "adapter" and not (value is None or isinstance(value, str)):
+                raise ImportFormatError(f"{where}: settings.adapter must be an adapter name or null (got {value!r}).")
+            if key != "adapter" and (isinstance(value, bool) or not (value is None or isinstance(value, (int, float)))):
+                raise ImportFormatError(f"{where}: settings.{key} must be a number or null (got {value!r}).")
         title = record.get("title") or ""
         try:
             title = self._title(title, allow_empty=True)

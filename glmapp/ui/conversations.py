@@ -12,12 +12,17 @@ Notable choices:
   old message. The versions bar shows the focused message's `‹ n/m ›` and its adapter, tokens and tokens/s;
   its buttons switch versions (store.switch) and the conversation continues from the version shown.
 - The wrappers pass ChatHandlers' outputs through: generation and its checks stay in one place.
+- Export writes the Chat tab's JSON format (one conversation, or all of the owner's as `glmapp.conversations/1`);
+  import reads such a file as new conversations of the current owner, all or none. A bad file is named by what is
+  wrong in it (not UTF-8, the JSON error's line and column, the record and field), never by its server path.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from pathlib import Path
 
 import gradio as gr
 
@@ -26,6 +31,7 @@ from glmapp.store import StoreError
 from glmapp.ui import notices
 from glmapp.ui.adapter_handlers import dropdown_value
 from glmapp.ui.chat_handlers import ChatHandlers
+from glmapp.ui.export import write_json
 from glmapp.ui.render import chatbot_messages, safe_markdown
 
 SETTINGS = ("system", "max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -173,6 +179,37 @@ class ConversationHandlers:
             raise notices.error(e) from None
         return self.listing(owner, query), None, gr.update(visible=False)
 
+    # ---- export / import ----------------------------------------------------------------------------------
+    def export_one(self, conversation, browser_id, request: gr.Request = None):
+        """The open conversation as a JSON file -> the download widget."""
+        owner = owner_of(browser_id, request)
+        if not conversation:
+            raise gr.Error("Open a conversation first, then export it (Export all takes every conversation).")
+        try:
+            record = self.conversations.export(owner, conversation)
+        except StoreError as e:
+            raise notices.error(e) from None
+        return gr.update(value=write_json(record, "conversation"), visible=True)
+
+    def export_every(self, browser_id, request: gr.Request = None):
+        """All of this owner's conversations in one JSON file -> the download widget."""
+        data = self.conversations.export_all(owner_of(browser_id, request))
+        if not data["conversations"]:
+            raise gr.Error("There is no conversation to export yet.")
+        return gr.update(value=write_json(data, "conversations"), visible=True)
+
+    def import_file(self, path, query, browser_id, request: gr.Request = None):
+        """Store the conversations of an exported JSON file as new ones of this owner, all or none -> the list."""
+        owner = owner_of(browser_id, request)
+        if not path:
+            raise gr.Error("Choose a JSON file exported from glmapp to import.")
+        try:
+            ids = self.conversations.import_records(owner, read_export(path))
+        except StoreError as e:
+            raise notices.error(f"{Path(path).name} was not imported: {e}") from None
+        notices.info(f"Imported {len(ids)} conversation{'s' if len(ids) != 1 else ''} from {Path(path).name}.")
+        return self.listing(owner, query)
+
     # ---- versions ------------------------------------------------------------------------------------------
     def focus(self, conversation, browser_id, evt: gr.SelectData, request: gr.Request = None):
         """A message was clicked: the bar shows its versions and meta -> (bar, focus)."""
@@ -317,3 +354,17 @@ class ConversationHandlers:
 
 def clean_title(title) -> str:
     return " ".join(str(title or "").split())
+
+
+def read_export(path) -> object:
+    """The parsed JSON of an uploaded file; gr.Error naming the file (not its server folder) and what is wrong."""
+    name = Path(path).name
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise gr.Error(f"{name} is not UTF-8 text (byte {e.start}): import a .json file exported from "
+                       "glmapp.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise gr.Error(f"{name} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None

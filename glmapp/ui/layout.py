@@ -169,6 +169,11 @@ def create_conversation_list() -> dict:
     with gr.Row():
         w["delete"] = gr.Button("Delete", size="sm", variant="stop", elem_id="conv-delete")
         w["undo"] = gr.Button("Undo delete", size="sm", visible=False, elem_id="conv-undo")
+    with gr.Row():
+        w["export"] = gr.Button("Export", size="sm", elem_id="conv-export")
+        w["export_all"] = gr.Button("Export all", size="sm", elem_id="conv-export-all")
+        w["import"] = gr.UploadButton("Import", size="sm", file_types=[".json"], elem_id="conv-import")
+    w["file"] = gr.File(label="Download", interactive=False, visible=False, elem_id="conv-export-file")
     return w
 
 
@@ -191,6 +196,9 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
                       **quick)
     w["undo"].click(conv.undo_delete, [w["deleted"], query, owner], [w["list"], w["deleted"], w["undo"]], **quick)
     chat["chatbot"].select(conv.focus, [conversation, owner], [chat["bar"], w["focus"]], **quick)
+    w["export"].click(conv.export_one, [conversation, owner], w["file"], **quick)
+    w["export_all"].click(conv.export_every, owner, w["file"], **quick)
+    w["import"].upload(conv.import_file, [w["import"], query, owner], w["list"], **quick)
     for button, handler in ((chat["older"], conv.older), (chat["newer"], conv.newer)):
         button.click(handler, [conversation, w["focus"], owner],
                      [chat["chatbot"], chat["messages"], chat["bar"], w["focus"]], **quick)

@@ -77,7 +77,8 @@ def test_a_conversation_survives_reload_and_restart_and_continues_with_versions(
     page.context.close()
 
 
-def test_two_browsers_never_see_each_others_conversations(browser, shared):
+def test_two_browsers_never_see_each_others_conversations_and_one_imports_the_others_export(browser,
+                                                                                          shared, tmp_path):
     alice, bob = new_page(browser, shared), new_page(browser, shared)
     for page, text in ((alice, "alpha secret\n```\nprint(1)\n```"), (bob, "beta note")):
         set_number(page, "max-new-tokens", 2)
@@ -91,6 +92,17 @@ def test_two_browsers_never_see_each_others_conversations(browser, shared):
     alice.locator("#conv-search input, #conv-search textarea").first.fill("beta note")  # search finds no other
     alice.wait_for_function("() => !(document.querySelector('#conv-list')?.innerText || '').includes('alpha')")
     assert "beta" not in listed(alice)
+    # Export all from alice, import into bob: alice's conversation is bob's too, as a copy.
+    alice.locator("#conv-export-all").click()
+    link = alice.locator("#conv-export-file a[href]").first
+    link.wait_for()
+    exported = tmp_path / "alice.json"
+    exported.write_bytes(alice.request.get(link.get_attribute("href")).body())
+    with bob.expect_file_chooser() as chooser:
+        bob.locator("#conv-import").click()
+    chooser.value.set_files(str(exported))
+    wait_listed(bob, "alpha secret")
+    assert "beta note" in listed(bob)
     for page in (alice, bob):
         page.context.close()
 

@@ -214,7 +214,8 @@ def test_names_in_the_info_and_versions_lines_cannot_make_links_or_tags():
 
 
 @pytest.mark.parametrize("name", ["accept", "reply", "regenerate", "edit", "page_load", "search", "open", "rename",
-                                  "delete", "undo_delete", "older", "newer", "new_chat"])
+                                  "delete", "undo_delete", "older", "newer", "new_chat", "export_one",
+                                  "export_every", "import_file"])
 def test_gradio_gives_every_page_handler_the_request(conv, name):
     """Gradio passes gr.Request (the login, the tab's session) only to a named parameter: without it every tab
     would share one session (Stop, the busy check) and a logged-in user would have no owner."""
@@ -240,3 +241,61 @@ def test_a_message_sent_before_the_page_has_its_id_is_answered_unsaved_with_a_no
     assert last[1][-1]["role"] == "assistant" and last[1][-1]["content"]
     tab.browser_id = new_browser_id()
     assert conv.search("", None, tab.browser_id, request=tab.request)["choices"] == []
+
+
+def test_export_one_or_all_and_import_them_as_another_owners_new_conversations(conv, store, tmp_path):
+    import json
+
+    from glmapp.ui.export import conversation_record
+
+    alice, bob = Tab(conv), Tab(conv)
+    alice.send("first chat")
+    first = alice.conversation
+    alice.messages, alice.conversation = [], None
+    alice.send("second chat")
+    one = json.loads(open(conv.export_one(first, alice.browser_id, request=alice.request)["value"]).read())
+    assert one["format"] == "glmapp.conversation/1" and one["title"] == "first chat"
+    assert [m["content"] for m in one["messages"]] == [m.content for m in store.conversations.get(
+        alice.owner(), first).messages]
+    everything = conv.export_every(alice.browser_id, request=alice.request)["value"]
+    assert [c["title"] for c in json.loads(open(everything).read())["conversations"]] == ["second chat", "first chat"]
+
+    listing = conv.import_file(everything, "", bob.browser_id, request=bob.request)
+    assert [c[0].split(" · ")[0] for c in listing["choices"]] == ["second chat", "first chat"]
+    copied = store.conversations.get(bob.owner(), listing["choices"][1][1])
+    assert [m["content"] for m in one["messages"]] == [m.content for m in copied.messages]
+    assert copied.settings["max_new_tokens"] == 6
+    # What the Chat tab's Export JSON button writes imports too, with its adapter.
+    chat_tab = tmp_path / "chat-tab.json"
+    chat_tab.write_text(json.dumps(conversation_record([{"role": "user", "content": "hi"}], "be brief", {},
+                                                      {"temperature": 0.5, "seed": None, "adapter": "style"})))
+    listing = conv.import_file(str(chat_tab), "", bob.browser_id, request=bob.request)
+    view = store.conversations.get(bob.owner(), listing["choices"][0][1])
+    assert (view.system_prompt, view.adapter, view.settings) == ("be brief", "style", {"temperature": 0.5,
+                                                                                     "seed": None})
+    assert len(store.conversations.list(alice.owner())) == 2  # alice's own are untouched
+    with pytest.raises(gr.Error, match="Open a conversation first"):
+        conv.export_one(None, bob.browser_id, request=bob.request)
+    with pytest.raises(gr.Error, match="no conversation to export"):
+        conv.export_every(Tab(conv).browser_id, request=bob.request)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", r"bad\.json is not UTF-8 text \(byte 0\)"),
+    (b'{"format": "glmapp.conversation/1",\n "messages": [}', r"bad\.json is not valid JSON: .* line 2, column 15"),
+    (b'{"format": "something else"}', r"Conversation 1: expected an object with \"format\""),
+    (b'[{"format": "glmapp.conversation/1", "messages": [{"role": "user", "content": "ok"}]},'
+     b' {"format": "glmapp.conversation/1", "messages": [{"role": "robot", "content": "x"}]}]',
+     r"Conversation 2, message 1: role 'robot'"),
+    (b'{"format": "glmapp.conversation/1", "messages": [], "settings": {"temperature": "hot"}}',
+     r"settings\.temperature must be a number or null \(got 'hot'\)"),
+])
+def test_a_bad_import_file_is_named_with_what_is_wrong_and_nothing_is_written(conv, store, tmp_path, content,
+                                                                               message):
+    tab = Tab(conv)
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    with pytest.raises(gr.Error, match=message) as raised:
+        conv.import_file(str(bad), "", tab.browser_id, request=tab.request)
+    assert str(tmp_path) not in raised.value.message  # the server's folders stay private
+    assert store.conversations.list(tab.owner()) == []
