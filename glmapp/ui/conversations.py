@@ -123,11 +123,11 @@ class ConversationHandlers:
 
     def open(self, conversation, browser_id, request: gr.Request = None):
         """Restore a conversation exactly: messages, system prompt, sampling settings, adapter.
-        -> (chatbot, messages, conversation, title, info, bar, focus, stats, adapter, adapter dropdown,
-        *SETTINGS widgets)."""
+        -> (chatbot, messages, conversation, title, info, bar, focus, stats, adapter, the Chat tab's and the Model
+        tab's adapter dropdowns, *SETTINGS widgets)."""
         owner = owner_of(browser_id, request)
         if not conversation:
-            return (gr.skip(),) * (10 + len(SETTINGS))
+            return (gr.skip(),) * (11 + len(SETTINGS))
         self.chat.stop(request)  # a reply still streaming into the page would overwrite what is opened
         try:
             view = self.conversations.get(owner, conversation)
@@ -138,7 +138,7 @@ class ConversationHandlers:
         values = [gr.update(value=view.system_prompt)]
         values += [gr.update(value=view.settings[k]) if k in view.settings else gr.skip() for k in SAMPLING]
         return (chatbot_messages(messages), messages, view.id, view.title, describe(view), bar, focus, "",
-                view.adapter, dropdown_value(view.adapter), *values)
+                view.adapter, dropdown_value(view.adapter), dropdown_value(view.adapter), *values)
 
     def new_chat(self, request: gr.Request = None):
         """New chat (and Clear): stop this tab's reply, empty the chat, no conversation open.

@@ -79,7 +79,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         wire_train_results(tabs, train_widgets, train, picker.choices,
                            [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
                            compare_widgets)
-        wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter)
+        wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter, model_widgets["adapter"])
         wire_votes(arena, compare_widgets, arena_widgets, chat_widgets["panel"]["owner"], config)
         wire_leaderboard(store, board_tab, board_widgets)
         demo.unload(chat.closed)
@@ -177,8 +177,10 @@ def create_conversation_list() -> dict:
     return w
 
 
-def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, adapter: gr.State) -> None:
-    """The list's events; the chat's own events are wired in create_chat_tab with the same states."""
+def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, adapter: gr.State,
+                       model_picker) -> None:
+    """The list's events; the chat's own events are wired in create_chat_tab with the same states. Opening a
+    conversation sets the tab's adapter in both pickers (Chat tab and Model tab)."""
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     owner, conversation, query = w["owner"], w["conversation"], w["search"]
     demo.load(conv.page_load, [owner, query], [owner, w["list"]], **quick)
@@ -188,7 +190,7 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
     for trigger in (w["new"].click, chat["clear"].click, chat["chatbot"].clear):  # Clear starts a new chat too
         trigger(conv.new_chat, None, fresh, **quick)
     opened = [chat["chatbot"], chat["messages"], conversation, w["title"], w["info"], chat["bar"], w["focus"],
-              chat["stats"], adapter, chat["adapter"], *(chat[k] for k in SETTINGS)]
+              chat["stats"], adapter, chat["adapter"], model_picker, *(chat[k] for k in SETTINGS)]
     w["list"].input(conv.open, [w["list"], owner], opened, **quick)
     w["rename"].click(conv.rename, [conversation, w["title"], query, owner], w["list"], **quick)
     w["title"].submit(conv.rename, [conversation, w["title"], query, owner], w["list"], **quick)

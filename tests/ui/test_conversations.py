@@ -9,6 +9,7 @@ import pytest
 
 from glmapp.backends import LocalBackend
 from glmapp.store import open_store, sqlite_url
+from glmapp.ui.adapter_handlers import BASE
 from glmapp.ui.chat_handlers import ChatHandlers
 from glmapp.ui.conversations import SETTINGS, ConversationHandlers, new_browser_id, owner_of
 
@@ -94,11 +95,16 @@ def test_opening_restores_everything_and_the_next_message_continues_it(conv, sto
     # A new tab of the same browser opens it: the messages, settings and conversation come back exactly.
     tab = Tab(conv, first.browser_id)
     out = conv.open(first.conversation, tab.browser_id, request=tab.request)
-    chatbot, messages, conversation, title, info, bar, focus, stats, adapter, dropdown, *values = out
+    chatbot, messages, conversation, title, info, bar, focus, stats, adapter, chat_picker, model_picker, *values = out
     assert messages == first.messages and conversation == first.conversation and title == "one"
     restored = dict(zip(SETTINGS, [v["value"] for v in values]))
     assert restored == {**first.settings, "system": ""}
-    assert "temperature 0.5" in info and adapter is None
+    assert "temperature 0.5" in info and adapter is None and chat_picker == model_picker == BASE
+    # The adapter it used comes back in the tab's state and in both pickers (Chat tab and Model tab).
+    store.conversations.update(first.owner(), first.conversation, adapter="style")
+    _, _, _, _, info, *_, adapter, chat_picker, model_picker = conv.open(first.conversation, tab.browser_id,
+                                                                         request=tab.request)[:11]
+    assert adapter == chat_picker == model_picker == "style" and "adapter style" in info
     tab.messages, tab.conversation = messages, conversation
     tab.send("three")
     view = store.conversations.get(tab.owner(), conversation)
