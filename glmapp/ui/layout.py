@@ -12,6 +12,7 @@ import gradio as gr
 from glmapp.choices import DTYPES
 from glmapp.store import open_store, sqlite_url
 from glmapp.ui import model_handlers
+from glmapp.ui.zero_gpu import gpu_for
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads
 from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, setting_ranges
 from glmapp.ui.compare_handlers import (
@@ -22,7 +23,14 @@ from glmapp.ui.compare_handlers import (
     CompareHandlers,
 )
 from glmapp.ui.config import AppConfig
-from glmapp.ui.conversations import BROWSER_SECRET, BROWSER_STORAGE_KEY, SETTINGS, ConversationHandlers
+from glmapp.ui.conversations import (
+    BROWSER_SECRET,
+    BROWSER_STORAGE_KEY,
+    REPLY_LINES_JS,
+    SETTINGS,
+    ConversationHandlers,
+    reply_lines,
+)
 from glmapp.ui.export import conversation_record, write_html, write_json
 from glmapp.ui.leaderboard import ARENA_VOTES, TIME_RANGES, ArenaHandlers, leaderboard
 from glmapp.ui.render import LATEX_DELIMITERS
@@ -34,16 +42,8 @@ CSS = """
 #demo-banner { border: 2px solid #f0b429; background: #fff8e1; border-radius: 8px; padding: 4px 12px; }
 #demo-banner * { color: #5c4400 !important; }
 .stats-line { font-size: 0.85em; opacity: 0.8; min-height: 1.5em; }
+.reply-meta { font-size: 0.75em; opacity: 0.7; margin: 2px 0 0 4px; }
 """
-
-
-def gpu_decorator():
-    """`spaces.GPU` on Hugging Face ZeroGPU Spaces; a no-op everywhere else."""
-    try:
-        import spaces  # type: ignore[import-not-found]
-    except ImportError:
-        return lambda fn: fn
-    return spaces.GPU
 
 
 def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | None = None, store=None) -> gr.Blocks:
@@ -198,6 +198,9 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
                       **quick)
     w["undo"].click(conv.undo_delete, [w["deleted"], query, owner], [w["list"], w["deleted"], w["undo"]], **quick)
     chat["chatbot"].select(conv.focus, [conversation, owner], [chat["bar"], w["focus"]], **quick)
+    lines = gr.JSON(visible=False)  # each reply's adapter, tokens and tokens/s, shown under it by REPLY_LINES_JS
+    chat["chatbot"].change(reply_lines, chat["messages"], lines, trigger_mode="always_last", **quick).then(
+        None, lines, None, js=REPLY_LINES_JS, **quick)
     w["export"].click(conv.export_one, [conversation, owner], w["file"], **quick)
     w["export_all"].click(conv.export_every, owner, w["file"], **quick)
     w["import"].upload(conv.import_file, [w["import"], query, owner], w["list"], **quick)
@@ -208,7 +211,6 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
 
 def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.State, adapter_choices: list,
                     conv: ConversationHandlers) -> dict:
-    gpu = gpu_decorator()
     with gr.Row():
         with gr.Column(scale=1, min_width=220, elem_id="conversation-panel"):
             panel = create_conversation_list()
@@ -248,16 +250,18 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
     # `accept` step moves the message out of the box, then `reply` streams without writing the box.
     generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
                     preprocess=False, api_visibility="private")
+    on_gpu = gpu_for(backend, 3)  # ZeroGPU: each call asks for the GPU time its max new tokens (argument 3) need
+    reply, regenerate_reply, edit_reply = on_gpu(conv.reply), on_gpu(conv.regenerate), on_gpu(conv.edit)
     for trigger in (textbox.submit, send.click):
         # "multiple": the default ("once") silently drops an Enter while an earlier one is pending.
         trigger(conv.accept, [textbox, messages, *setting_inputs, adapter, *keep],
                 [chatbot, messages, textbox, panel["conversation"], panel["list"]],
                 concurrency_limit=None, show_progress="hidden", preprocess=False, api_visibility="private",
-                trigger_mode="multiple").success(gpu(conv.reply), [messages, *setting_inputs, adapter, *keep], saved,
-                                                 **generate)
-    gr.api(gpu(chat.api_chat), api_name="chat", concurrency_id="generate", concurrency_limit=config.max_concurrency)
-    regenerate.click(gpu(conv.regenerate), [messages, *setting_inputs, adapter, *keep], saved, **generate)
-    chatbot.edit(gpu(conv.edit), [messages, *setting_inputs, adapter, *keep], saved, **generate)
+                trigger_mode="multiple").success(reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
+    gr.api(on_gpu(chat.api_chat), api_name="chat", concurrency_id="generate",
+           concurrency_limit=config.max_concurrency)
+    regenerate.click(regenerate_reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
+    chatbot.edit(edit_reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
     stop.click(chat.stop, None, None, concurrency_limit=None, api_visibility="private", show_progress="hidden")
     undo.click(chat.undo, [messages], [chatbot, messages, textbox], concurrency_limit=None,
                api_visibility="private")
@@ -280,7 +284,6 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
 
 
 def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, adapter_choices: list) -> dict:
-    gpu = gpu_decorator()
     d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
     ranges = setting_ranges(backend.context_length, config.max_new_tokens)
     gr.Markdown("One prompt, several columns, each with its own LoRA adapter (or the base model) and sampling "
@@ -334,7 +337,7 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
 
     n_columns.change(show_columns, n_columns, [*columns, *(vote_buttons[c] for c in "ABCD")],
                      api_visibility="private")
-    run_event = dict(fn=gpu(compare.run), inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
+    run_event = dict(fn=gpu_for(backend, 2)(compare.run), inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
                      outputs=[*outputs, *stats, record], concurrency_id="generate",
                      concurrency_limit=config.max_concurrency, show_progress="hidden",
                      preprocess=False)  # raw values: the handler checks them and names a bad one
@@ -383,7 +386,7 @@ def wire_votes(arena: ArenaHandlers, compare: dict, w: dict, owner, config: AppC
     for choice, button in compare["vote_buttons"].items():
         button.click(compare_vote(choice), [compare["note"], compare["record"], owner], compare["vote_status"], **quick)
     shown = [w["out-A"], w["out-B"], w["stats-A"], w["stats-B"], w["state"], w["status"]]
-    w["run"].click(gpu_decorator()(arena.run), [compare["prompt"], compare["max_new_tokens"], w["pool"]], shown,
+    w["run"].click(gpu_for(arena.backend, 1)(arena.run), [compare["prompt"], compare["max_new_tokens"], w["pool"]], shown,
                    concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
                    preprocess=False, api_visibility="private")
 

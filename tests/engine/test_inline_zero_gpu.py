@@ -75,3 +75,35 @@ def test_elsewhere_the_handler_is_left_as_it_is(monkeypatch):
         return 1
 
     assert gpu_for(Backend(30.0), 0)(handler) is handler
+
+
+def test_on_zero_gpu_every_generation_handler_of_the_app_asks_for_its_requests_duration(stand_in_spaces, loaded_v2):
+    """The app's chat, regenerate, edit, API chat, Compare and arena handlers are wrapped by `spaces.GPU` with a
+    duration read from their own max-new-tokens argument (a wrong position would size every call alike)."""
+    import spaces
+
+    from glmapp.backends import LocalBackend
+    from glmapp.ui.layout import build_ui
+
+    wrapped = []
+    real_gpu = spaces.GPU
+
+    def recording_gpu(duration=60):
+        def wrap(fn):
+            wrapped.append((getattr(fn, "__name__", ""), duration))
+            return real_gpu(duration=duration)(fn)
+        return wrap
+
+    spaces.GPU = recording_gpu
+    backend = LocalBackend.for_model(*loaded_v2)
+    build_ui(backend)
+    names = {name for name, _ in wrapped}
+    assert names == {"reply", "regenerate", "edit", "api_chat", "run"} and len(wrapped) == 6  # run: Compare, arena
+    rate = backend.stats().get("decode_tokens_per_s")
+    for name, duration in wrapped:
+        at = {"reply": 3, "regenerate": 3, "edit": 3, "api_chat": 3}.get(name)
+        if name == "run":  # Compare (prompt, n_columns, max_new_tokens, ...) or arena (prompt, max_new_tokens, ...)
+            at = 2 if duration("p", 2, 900, "x") == gpu_duration(900, rate) else 1
+            assert duration("p", 900, ["base"]) == gpu_duration(900, rate) or at == 2
+        args = ["x"] * at + [900] + ["y"] * 3
+        assert duration(*args) == gpu_duration(900, rate) != gpu_duration(5, rate), name
