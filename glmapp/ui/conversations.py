@@ -97,6 +97,31 @@ def versions_bar(view, focus_id=None) -> tuple[str, int | None]:
     return safe_markdown(" · ".join(parts)), target.id
 
 
+def reply_lines(messages) -> list[str]:
+    """One plain-text line per reply (adapter, tokens, tokens/s), "" while it streams; the page shows each under
+    its reply (REPLY_LINES_JS), outside the reply's text."""
+    lines = []
+    for m in messages or []:
+        if m.get("role") == "assistant":
+            meta = m.get("meta") or {}
+            lines.append(" · ".join([meta.get("adapter") or "base model", f"{meta.get('tokens', 0)} tokens",
+                                     f"{meta.get('tokens_per_second', 0):.1f} tokens/s"]) if meta else "")
+    return lines
+
+
+# Puts each reply's line after its message (textContent: inert), replacing the lines shown before.
+REPLY_LINES_JS = """(lines) => {
+  document.querySelectorAll('#chatbot .reply-meta').forEach((e) => e.remove());
+  document.querySelectorAll('#chatbot [data-testid="bot"]').forEach((bot, i) => {
+    if (!lines || !lines[i]) return;
+    const line = document.createElement('div');
+    line.className = 'reply-meta';
+    line.textContent = lines[i];
+    bot.insertAdjacentElement('afterend', line);
+  });
+}"""
+
+
 class ConversationHandlers:
     """Chat-tab handlers that keep the conversation in `store`; generation goes through `chat`."""
 

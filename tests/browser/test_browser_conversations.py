@@ -38,6 +38,11 @@ def wait_listed(page, text: str) -> None:
     page.wait_for_function("t => (document.querySelector('#conv-list')?.innerText || '').includes(t)", arg=text)
 
 
+def wait_reply_line(page, text: str) -> None:
+    page.wait_for_function("t => [...document.querySelectorAll('#chatbot .reply-meta')].some("
+                           "e => e.innerText.includes(t) && e.innerText.endsWith('tokens/s'))", arg=text)
+
+
 def listed(page) -> str:
     return page.locator(LIST).inner_text()
 
@@ -50,6 +55,8 @@ def test_a_conversation_survives_reload_and_restart_and_continues_with_versions(
     stats = wait_finished(page)
     wait_listed(page, "remember the llamas")
     reply = bot_messages(page)
+    wait_reply_line(page, "base model · 4 tokens · ")  # under the reply, outside its text
+    assert "tokens" not in reply[0]
 
     page.reload()
     wait_listed(page, "remember the llamas")  # the list comes back from the server
@@ -62,6 +69,7 @@ def test_a_conversation_survives_reload_and_restart_and_continues_with_versions(
     page.locator(f"{LIST} label", has_text="remember the llamas").click()
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 1")
     assert user_messages(page) == ["remember the llamas"] and bot_messages(page) == reply
+    wait_reply_line(page, "base model · 4 tokens · ")  # the stored meta, after a restart
     page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]')?.value === '4'")
 
     page.locator("#regenerate-btn").click()  # the old reply stays a version
