@@ -305,3 +305,14 @@ def test_a_bad_import_file_is_named_with_what_is_wrong_and_nothing_is_written(co
         conv.import_file(str(bad), "", tab.browser_id, request=tab.request)
     assert str(tmp_path) not in raised.value.message  # the server's folders stay private
     assert store.conversations.list(tab.owner()) == []
+
+
+def test_each_reply_gets_its_own_line_and_a_streaming_one_none_yet():
+    from glmapp.ui.conversations import reply_lines
+
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "meta": {"adapter": "style", "tokens": 3,
+                                                                 "tokens_per_second": 12.345}},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert reply_lines(messages) == ["style · 3 tokens · 12.3 tokens/s", ""]
+    assert reply_lines(None) == []
