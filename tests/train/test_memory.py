@@ -16,16 +16,26 @@ from glmapp.ui.train_tab import HYPERPARAMETERS, TrainHandlers
 
 FACTOR = 1.25  # the estimate is within this factor of the measured peak, either way (measured: 0.94)
 
-# Runs in a fresh process: the growth of its peak RSS from after the imports to the end of training.
+# Runs in a fresh process: the growth of its resident memory from after the imports to its peak during training,
+# sampled by a thread (ru_maxrss would count a transient spike of the imports as the baseline's peak).
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
-    import peft, torch, transformers
+    import json, sys, threading
+    import peft, psutil, torch, transformers
     from transformers import Trainer, TrainingArguments
     from glmapp.train.config import TrainConfig
     from glmapp.train.run import train
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    me, done = psutil.Process(), threading.Event()
+    before = peak = me.memory_info().rss
+    def sample():
+        global peak
+        while not done.wait(0.005):
+            peak = max(peak, me.memory_info().rss)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     train(TrainConfig(**json.loads(sys.argv[1])))
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    done.set()
+    sampler.join()
+    print(max(peak, me.memory_info().rss) - before)
 """)
 
 
