@@ -14,7 +14,7 @@ from glmapp.train.job import JobRunner
 from glmapp.train.memory import TrainMemoryError, check, estimate
 from glmapp.ui.train_tab import HYPERPARAMETERS, TrainHandlers
 
-FACTOR = 1.25  # the estimate is within this factor of the measured peak, either way (measured: 0.99, 1.13 with checkpointing)
+FACTOR = 1.25  # estimate within this factor of the measured peak, either way (measured: 0.99; 1.13 checkpointing)
 
 # Runs in a fresh process: the growth of its resident memory from after the imports to its peak during training,
 # sampled by a thread (ru_maxrss would count a transient spike of the imports as the baseline's peak).
