@@ -40,6 +40,8 @@ HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps",
 _INTS = ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps", "eval_steps")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PREVIEW_ROWS = 5
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/:'\"]+/)+([^\s/:'\"]*)")  # shown as …/its last part
+PER_ROW = 4  # hyperparameter widgets per row
 PRESETS = "presets"  # folder of saved settings inside the data folder
 
 
@@ -220,7 +222,7 @@ class TrainHandlers:
         points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
         bar = (f'<progress value="{int(progress["step"])}" max="{int(progress["total"])}"></progress>'
                if progress["total"] else "")
-        return text, bar, points, "\n".join(progress["tail"])
+        return text, bar, points, "\n".join(_ABSOLUTE_PATH.sub(r"…/\1", line) for line in progress["tail"])
 
 
 def first_prompt(path: str) -> str:
@@ -240,6 +242,16 @@ def train_handlers(backend, config) -> TrainHandlers:
                 "on this machine. Add --auth, or --allow-train to override.") \
         if public and not config.allow_train else None
     return TrainHandlers(JobRunner(backend.adapters_dir), config.data_dir, backend.name, disabled)
+
+
+def _hyperparameter(f):
+    """The widget of one TrainConfig field, with its help as the label and its default as the value."""
+    label, elem_id = f"{f.name} — {f.metadata['help']}", f"train-{f.name.replace('_', '-')}"
+    if "choices" in f.metadata:
+        return gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default, elem_id=elem_id)
+    if f.type in ("int", "float", "int | None"):
+        return gr.Number(label=label, value=f.default, elem_id=elem_id)
+    return gr.Textbox(label=label, value=f.default, elem_id=elem_id)
 
 
 def create_train_tab(handlers: TrainHandlers) -> dict:
@@ -265,17 +277,9 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
     w["report"] = gr.Markdown(elem_id="train-report")
     values = []
     with gr.Accordion("Hyperparameters", open=False, elem_id="train-hyperparameters"):
-        for name in HYPERPARAMETERS:
-            f = defaults[name]
-            label, elem_id = f"{name} — {f.metadata['help']}", f"train-{name.replace('_', '-')}"
-            if "choices" in f.metadata:
-                widget = gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default,
-                                     elem_id=elem_id)
-            elif f.type in ("int", "float", "int | None"):
-                widget = gr.Number(label=label, value=f.default, elem_id=elem_id)
-            else:
-                widget = gr.Textbox(label=label, value=f.default, elem_id=elem_id)
-            values.append(widget)
+        for first in range(0, len(HYPERPARAMETERS), PER_ROW):
+            with gr.Row():
+                values += [_hyperparameter(defaults[name]) for name in HYPERPARAMETERS[first:first + PER_ROW]]
     with gr.Row():
         w["preset"] = gr.Dropdown(label="Preset", choices=handlers.preset_choices(), value=None,
                                   allow_custom_value=True, info="a saved settings file; type a new name to save")
