@@ -36,7 +36,7 @@ from glmapp.ui.adapter_handlers import BASE
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
-                   "save_steps", "eval_steps", "early_stopping_patience", "layer_lr", "lora_l2")
+                   "save_steps", "eval_steps", "early_stopping_patience", "layer_lr", "lora_l2", "dtype", "device")
 _INTS = ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps", "eval_steps")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PREVIEW_ROWS = 5
