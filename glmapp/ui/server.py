@@ -25,7 +25,9 @@ class ServerLimits:
     # Browser tabs whose state (chat history, adapter choice, component values: ~0.2 MB each) is kept;
     # beyond it the least recently used tab's state is dropped (Gradio's `state_session_capacity`).
     max_sessions: int = 1000
-    max_upload: str = "1mb"  # Gradio's `max_file_size`: larger uploads are refused with 413
+    # Gradio's `max_file_size`: larger uploads are refused with 413. Training data and an "Export all" of
+    # conversations are the largest uploads users make; 50 MB holds tens of thousands of examples.
+    max_upload: str = "50mb"
     # Gradio's `delete_cache` (every, older than) in seconds: uploads and exported files are deleted after
     # an hour (and all of them when the app stops).
     cache_sweep: tuple[int, int] = (3600, 3600)
