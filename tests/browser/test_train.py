@@ -51,9 +51,20 @@ def fill_job(page, data_file, name: str, max_steps: int) -> None:
     page.locator("#train-upload input[type=file]").set_input_files(str(data_file))
     page.wait_for_function(f"() => {text_of('#train-upload')}.includes('.jsonl')")  # the uploaded file's name
     page.locator("#train-hyperparameters button, #train-hyperparameters .label-wrap").first.click()
-    for elem_id, value in (("train-max-steps", max_steps), ("train-batch-size", 2), ("train-grad-accum", 1),
-                           ("train-max-length", 64), ("train-save-steps", 100000)):
+    # The accordion mounts its widgets when it opens: a value typed while they mount can be reset to the default
+    # (seen once in a full run: max_steps stayed -1). Type once they are there, then check each value held.
+    page.locator("#train-save-steps input[type=number]").wait_for(state="visible")
+    values = (("train-max-steps", max_steps), ("train-batch-size", 2), ("train-grad-accum", 1),
+              ("train-max-length", 64), ("train-save-steps", 100000))
+    for elem_id, value in values:
         set_number(page, elem_id, value)
+    for elem_id, value in values:
+        box = page.locator(f"#{elem_id} input[type=number]")
+        for _ in range(3):  # bounded: a value lost to a re-render is typed again
+            if box.input_value() == str(value):
+                break
+            set_number(page, elem_id, value)
+        assert box.input_value() == str(value), elem_id
     page.locator("#train-name textarea").fill(name)
 
 
