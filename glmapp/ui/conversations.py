@@ -132,11 +132,18 @@ class ConversationHandlers:
 
     # ---- the list ------------------------------------------------------------------------------------------
     def page_load(self, browser_id, query="", request: gr.Request = None):
-        """A new page: give the browser an id if it has none, and list its conversations -> (id, list)."""
-        if getattr(request, "username", None):
-            return gr.skip(), self.listing(owner_of(None, request), query)
-        browser_id = new_browser_id(browser_id)
-        return browser_id, self.listing(owner_of(browser_id, request), query)
+        """A new page: give the browser an id if it has none, list its conversations, and only then open the chat
+        box (it starts disabled: a message sent before the page has its owner id could not be saved) -> (id, list,
+        chat box)."""
+        ready = gr.update(interactive=True)
+        user = getattr(request, "username", None)
+        browser_id = gr.skip() if user else new_browser_id(browser_id)
+        try:
+            listing = self.listing(owner_of(None if user else browser_id, request), query)
+        except StoreError as e:  # the chat still works; its conversations are not listed (and say why)
+            notices.warning(f"Your conversations could not be listed: {e}")
+            listing = gr.skip()
+        return browser_id, listing, ready
 
     def listing(self, owner: str, query: str = "", current: str | None = None):
         found = self.conversations.list(owner, query=str(query or ""))

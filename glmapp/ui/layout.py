@@ -183,7 +183,7 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
     conversation sets the tab's adapter in both pickers (Chat tab and Model tab)."""
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     owner, conversation, query = w["owner"], w["conversation"], w["search"]
-    demo.load(conv.page_load, [owner, query], [owner, w["list"]], **quick)
+    demo.load(conv.page_load, [owner, query], [owner, w["list"], chat["textbox"]], **quick)
     query.change(conv.search, [query, conversation, owner], w["list"], **quick)
     fresh = [chat["chatbot"], chat["messages"], chat["textbox"], chat["stats"], conversation, w["title"], w["info"],
              chat["bar"], w["focus"], w["list"]]
@@ -218,7 +218,9 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
             chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=480, editable="user",
                                  latex_delimiters=LATEX_DELIMITERS, sanitize_html=True, render_markdown=True,
                                  buttons=["copy", "copy_all"], feedback_options=None, allow_tags=False)
+            # Disabled until the page's load event has given this browser its owner id (conv.page_load).
             textbox = gr.Textbox(show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True,
+                                 interactive=False,
                                  placeholder="Type a message · Enter sends · Shift+Enter adds a line")
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="send-btn")

@@ -42,7 +42,7 @@ class Tab:
     def __init__(self, conv, browser_id=None, username=None, **settings):
         self.conv = conv
         self.request = SimpleNamespace(session_hash=uuid_hex(), username=username)
-        self.browser_id, _ = conv.page_load(browser_id, request=self.request)
+        self.browser_id, _, _ = conv.page_load(browser_id, request=self.request)
         self.messages, self.conversation, self.adapter = [], None, None
         self.settings = {**GREEDY, **settings}
 
@@ -247,6 +247,33 @@ def test_a_message_sent_before_the_page_has_its_id_is_answered_unsaved_with_a_no
     assert last[1][-1]["role"] == "assistant" and last[1][-1]["content"]
     tab.browser_id = new_browser_id()
     assert conv.search("", None, tab.browser_id, request=tab.request)["choices"] == []
+
+
+def test_the_chat_box_opens_only_once_the_page_load_gave_the_browser_its_id(backend, store, monkeypatch):
+    """The box starts disabled and the load event that sets the owner id is the one that enables it: a message
+    typed into a page still loading (a busy server) could otherwise be sent with no owner and go unsaved."""
+    from glmapp.ui.layout import build_ui
+
+    demo = build_ui(backend, store=store)
+    config = demo.get_config_file()
+    box = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chat-input")
+    assert box["props"]["interactive"] is False
+    owners = [d for d in config["dependencies"] if d["targets"] and d["targets"][0][1] == "load"
+              and box["id"] in d["outputs"]]
+    assert len(owners) == 1
+    conv = ConversationHandlers(store, ChatHandlers(backend), backend)
+    request = SimpleNamespace(session_hash="tab", username=None)
+    browser_id, listing, ready = conv.page_load(None, request=request)
+    assert new_browser_id(browser_id) == browser_id and listing["choices"] == [] and ready["interactive"] is True
+
+    def broken(*_, **__):
+        from glmapp.store import StoreError
+        raise StoreError("the database is unreachable")
+
+    monkeypatch.setattr(store.conversations, "list", broken)  # a listing failure must not keep the chat closed
+    with pytest.warns(UserWarning, match="could not be listed: the database is unreachable"):
+        _, listing, ready = conv.page_load(browser_id, request=request)
+    assert ready["interactive"] is True and listing is not None
 
 
 def test_export_one_or_all_and_import_them_as_another_owners_new_conversations(conv, store, tmp_path):
