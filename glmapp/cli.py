@@ -184,6 +184,23 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from glmapp.gguf_export import export_gguf
+
+    if args.demo == (args.model is not None):
+        raise CheckpointError("export-gguf needs exactly one of --model M or --demo.")
+    if args.demo:
+        from glmapp.demo import ensure_demo
+
+        args.model = str(ensure_demo())
+    t0 = time.perf_counter()
+    result = export_gguf(args.model, args.out, args.type, output_type=args.output_type, adapter=args.adapter,
+                         adapters_dir=args.adapters_dir)
+    print(f"Wrote {result.path} ({result.type}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB) "
+          f"in {time.perf_counter() - t0:.1f}s; run it with llama.cpp: llama-cli -m {result.path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from glmapp.train.config import from_args
     from glmapp.train.run import train
@@ -238,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapters-dir", default="adapters", help="(default: %(default)s)")
     merge.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: the base's dtype)")
     merge.set_defaults(func=cmd_merge)
+    from glmapp.gguf_export import TYPES as GGUF_TYPES
+
+    export = sub.add_parser("export-gguf", help="write a ChatGLM2/3 model as one GGUF file for llama.cpp",
+                            description="Write a ChatGLM2/ChatGLM3 checkpoint (optionally with a LoRA adapter "
+                                        "merged in) as a GGUF file that llama.cpp's chatglm architecture, Ollama "
+                                        "and LM Studio load. ChatGLM-6B (v1) is not supported by llama.cpp.")
+    export.add_argument("--model", default=None, help="checkpoint folder or hub id")
+    export.add_argument("--demo", action="store_true", help="export the demo checkpoint (random weights)")
+    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export.add_argument("--type", choices=GGUF_TYPES, default="bf16",
+                        help="type of the 2-D weights; norms and biases stay f32 (default: %(default)s)")
+    export.add_argument("--output-type", choices=GGUF_TYPES, default=None,
+                        help="type of the output layer (default: as --type)")
+    export.add_argument("--adapter", default=None, help="LoRA adapter to merge in: folder name in --adapters-dir")
+    export.add_argument("--adapters-dir", default="adapters", help="(default: %(default)s)")
+    export.set_defaults(func=cmd_export_gguf)
     from glmapp.train.config import add_arguments as add_train_arguments
 
     train = sub.add_parser("train", help="fine-tune a LoRA adapter (QLoRA over a quantized base with --quant)",
