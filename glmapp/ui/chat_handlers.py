@@ -28,14 +28,14 @@ from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import GlmappError
 from glmapp.ui import notices
+from glmapp.ui.i18n import ENGLISH, lang_of, number, t
 from glmapp.ui.render import chatbot_messages, response_text, safe_markdown
 from glmapp.ui.sessions import ActiveRequests, session_id
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates per second, however fast tokens arrive
 SEED_MAX = 2**63 - 1  # the engine hashes seeds as int64
-BUSY = ("Your reply is still being written: the message stays in the box. Send it when the reply ends, "
-        "or press Stop first.")
-BUSY_REPLY = "Your reply is still being written: wait for it to end, or press Stop first."
+BUSY = t("notice.busy")  # in English; the page shows t("notice.busy", lang)
+BUSY_REPLY = t("notice.busy_reply")
 
 
 @dataclass(frozen=True)
@@ -46,31 +46,35 @@ class SettingRange:
     minimum: float
     maximum: float
     whole: bool = False  # a whole number (sliders with step 1, the seed)
+    key: str = ""  # its translation key (`setting.<name>`); "" = the label in every language
 
     def describe(self) -> str:
         kind = "a whole number" if self.whole else "a number"
         return f"{self.label} must be {kind} from {_num(self.minimum)} to {_num(self.maximum)}"
 
-    def check(self, value) -> int | float:
+    def check(self, value, lang: str = ENGLISH) -> int | float:
         """Raise gr.Error naming the field and range unless `value` (number or numeric text) is in range."""
         number = _to_number(value)
         if (number is None or not math.isfinite(number) or not self.minimum <= number <= self.maximum
                 or (self.whole and number != int(number))):
             shown = html.escape(repr(value)[:40])  # toasts render HTML: show the value as text
-            raise gr.Error(f"{self.describe()} (got {shown}).")
+            raise gr.Error(t("error.setting_range", lang, label=t(self.key, lang) if self.key else self.label,
+                             kind=t("error.whole_number" if self.whole else "error.a_number", lang),
+                             low=_num(self.minimum), high=_num(self.maximum), got=shown))
         return int(number) if self.whole else float(number)
 
 
 def setting_ranges(context_length: int, max_new_tokens: int | None = None) -> dict[str, SettingRange]:
     """The allowed values of every generation setting; the sliders are built from the same table."""
     return {
-        "max_length": SettingRange("Max length", min(16, context_length), context_length, whole=True),
-        "max_new_tokens": SettingRange("Max new tokens", 1, max_new_tokens or context_length, whole=True),
-        "temperature": SettingRange("Temperature", 0, 1.5),
-        "top_p": SettingRange("Top p", 0.01, 1),
-        "top_k": SettingRange("Top k", 0, 200, whole=True),
-        "repetition_penalty": SettingRange("Repetition penalty", 0.5, 2),
-        "seed": SettingRange("Seed", -1, SEED_MAX, whole=True),  # -1 = random
+        "max_length": SettingRange("Max length", min(16, context_length), context_length, True, "setting.max_length"),
+        "max_new_tokens": SettingRange("Max new tokens", 1, max_new_tokens or context_length, True,
+                                       "setting.max_new_tokens"),
+        "temperature": SettingRange("Temperature", 0, 1.5, key="setting.temperature"),
+        "top_p": SettingRange("Top p", 0.01, 1, key="setting.top_p"),
+        "top_k": SettingRange("Top k", 0, 200, True, "setting.top_k"),
+        "repetition_penalty": SettingRange("Repetition penalty", 0.5, 2, key="setting.repetition_penalty"),
+        "seed": SettingRange("Seed", -1, SEED_MAX, True, "setting.seed"),  # -1 = random
     }
 
 
@@ -95,11 +99,11 @@ class ChatSettings:
                    temperature=d["temperature"], top_p=d["top_p"])
 
     @classmethod
-    def from_inputs(cls, ranges: dict[str, SettingRange], *, system="", adapter=None, seed=None,
+    def from_inputs(cls, ranges: dict[str, SettingRange], *, system="", adapter=None, seed=None, lang=ENGLISH,
                     **values) -> ChatSettings:
         """Settings from raw page or API values, each checked against `ranges` (gr.Error names a bad one)."""
-        checked = {name: ranges[name].check(value) for name, value in values.items()}
-        seed = None if seed is None or seed == "" else ranges["seed"].check(seed)
+        checked = {name: ranges[name].check(value, lang) for name, value in values.items()}
+        seed = None if seed is None or seed == "" else ranges["seed"].check(seed, lang)
         return cls(**checked, seed=None if seed is None or seed < 0 else seed,
                    system=system if isinstance(system, str) else "", adapter=adapter or None)
 
@@ -131,16 +135,18 @@ def clean_input(text) -> str:
 
 
 def stats_line(usage, max_length: int, memory: str, finish_reason: str | None = None,
-               adapter: str | None = None) -> str:
-    model = f"adapter {safe_markdown(adapter)}" if adapter else "base model"
+               adapter: str | None = None, lang: str = ENGLISH) -> str:
+    model = t("stats.adapter", lang, name=safe_markdown(adapter)) if adapter else t("stats.base_model", lang)
+    memory = t("stats.memory", lang, memory=memory)
     if usage is None:
-        return (f"{model} · failed · memory {memory}" if finish_reason == "error"
-                else f"{model} · … waiting for the model · memory {memory}")
+        return " · ".join((model, t("stats.failed" if finish_reason == "error" else "stats.waiting", lang), memory))
     used = usage.prompt_tokens + usage.completion_tokens
-    line = (f"{model} · {usage.tokens_per_second:.1f} tokens/s · {used:,} / {max_length:,} tokens of context "
-            f"({usage.completion_tokens} new) · memory {memory}")
-    endings = {"length": "stopped at the length limit", "cancelled": "stopped", "error": "failed"}
-    return f"{line} · {endings[finish_reason]}" if finish_reason in endings else line
+    line = " · ".join((model, t("stats.speed", lang, rate=number(usage.tokens_per_second, lang, 1)),
+                       t("stats.context", lang, used=number(used, lang), limit=number(max_length, lang),
+                         new=usage.completion_tokens), memory))
+    if finish_reason in ("length", "cancelled", "error"):
+        return f"{line} · {t(f'stats.end_{finish_reason}', lang)}"
+    return line
 
 
 def reply_meta(update, settings: ChatSettings) -> dict:
@@ -160,14 +166,14 @@ class ChatHandlers:
         self._replying: set[str] = set()  # sessions with a reply between `accept` and its end
 
     def settings(self, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                 adapter=None) -> ChatSettings:
+                 adapter=None, lang: str = ENGLISH) -> ChatSettings:
         """The settings panel's raw values, checked (gr.Error names the first bad one and its range)."""
         try:
             context_length = self.backend.context_length
         except GlmappError as e:
-            raise notices.error(e) from None
+            raise notices.error(e, lang) from None
         return ChatSettings.from_inputs(
-            setting_ranges(context_length, self.max_new_tokens), system=system, adapter=adapter, seed=seed,
+            setting_ranges(context_length, self.max_new_tokens), system=system, adapter=adapter, seed=seed, lang=lang,
             max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, repetition_penalty=repetition_penalty)
 
@@ -176,21 +182,22 @@ class ChatHandlers:
                repetition_penalty, seed, adapter=None, request: gr.Request = None):
         """Enter / Send: check the message and settings, then show it as the next turn -> (chatbot, messages,
         textbox). Refused with a notice (the text stays in the box) while this tab's reply streams."""
+        lang = lang_of(request)
         settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 seed, adapter)
+                                 seed, adapter, lang)
         messages = list(messages or [])
-        query = self._checked_query(message, messages, settings)
+        query = self._checked_query(message, messages, settings, lang)
         if not self._claim(session_id(request)):
-            gr.Warning(BUSY)
+            gr.Warning(t("notice.busy", lang))
             # Ends this step without a second pop-up, so the chained `reply` does not run.
-            raise gr.Error(BUSY, visible=False, print_exception=False)
+            raise gr.Error(t("notice.busy", lang), visible=False, print_exception=False)
         messages.append({"role": "user", "content": query})
         return chatbot_messages(messages), messages, ""
 
     def reply(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
               seed, adapter=None, request: gr.Request = None):
         """Stream the answer to the last message, which `accept` added; the textbox is left as the user has it."""
-        sid = session_id(request)
+        sid, lang = session_id(request), lang_of(request)
         try:
             messages = list(messages or [])
             if not messages or messages[-1]["role"] != "user":
@@ -198,8 +205,8 @@ class ChatHandlers:
             query = messages[-1]["content"]
             try:
                 settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k,
-                                         repetition_penalty, seed, adapter)
-                yield from self._stream(messages[:-1], query, settings, sid, restore_text=query)
+                                         repetition_penalty, seed, adapter, lang)
+                yield from self._stream(messages[:-1], query, settings, sid, restore_text=query, lang=lang)
             except gr.Error:  # refused before anything streamed (e.g. the model was reloaded meanwhile)
                 yield chatbot_messages(messages[:-1]), messages[:-1], query, gr.skip()
                 raise
@@ -227,28 +234,29 @@ class ChatHandlers:
             yield {"messages": messages, "stats": stats}
 
     # ---- streaming -------------------------------------------------------------------------------
-    def _checked_query(self, query, before: list[dict], settings: ChatSettings) -> str:
+    def _checked_query(self, query, before: list[dict], settings: ChatSettings, lang: str = ENGLISH) -> str:
         """The cleaned query; raises gr.Error when it is empty or does not fit the prompt."""
-        query = _non_empty(query)
+        query = _non_empty(query, lang)
         try:
             backend = self.backend
             backend.prepare_chat(query, to_family_history(backend.family, before), self._system(backend, settings),
                                  settings.max_length)
         except GlmappError as e:
-            raise notices.error(e) from None
+            raise notices.error(e, lang) from None
         return query
 
     @staticmethod
     def _system(backend, settings: ChatSettings) -> str | None:
         return (settings.system.strip() or None) if backend.family == "chatglm3" else None
 
-    def _stream(self, before: list[dict], query: str, settings: ChatSettings, sid: str, restore_text: str = ""):
+    def _stream(self, before: list[dict], query: str, settings: ChatSettings, sid: str, restore_text: str = "",
+                lang: str = ENGLISH):
         """Generate a reply to `query` after `before`; yields (chatbot, messages, textbox, stats).
 
         The textbox is only written when a failed reply puts the message back; otherwise it is gr.skip().
         The tab's reply slot is freed before the last yield: once the page shows the reply ended, a new
         message from it is accepted."""
-        query = _non_empty(query)
+        query = _non_empty(query, lang)
         try:
             backend = self.backend
             if settings.adapter:  # instant when resident; loads it again if a model reload could not keep it
@@ -263,7 +271,7 @@ class ChatHandlers:
                 on_handle=lambda h: (handles.append(h), track(h)))
             first = next(stream)  # raises InputError/InputTooLong before anything is shown
         except GlmappError as e:
-            raise notices.error(e) from None
+            raise notices.error(e, lang) from None
         messages = [*before, {"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         last_yield = 0.0
         update = first
@@ -276,25 +284,26 @@ class ChatHandlers:
                 last_yield = now
                 if update.finish_reason is None:
                     yield (chatbot_messages(messages), messages, gr.skip(),
-                           "generating… · " + self._stats(update, settings))
+                           t("stats.generating", lang) + " · " + self._stats(update, settings, lang))
         finally:
             stream.close()  # a closed tab stops here: chat_stream's own finally cancels the request
             for h in handles:
                 self.active.done(sid, h)
             self._release(sid)
         if update.finish_reason == "error":
-            notices.warning(f"{update.error or 'Generation failed.'} The app keeps running; try again.")
+            notices.warning(t("notice.generation_failed", lang,
+                              error=update.error or t("notice.generation_failed_default", lang)))
             if not messages[-1]["content"]:
                 messages = messages[:-2]
-                yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings)
+                yield chatbot_messages(messages), messages, restore_text or query, self._stats(update, settings, lang)
                 return
         messages[-1]["meta"] = reply_meta(update, settings)  # what the conversation store keeps with the reply
-        done = self._stats(update, settings) + (f" · {handles[0].id}" if handles else "")
+        done = self._stats(update, settings, lang) + (f" · {handles[0].id}" if handles else "")
         yield chatbot_messages(messages), messages, gr.skip(), done
 
-    def _stats(self, update, settings: ChatSettings) -> str:
+    def _stats(self, update, settings: ChatSettings, lang: str = ENGLISH) -> str:
         return stats_line(update.usage, int(settings.max_length), self.backend.memory(), update.finish_reason,
-                          settings.adapter)
+                          settings.adapter, lang)
 
     def _claim(self, sid: str) -> bool:
         with self._lock:
@@ -312,10 +321,11 @@ class ChatHandlers:
         """Drop the last reply and generate it again (with the current settings)."""
         messages = list(messages or [])
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        lang = lang_of(request)
         if last_user is None:
-            raise gr.Error("Nothing to regenerate yet: send a message first.")
+            raise gr.Error(t("error.nothing_to_regenerate", lang))
         settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 seed, adapter)
+                                 seed, adapter, lang)
         yield from self._exclusive(messages, messages[:last_user], messages[last_user]["content"], settings, request)
 
     def edit(self, messages, system, max_length, max_new_tokens, temperature, top_p, top_k,
@@ -324,22 +334,22 @@ class ChatHandlers:
         messages = list(messages or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         if not 0 <= index < len(messages) or messages[index]["role"] != "user":
-            raise gr.Error("Only your own messages can be edited.")
+            raise gr.Error(t("error.edit_own_only", lang_of(request)))
         # The chatbot shows escaped Markdown (see render.py); edits come back in that form.
         text = html.unescape(str(edit.value)).replace("\u200b", "")
         settings = self.settings(system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 seed, adapter)
+                                 seed, adapter, lang_of(request))
         yield from self._exclusive(messages, messages[:index], text, settings, request)
 
     def _exclusive(self, messages, before, query, settings: ChatSettings, request):
         """Regenerate / edit: one reply per tab at a time, like `accept`; a refused one leaves the chat as it was."""
-        sid = session_id(request)
+        sid, lang = session_id(request), lang_of(request)
         if not self._claim(sid):
-            gr.Warning(BUSY_REPLY)
+            gr.Warning(t("notice.busy_reply", lang))
             yield chatbot_messages(messages), messages, gr.skip(), gr.skip()
             return
         try:
-            yield from self._stream(before, query, settings, sid)
+            yield from self._stream(before, query, settings, sid, lang=lang)
         finally:
             self._release(sid)
 
@@ -370,11 +380,11 @@ class ChatHandlers:
         self._release(sid)
 
 
-def _non_empty(query) -> str:
+def _non_empty(query, lang: str = ENGLISH) -> str:
     """The cleaned query; gr.Error when nothing is left to send."""
     query = clean_input(query)
     if not query.strip():
-        raise gr.Error("Empty message: type something to send (control characters are removed).")
+        raise gr.Error(t("error.empty_message", lang))
     return query
 
 

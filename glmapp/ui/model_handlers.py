@@ -7,6 +7,7 @@ from glmapp.errors import GlmappError
 from glmapp.backends import ReloadResult
 from glmapp.host import ReloadFailed
 from glmapp.ui import notices
+from glmapp.ui.i18n import ENGLISH, t
 
 
 def model_info_markdown(backend) -> str:
@@ -17,6 +18,14 @@ def model_info_markdown(backend) -> str:
     return info + f"\n\nMemory in use: {backend.memory()}"
 
 
+def current_quant(backend) -> str | None:
+    """The served quantization mode; None while the model loads or reloads."""
+    try:
+        return backend.info().quant
+    except GlmappError:
+        return None
+
+
 def capabilities_note(caps) -> str:
     """What this backend cannot do, with why (the controls for it are disabled)."""
     names = {"quantization": "Quantization", "dtype_switch": "Precision", "adapter_loading": "Loading adapters",
@@ -24,14 +33,12 @@ def capabilities_note(caps) -> str:
     return "\n".join(f"- **{names[k]}** unavailable: {why}" for k, why in caps.unavailable().items())
 
 
-def demo_banner(backend) -> str:
+def demo_banner(backend, lang: str = ENGLISH) -> str:
     if not backend.demo:
         return ""
-    why = f"\n\nWhy: {backend.notice}" if backend.notice else ""
-    return ("⚠️ **Demo checkpoint: tiny model with random weights, so replies are gibberish.** Everything else "
-            "works for real. To chat with ChatGLM2-6B, download it once with "
-            f"`{commands.download()}` and restart `{commands.RUN_APP}`, or point the app at a "
-            f"checkpoint folder with `{commands.RUN_APP_WITH_MODEL}`." + why)
+    why = "\n\n" + t("banner.why", lang, notice=backend.notice) if backend.notice else ""
+    return t("banner.demo", lang, download=commands.download(), run=commands.RUN_APP,
+             run_with_model=commands.RUN_APP_WITH_MODEL) + why
 
 
 def quant_choices(backend) -> list[tuple[str, str]]:
