@@ -143,6 +143,8 @@ def vocabulary(tokenizer, n_vocab: int):
                     else T.UNUSED if sp.is_unused(i) else T.BYTE if sp.is_byte(i) else T.NORMAL)
         elif i in tokenizer.id_to_special:
             piece, score, kind = tokenizer.id_to_special[i], 0.0, T.CONTROL
+            if sp.piece_to_id(piece) != sp.unk_id():  # llama.cpp needs unique texts; a small vocab may hold "eop"
+                piece = f"<{piece}>"
         else:  # embedding rows past the tokenizer (65024 vs 64798 in the official models)
             piece, score, kind = f"[PAD{i}]", 0.0, T.UNUSED
         tokens.append(piece.encode("utf-8"))
