@@ -1,0 +1,203 @@
+"""glmapp vs llama.cpp (llama-cpp-python) on the same weights, batch-1 CPU decode, side by side (issue 17).
+
+    python bench/llama_cpp.py [--size mid] [--vocab 65024] [--types f32,bf16,q8_0,q4_0] [--rounds 3]
+                              [--threads 2] [--prompt-tokens 32] [--new-tokens 64] [--check-tokens 20]
+
+Needs `llama_cpp` (not a glmapp dependency; build it with
+`CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36`, about 10 minutes on 2 cores).
+
+The checkpoint: the demo network of `--size` (mid = 12 layers, hidden 1024, 16 heads, kv_channels 64, 2 groups,
+ffn 2816) stored in bf16, with its embedding and output layer widened to `--vocab` rows (65024 = the real ChatGLM
+vocabulary, so the output layer weighs what it does in the real models: 265M parameters in all). It is exported
+with `glmapp.gguf_export` at each type and paired with our model in the same weights:
+f32 <-> ours fp32, bf16 <-> ours bf16, q8_0 <-> ours int8, q4_0 <-> ours int4 (bf16 activations; ChatGLM's
+per-row int8/int4 schemes, so "same weights" is same source weights, not the same quantized values).
+
+Correctness first: llama.cpp's greedy tokens after the prompt must equal ours (f32: all `--check-tokens` of them,
+else the script stops; the other types print how many of the first ones agree, since the two quantizers differ).
+Speed: for each type, `--rounds` rounds alternating ours and llama.cpp (order flipped every round), each run
+`--new-tokens` greedy tokens after the same `--prompt-tokens` prompt ids; tok/s = tokens after the first / time
+after the first (prefill excluded), the same formula for both; the best round is reported, with the ratio.
+llama.cpp runs with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
+(prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# This file's name is the package's: drop bench/ from the path so `import llama_cpp` finds llama-cpp-python.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import glmapp  # noqa: E402
+from glmapp.checkpoint import iter_tensors, write_checkpoint  # noqa: E402
+from glmapp.cpu_threads import single_threaded  # noqa: E402
+from glmapp.demo import make_demo  # noqa: E402
+from glmapp.engine.engine import EngineConfig  # noqa: E402
+from glmapp.engine.request import GenerationRequest  # noqa: E402
+from glmapp.engine.sampling import SamplingParams  # noqa: E402
+from glmapp.gguf_export import export_gguf  # noqa: E402
+
+OURS = {"f32": ("float32", "none"), "bf16": ("bfloat16", "none"), "q8_0": ("bfloat16", "int8"),
+        "q4_0": ("bfloat16", "int4")}
+PROMPT = "请详细介绍一下长城的历史，以及它在今天的意义。The Great Wall of China is a series of fortifications."
+WIDENED = ("transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight")
+
+
+def make_checkpoint(out: Path, size: str, vocab: int, seed: int = 0) -> Path:
+    """The `size` demo in bf16 with embedding and output layer widened to `vocab` rows (seeded random rows)."""
+    base = make_demo(out / "base", size=size, fmt="safetensors", dtype=torch.bfloat16, seed=seed)
+    raw = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for name, t in iter_tensors(base):
+        if name in WIDENED and t.shape[0] < vocab:
+            extra = torch.randn(vocab - t.shape[0], t.shape[1], generator=gen) * 0.02
+            t = torch.cat([t, extra.to(t.dtype)])
+        state[name] = t.contiguous()
+    raw.update(padded_vocab_size=vocab, _name_or_path=f"glmapp/chatglm2-bench-{size}-v{vocab}")
+    return write_checkpoint(out / f"{size}-v{vocab}", state, raw, tokenizer_from=base, fmt="safetensors")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT)
+    while len(ids) < n:
+        ids += tokenizer.sp_encode(PROMPT)
+    return ids[:n]
+
+
+class Ours:
+    def __init__(self, path: Path, dtype: str, quant: str, threads: int):
+        self.model, self.tok = glmapp.load(str(path), device="cpu", dtype=dtype, quant=quant)
+        self.model.engine_config = EngineConfig(num_threads=threads)
+        self.backend = None
+
+    def start(self):
+        self.backend = self.model.backend(self.tok)
+
+    def stop(self):
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        request = GenerationRequest(list(ids), SamplingParams(temperature=0.0), max_new_tokens=n, stop_ids=[-1])
+        handle = self.backend.submit(request)
+        out = [t for delta in handle for t in delta.token_ids]
+        return out, handle.usage.decode_tokens_per_second
+
+
+class LlamaCpp:
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        return int(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).argmax())
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        out = [self._next()]
+        t_first = time.perf_counter()
+        for _ in range(n - 1):
+            self.llm.eval([out[-1]])
+            out.append(self._next())
+        span = time.perf_counter() - t_first
+        return out, (n - 1) / span
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="mid")
+    ap.add_argument("--vocab", type=int, default=65024)
+    ap.add_argument("--types", default="f32,bf16,q8_0,q4_0")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--check-tokens", type=int, default=20)
+    ap.add_argument("--check-only", action="store_true", help="only the greedy-token check, no timing")
+    args = ap.parse_args(argv)
+    types = args.types.split(",")
+    import llama_cpp
+
+    print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, threads {args.threads}, "
+          f"load average {os.getloadavg()}", flush=True)
+    rows, failed = [], False
+    with tempfile.TemporaryDirectory(prefix="glmapp-bench-llama-") as tmp:
+        tmp = Path(tmp)
+        with single_threaded():
+            path = make_checkpoint(tmp, args.size, args.vocab)
+        for type_ in types:
+            gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_).path
+            dtype, quant = OURS[type_]
+            ours = Ours(path, dtype, quant, args.threads)
+            ids = prompt_ids(ours.tok, args.prompt_tokens)
+            theirs = LlamaCpp(gguf_path, args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 16)
+            ours.start()
+            a, _ = ours.generate(ids, args.check_tokens)
+            ours.stop()
+            b, _ = theirs.generate(ids, args.check_tokens)
+            same = agree(a, b)
+            print(f"{type_}: greedy tokens equal for the first {same} of {args.check_tokens}"
+                  + ("" if same == args.check_tokens else f" (ours {a[:same + 3]}..., llama.cpp {b[:same + 3]}...)"),
+                  flush=True)
+            if type_ == "f32" and same < args.check_tokens:
+                failed = True
+            if args.check_only:
+                del theirs
+                continue
+            speeds = {"ours": [], "llama.cpp": []}
+            for r in range(args.rounds):
+                order = ("ours", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "ours")
+                for who in order:
+                    if who == "ours":
+                        ours.start()
+                        ours.generate(ids, 4)  # warm-up: the engine packs its linears on start
+                        speeds[who].append(ours.generate(ids, args.new_tokens)[1])
+                        ours.stop()
+                    else:
+                        theirs.generate(ids, 4)
+                        speeds[who].append(theirs.generate(ids, args.new_tokens)[1])
+                print(f"  {type_} round {r + 1}: ours {speeds['ours'][-1]:.1f}, llama.cpp "
+                      f"{speeds['llama.cpp'][-1]:.1f} tok/s, load average {os.getloadavg()[0]:.2f}", flush=True)
+            rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same))
+            del theirs, ours
+    if rows:
+        print(f"\nbest of {args.rounds} alternating rounds, {args.new_tokens} new tokens after {args.prompt_tokens} "
+              f"prompt tokens, batch 1, {args.threads} threads")
+        print("| llama.cpp type / ours | glmapp tok/s | llama.cpp tok/s | ratio | greedy tokens equal |")
+        print("|---|---|---|---|---|")
+        for type_, quant, o, t, same in rows:
+            ours_name = OURS[type_][0] if quant == "none" else f"{quant} (bf16 act.)"
+            print(f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} |")
+    print(f"\nload average {os.getloadavg()}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
