@@ -19,6 +19,7 @@ import gradio as gr
 
 from glmapp.errors import GlmappError
 from glmapp.ui import notices
+from glmapp.ui.i18n import ENGLISH, error_text, lang_of, number, t, table
 from glmapp.ui.adapter_handlers import BASE
 from glmapp.ui.chat_handlers import STREAM_INTERVAL_S, ChatSettings, SettingRange, clean_input, setting_ranges
 from glmapp.ui.export import write_json
@@ -28,17 +29,21 @@ from glmapp.ui.sessions import ActiveRequests, session_id
 MAX_COLUMNS = 4
 LABELS = "ABCD"
 COLUMN_FIELDS = ("adapter", "temperature", "top_p", "seed")  # the per-column inputs, in this order
-COLUMNS = SettingRange("Columns", 2, MAX_COLUMNS, whole=True)
+COLUMNS = SettingRange("Columns", 2, MAX_COLUMNS, whole=True, key="compare.columns")
 VOTES = {"A": "A is better", "B": "B is better", "C": "C is better", "D": "D is better", "tie": "Tie",
          "both_bad": "Both bad"}
 
 
-def column_stats(usage, finish_reason=None, adapter: str | None = None) -> str:
-    model = f"adapter {safe_markdown(adapter)}" if adapter else "base model"
+def column_stats(usage, finish_reason=None, adapter: str | None = None, lang: str = ENGLISH) -> str:
+    model = t("stats.adapter", lang, name=safe_markdown(adapter)) if adapter else t("stats.base_model", lang)
     if usage is None:
-        return f"{model} · waiting…"
-    text = f"{model} · {usage.tokens_per_second:.1f} tokens/s · {usage.completion_tokens} tokens"
-    return text + (f" · {finish_reason}" if finish_reason else "")
+        return f"{model} · {t('compare.waiting', lang)}"
+    text = " · ".join((model, t("stats.speed", lang, rate=number(usage.tokens_per_second, lang, 1)),
+                       t("conv.tokens", lang, n=usage.completion_tokens)))
+    # English shows the engine's own word (stop, length, ...); other languages its translation.
+    ending = t(f"finish.{finish_reason}", lang) if lang != ENGLISH and f"finish.{finish_reason}" in table(lang) \
+        else finish_reason
+    return text + (f" · {ending}" if finish_reason else "")
 
 
 class CompareHandlers:
@@ -56,17 +61,18 @@ class CompareHandlers:
 
         Values arrive as sent (page or HTTP API); each is checked and a bad one gets a message naming it.
         Yields 4 outputs, 4 stats lines and the comparison record (None until all columns finish)."""
+        lang = lang_of(request)
         prompt = clean_input(prompt)
         if not prompt.strip():
-            raise gr.Error("Empty prompt: type something to compare.")
-        n = COLUMNS.check(n_columns)
+            raise gr.Error(t("compare.error_empty", lang))
+        n = COLUMNS.check(n_columns, lang)
         sid = session_id(request)
         try:
             backend = self.backend
         except GlmappError as e:
-            raise notices.error(e) from None
+            raise notices.error(e, lang) from None
         ranges = setting_ranges(backend.context_length, self.max_new_tokens)
-        max_new_tokens = ranges["max_new_tokens"].check(max_new_tokens)
+        max_new_tokens = ranges["max_new_tokens"].check(max_new_tokens, lang)
         settings = []
         width = len(COLUMN_FIELDS)
         for i in range(n):
@@ -74,16 +80,18 @@ class CompareHandlers:
             adapter = None if adapter in (None, "", BASE) else str(adapter)
             try:
                 s = ChatSettings.from_inputs(ranges, adapter=adapter, seed=seed, max_length=backend.context_length,
-                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                             lang=lang)
             except gr.Error as e:
-                raise gr.Error(f"Column {LABELS[i]}: {e.message}") from None
+                raise gr.Error(t("compare.column_error", lang, column=LABELS[i], error=e.message)) from None
             try:
                 s.sampling()
                 backend.prepare_chat(prompt, [])  # input errors are reported before anything starts
                 if adapter:  # instant when resident
                     self.backend.load_adapter(adapter)
             except GlmappError as e:
-                raise notices.error(f"Column {LABELS[i]}: {e}") from None
+                raise notices.error(t("compare.column_error", lang, column=LABELS[i], error=error_text(e, lang))) \
+                    from None
             settings.append(s)
 
         updates: queue.Queue = queue.Queue()
@@ -102,7 +110,7 @@ class CompareHandlers:
             try:
                 streams = backend.chat_streams(prompt, [], columns, on_handle=on_handle)
             except GlmappError as e:
-                raise notices.error(e) from None
+                raise notices.error(e, lang) from None
         else:
             streams = [backend.chat_stream(prompt, [], on_handle=on_handle, **c) for c in columns]
 
@@ -119,9 +127,9 @@ class CompareHandlers:
 
         threads = [threading.Thread(target=consume, args=(i, s), daemon=True, name=f"compare-{LABELS[i]}")
                    for i, s in enumerate(settings)]
-        for t in threads:
-            t.start()
-        outputs, stats, finished = [""] * n, [column_stats(None, None, s.adapter) for s in settings], 0
+        for thread in threads:
+            thread.start()
+        outputs, stats, finished = [""] * n, [column_stats(None, None, s.adapter, lang) for s in settings], 0
         results: list[dict] = [{} for _ in range(n)]
         last_yield = 0.0
         try:
@@ -130,12 +138,12 @@ class CompareHandlers:
                 if item is None:
                     finished += 1
                 elif isinstance(item, Exception):
-                    stats[i] = f"failed: {item}"
+                    stats[i] = t("compare.failed", lang, error=error_text(item, lang))
                 else:
                     outputs[i] = response_text(item.response)
-                    stats[i] = column_stats(item.usage, item.finish_reason, settings[i].adapter)
+                    stats[i] = column_stats(item.usage, item.finish_reason, settings[i].adapter, lang)
                     if item.error:
-                        stats[i] = f"failed: {item.error}"
+                        stats[i] = t("compare.failed", lang, error=item.error)
                     results[i] = {"finish_reason": item.finish_reason,
                                   "completion_tokens": item.usage.completion_tokens if item.usage else 0,
                                   "tokens_per_second": round(item.usage.tokens_per_second, 2) if item.usage else 0}
