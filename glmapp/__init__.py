@@ -29,20 +29,21 @@ def __getattr__(name: str):
 
 
 def load(model: str, device: str | None = None, dtype: str = "auto", family: str | None = None,
-         quant: str | None = None):
+         quant: str | None = None, progress=None):
     """Load a ChatGLM2/3 checkpoint (folder, Hugging Face cache or hub id) -> (model, tokenizer).
 
     The model has the official `chat` and `stream_chat` methods. Raises `CheckpointError` with what was
     looked for when nothing usable is found. `quant`: none, int8, int4, bnb-int8 or bnb-nf4 (see
     `glmapp.quant`); None loads the checkpoint as stored (a `quantization_bit: 4` checkpoint as int4).
+    `progress(fraction, message, [detail])` hears about a download from the hub, then about the tensors read.
     """
     from glmapp.chat import ChatModel
     from glmapp.checkpoint import load_model, read_config, resolve
     from glmapp.tokenizer import ChatGLMTokenizer
 
-    path = resolve(model).path
+    path = resolve(model, progress=progress).path
     # Tokenizer first: it is cheap, and a bad tokenizer file should fail before gigabytes are read.
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=family or read_config(path).family)
     net = load_model(path, device=device, dtype=dtype, model_cls=ChatModel, family=tokenizer.family,
-                     quant=quant)
+                     quant=quant, progress=progress)
     return net, tokenizer

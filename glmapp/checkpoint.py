@@ -50,8 +50,9 @@ class ResolvedCheckpoint:
     source: str  # "path", "hf-cache", "hub"
 
 
-def resolve(model: str) -> ResolvedCheckpoint:
-    """A local folder, or a hub id looked up in the Hugging Face cache first, then on the hub."""
+def resolve(model: str, *, download: bool = True, progress=None) -> ResolvedCheckpoint:
+    """A local folder, or a hub id looked up in the Hugging Face cache first, then (with `download`) fetched from
+    the hub after checking the disk has room (`glmapp.download`; `progress(fraction, message, detail)`)."""
     p = Path(model).expanduser()
     if p.is_dir():
         return ResolvedCheckpoint(p.resolve(), "path")
@@ -64,18 +65,25 @@ def resolve(model: str) -> ResolvedCheckpoint:
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
-    patterns = ["*.json", "tokenizer.model", "*.safetensors", "*.bin", "*.py"]
+    from glmapp.download import PATTERNS, DiskSpaceError
+    from glmapp.download import download as fetch
+
     try:
-        return ResolvedCheckpoint(Path(snapshot_download(model, local_files_only=True, allow_patterns=patterns)),
-                                  "hf-cache")
+        cached = Path(snapshot_download(model, local_files_only=True, allow_patterns=PATTERNS))
+        weight_files(cached)  # a snapshot with only config.json (read before a download) is not the checkpoint
+        if not any((cached / name).is_file() for name in ("tokenizer.model", "ice_text.model")):
+            raise CheckpointError("no tokenizer in the cached snapshot")
+        return ResolvedCheckpoint(cached, "hf-cache")
     except Exception as cache_miss:  # noqa: BLE001 - any miss means "not cached", reported below
         reason = f"not in the Hugging Face cache ({HF_HUB_CACHE})"
-        if not HF_HUB_OFFLINE:
+        if download and not HF_HUB_OFFLINE:
             try:
-                return ResolvedCheckpoint(Path(snapshot_download(model, allow_patterns=patterns)), "hub")
+                return ResolvedCheckpoint(fetch(model, progress), "hub")
+            except DiskSpaceError:
+                raise
             except Exception as hub_error:  # noqa: BLE001 - network/auth/unknown id: all reported
-                reason += f", and downloading it failed ({type(hub_error).__name__})"
-        else:
+                reason += f", and downloading it failed ({type(hub_error).__name__}: {str(hub_error)[:200]})"
+        elif download:
             reason += " and HF_HUB_OFFLINE is set"
         raise CheckpointError(
             f"No weights for {model!r}: looked for a local folder named {model!r} and for the hub id, "
@@ -83,6 +91,19 @@ def resolve(model: str) -> ResolvedCheckpoint:
             f"network access (or copy the folder here and pass --model PATH). To try the app without "
             f"weights, use the demo checkpoint: `{commands.MAKE_DEMO}` or `--demo`."
         ) from cache_miss
+
+
+def resolve_config(model: str) -> Path:
+    """The folder holding `model`'s config.json, without its weights: the local folder or the cached snapshot,
+    else that one small file fetched from the hub."""
+    try:
+        return resolve(model, download=False).path
+    except CheckpointError:
+        if Path(model).expanduser().exists() or model.count("/") != 1:
+            raise
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model, "config.json")).parent
 
 
 def read_config(path: Path) -> ChatGLMConfig | ChatGLM1Config:

@@ -19,8 +19,11 @@ Notable choices:
 from __future__ import annotations
 
 import gc
+import logging
 import threading
+import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,9 +34,19 @@ from glmapp.backends.base import ModelInfo, ReloadResult, format_bytes
 from glmapp.choices import DTYPES
 from glmapp.backends.handle import RequestHandle
 from glmapp.checkpoint import DEFAULT_MODEL
-from glmapp.errors import AdapterError, CheckpointError, GlmappError, ModelReloading, QuantizationError
+from glmapp.errors import (
+    AdapterError,
+    CheckpointError,
+    GlmappError,
+    ModelLoadFailed,
+    ModelLoading,
+    ModelReloading,
+    QuantizationError,
+)
 
-FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2  # up to 5 s for running streams to let go of the old model
+log = logging.getLogger("glmapp.host")
+FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2
+UNKNOWN_SHAPE = ("chatglm2", 32768)  # (family, context length) shown until a checkpoint without config.json fails  # up to 5 s for running streams to let go of the old model
 _HOSTS: dict[int, "ModelHost"] = {}  # id(model) -> its host, while the host serves it
 _HOSTS_LOCK = threading.Lock()
 
@@ -89,6 +102,45 @@ def switch_quantization(path, model, mode: str, progress=None,
     return new
 
 
+def choose_checkpoint(model: str | None, demo: bool) -> tuple[str, bool, str]:
+    """--model, else the default model when it is in the Hugging Face cache, else the demo checkpoint (with
+    why) -> (name, demo, notice). Without --model nothing is downloaded: 12 GB are fetched only when asked for."""
+    from glmapp.checkpoint import resolve
+    from glmapp.demo import ensure_demo
+
+    notice = ""
+    if not demo and model is None:
+        try:
+            resolve(DEFAULT_MODEL, download=False)
+            return DEFAULT_MODEL, False, ""
+        except CheckpointError as e:
+            notice, demo = str(e), True
+    if demo:
+        return str(ensure_demo("chatglm2")), True, notice
+    return model, False, ""
+
+
+def expected_shape(name: str) -> tuple[str, int] | None:
+    """(family, context length) from the checkpoint's config.json, read before its weights: a local folder or
+    the cache, else that one small file from the hub. None when it cannot be read (the load will say why)."""
+    from glmapp.checkpoint import read_config, resolve_config
+
+    try:
+        config = read_config(resolve_config(name))
+    except Exception:  # noqa: BLE001 - the background load reports the real error
+        return None
+    return config.family, int(config.seq_length)
+
+
+def load_failure(name: str, error: BaseException, demo: bool) -> str:
+    """What the page shows when the background load failed: the error and how to fix it."""
+    from glmapp import commands
+
+    cause = str(error) if isinstance(error, GlmappError) else f"{type(error).__name__}: {error}"
+    fix = ("" if demo else f" To try the app meanwhile, start it on the demo checkpoint: `{commands.RUN_APP} --demo`.")
+    return f"Loading the model {name} failed: {cause}{fix}"
+
+
 class ReloadFailed(GlmappError):
     """The new model could not be loaded; the previous one was loaded again (`result`)."""
 
@@ -109,10 +161,33 @@ def device_memory(device: torch.device) -> str:
     return f"{format_bytes(psutil.Process().memory_info().rss)} RAM (process)"
 
 
+@dataclass
+class LoadState:
+    """Where a background load (`ModelHost.start`) is: `fraction` and `message` while it runs (`detail`: bytes,
+    speed and time left during a download), `error` once it failed, `done` once the model is served."""
+
+    fraction: float = 0.0
+    message: str = "Starting"
+    detail: str = ""
+    error: str = ""
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def report(self, fraction: float, message: str, detail: str = "") -> None:
+        self.fraction, self.message, self.detail = max(0.0, min(1.0, float(fraction))), message, detail
+
+    def describe(self) -> str:
+        if self.error:
+            return self.error
+        detail = f" · {self.detail}" if self.detail else ""
+        return f"The model is still loading ({self.fraction:.0%}: {self.message}{detail}); try again when it is ready."
+
+
 class ModelHost:
     def __init__(self, model, tokenizer, name: str, *, demo: bool = False, notice: str = "", device: str = "auto",
                  max_input_tokens: int | None = None, adapters_dir: str = "adapters", engine_config=None,
                  dtype: str = "auto", quant: str | None = None):
+        """A host serving `model`; with model None, a host whose model `start` loads in the background."""
         self.name = name
         self.demo = demo
         self.notice = notice  # why the demo checkpoint is used, shown in the banner
@@ -125,7 +200,10 @@ class ModelHost:
         self._model = self._tokenizer = self._engine = None
         self._reload_lock = threading.Lock()
         self._adapter_lock = threading.Lock()  # one adapter load at a time (two tabs picking the same one)
-        self._start(model, tokenizer)
+        self.loading: LoadState | None = None  # set by `start` (a background load); None: loaded before serving
+        self._expected: tuple[str, int] | None = None  # (family, context length) read from config.json meanwhile
+        if model is not None:
+            self._start(model, tokenizer)
 
     # ---- finding and making hosts ----------------------------------------------------------------------
     @classmethod
@@ -134,23 +212,42 @@ class ModelHost:
              quant: str | None = None, engine_config=None) -> ModelHost:
         """--model, else the default model from the cache, else the demo checkpoint (with the reason kept)."""
         import glmapp
-        from glmapp.demo import ensure_demo
 
-        notice = ""
-        if not demo:
-            try:
-                name = model or DEFAULT_MODEL
-                net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
-            except CheckpointError as e:
-                if model is not None:
-                    raise
-                notice = str(e)
-                demo = True
-        if demo:
-            name = str(ensure_demo("chatglm2"))
-            net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
+        name, demo, notice = choose_checkpoint(model, demo)
+        net, tok = glmapp.load(name, device=device, dtype=dtype, quant=quant)
         return cls(net, tok, name, demo=demo, notice=notice, device=device, max_input_tokens=max_input_tokens,
                    adapters_dir=adapters_dir, engine_config=engine_config, dtype=dtype, quant=quant)
+
+    @classmethod
+    def start(cls, model: str | None = None, *, demo: bool = False, dtype: str = "auto", device: str = "auto",
+              max_input_tokens: int | None = None, adapters_dir: str = "adapters", quant: str | None = None,
+              engine_config=None) -> ModelHost:
+        """As `load`, but the load (a download from the hub included) runs in a background thread: the host is
+        returned at once, `loading` tells how far it is, and requests get `ModelLoading` (then `ModelLoadFailed`
+        with the reason, if it fails) until the model is served. Which checkpoint to load, and its family and
+        context length (from config.json), are found before returning, so a UI can be built meanwhile."""
+        name, demo, notice = choose_checkpoint(model, demo)
+        host = cls(None, None, name, demo=demo, notice=notice, device=device, max_input_tokens=max_input_tokens,
+                   adapters_dir=adapters_dir, engine_config=engine_config, dtype=dtype, quant=quant)
+        host.loading = LoadState()
+        host._expected = expected_shape(name) or UNKNOWN_SHAPE  # the UI is built before the load ends or fails
+        threading.Thread(target=host._load_in_background, name="glmapp-model-load", daemon=True).start()
+        return host
+
+    def _load_in_background(self) -> None:
+        import glmapp
+
+        state = self.loading
+        try:
+            net, tok = glmapp.load(self.name, device=self.device, dtype=self.dtype_choice, quant=self.quant_choice,
+                                   progress=state.report)
+            state.report(1.0, "Starting the engine")
+            self._start(net, tok)
+            self._expected = None
+            state.done = True
+        except BaseException as e:  # noqa: BLE001 - any failure is shown in the page (and logged in full)
+            log.exception("Loading %s failed", self.name)
+            state.error = load_failure(self.name, e, self.demo)
 
     @classmethod
     def of(cls, model, tokenizer, engine_config=None) -> ModelHost:
@@ -168,6 +265,9 @@ class ModelHost:
     def _served(self):
         model, tokenizer, engine = self._model, self._tokenizer, self._engine
         if model is None or engine is None:
+            state = self.loading
+            if state is not None and not state.done:
+                raise (ModelLoadFailed if state.error else ModelLoading)(state.describe())
             raise ModelReloading("The model is being reloaded (see the Model tab); try again in a moment.")
         return model, tokenizer, engine
 
@@ -188,11 +288,20 @@ class ModelHost:
         return self._engine is not None
 
     @property
+    def ready(self) -> bool:
+        """The first load has finished (or there was none to wait for); False while loading or after it failed."""
+        return self.loading is None or self.loading.done
+
+    @property
     def family(self) -> str:
+        if self._expected is not None and self._engine is None:  # still loading: what config.json says
+            return self._expected[0]
         return self.tokenizer.family
 
     @property
     def context_length(self) -> int:
+        if self._expected is not None and self._engine is None:
+            return self._expected[1]
         return int(self.model.config.seq_length)
 
     @property

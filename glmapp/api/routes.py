@@ -46,11 +46,22 @@ from glmapp.choices import DEMO_DEFAULTS
 from glmapp.engine.request import Usage
 from glmapp.engine.sampling import SamplingParams
 from glmapp.errors import AdapterError, EngineStopped, GlmappError
-from glmapp.errors import ModelReloading
+from glmapp.errors import ModelLoadFailed, ModelLoading, ModelReloading
 
 MAX_CHOICES = 64  # prompts x n of one request
 _LOADERS = anyio.CapacityLimiter(2)  # adapter loads (file reads) run off the event loop, apart from Gradio's pool
 _REDIS_CALLS = anyio.CapacityLimiter(16)  # rate limit and cache lookups in Redis, off the event loop
+
+
+def require_served(backend, details: bool = True) -> None:
+    """ModelLoading / ModelLoadFailed (503) while the first load is under way or after it failed."""
+    state = backend.loading
+    if state is None or state.done:
+        return
+    if state.error:
+        raise ModelLoadFailed(state.describe() if details else
+                              "The model could not be loaded; the web page and the server log say why.")
+    raise ModelLoading(state.describe() if details else f"The model is still loading ({state.fraction:.0%}).")
 
 
 class _ErrorsAsJSON(APIRoute):
@@ -65,8 +76,10 @@ class _ErrorsAsJSON(APIRoute):
         async def route(request: Request):
             try:
                 response = await handler(request)
-            except ModelReloading as e:
-                error = APIError(503, str(e), code="model_reloading")
+            except ModelReloading as e:  # loading at start, a failed start (the message says why), reloading
+                code = {ModelLoading: "model_loading", ModelLoadFailed: "model_load_failed"}.get(type(e),
+                                                                                                 "model_reloading")
+                error = APIError(503, str(e), code=code)
             except EngineStopped as e:
                 error = APIError(503, str(e), code="engine_stopped")
             except APIError as e:
@@ -136,6 +149,7 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
     @router.get("/health")
     async def health():
         """For load balancers, so without a key or login: says only whether the model is being served."""
+        require_served(backend, details=False)  # no details without a key: the page and the log have them
         backend.context_length  # raises ModelReloading (503) while the model reloads
         return {"status": "ok"}
 
@@ -149,6 +163,7 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
     @router.get("/v1/models")
     async def models(request: Request):
         authorize(request)
+        require_served(backend)  # nothing to list before the model is served
         base = base_model_id(backend.name)
         context = backend.context_length
         return ModelList(data=[ModelCard(id=base, root=base, max_model_len=context)] +
@@ -158,6 +173,7 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         client = authorize(request)
+        require_served(backend)
         body = await _parse(request, ChatCompletionRequest)
         adapter = await _adapter(backend, body.model)
         tools = body.tools if body.tool_choice != "none" else None
@@ -174,6 +190,7 @@ def build_router(backend, keys: KeyCheck, limiter: RateLimiter | None = None, ca
     @router.post("/v1/completions")
     async def completions(request: Request):
         client = authorize(request)
+        require_served(backend)
         body = await _parse(request, CompletionRequest)
         adapter = await _adapter(backend, body.model)
         texts = body.prompts()

@@ -97,6 +97,7 @@ class Backend(Protocol):
     notice: str
     adapters_dir: str
     dtype_choice: str
+    loading: object  # a glmapp.host.LoadState while the first load runs in the background (then done), or None
 
     @property
     def family(self) -> str: ...

@@ -39,7 +39,15 @@ class LocalBackend:
 
         return cls(ModelHost.load(model, **kwargs))
 
+    @classmethod
+    def start(cls, model: str | None = None, **kwargs) -> LocalBackend:
+        """`ModelHost.start`: as `load`, with the load in the background (`loading` says how far it is)."""
+        from glmapp.host import ModelHost
+
+        return cls(ModelHost.start(model, **kwargs))
+
     # ---- what is served (names that hold during a reload come first) --------------------------------------
+    loading = property(lambda self: self.host.loading)
     name = property(lambda self: self.host.name)
     demo = property(lambda self: self.host.demo)
     notice = property(lambda self: self.host.notice)

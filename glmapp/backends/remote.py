@@ -106,6 +106,7 @@ class RemoteBackend:
         self.notice = ""
         self.adapters_dir = "(on the model server)"
         self.dtype_choice = "auto"
+        self.loading = None  # the model server loads its own model; its replicas are probed per request
         self._models_now()  # fail at start, with the reason, when no replica answers
 
     # ---- what is served ----------------------------------------------------------------------------------
