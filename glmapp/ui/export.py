@@ -21,15 +21,16 @@ from pathlib import Path
 
 import mdtex2html
 
+from glmapp.ui.i18n import ENGLISH, t, table
 from glmapp.ui.render import safe_markdown
 
 _PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="{lang}"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }}
+body {{ font-family: system-ui, "Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Microsoft YaHei", sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }}
 .msg {{ border-radius: 10px; padding: .6rem 1rem; margin: .8rem 0; }}
 .user {{ background: #eef4ff; }} .assistant {{ background: #f6f8fa; }} .system {{ background: #fff8e6; }}
 .role {{ font-size: .8rem; font-weight: 600; color: #57606a; text-transform: uppercase; }}
@@ -119,16 +120,19 @@ def conversation_record(messages: list[dict], system: str = "", model: dict | No
             "messages": head + [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
-def render_html_page(record: dict) -> str:
+def render_html_page(record: dict, lang: str = ENGLISH) -> str:
     """A standalone page for a conversation record; message text is made inert before conversion."""
     parts = []
     for m in record["messages"]:
         body = inert_html(mdtex2html.convert(safe_markdown(m["content"]), extensions=["fenced_code", "tables"]))
-        parts.append(f'<div class="msg {html.escape(m["role"])}"><div class="role">{html.escape(m["role"])}</div>'
+        role = t(f"export.role.{m['role']}", lang) if f"export.role.{m['role']}" in table(lang) else m["role"]
+        parts.append(f'<div class="msg {html.escape(m["role"])}"><div class="role">{html.escape(role)}</div>'
                      f"{body}</div>")
     model = record.get("model") or {}
-    meta = f"Exported {record['exported_at']}" + (f" · model {model.get('name')}" if model.get("name") else "")
-    return _PAGE.format(title="glmapp conversation", meta=html.escape(meta), body="\n".join(parts))
+    meta = t("export.exported", lang, when=record["exported_at"]) + (
+        " · " + t("conv.model", lang, name=model.get("name")) if model.get("name") else "")
+    return _PAGE.format(lang=lang, title=html.escape(t("export.title", lang)), meta=html.escape(meta),
+                        body="\n".join(parts))
 
 
 def write_json(record: dict, stem: str) -> str:
@@ -137,7 +141,7 @@ def write_json(record: dict, stem: str) -> str:
     return str(path)
 
 
-def write_html(record: dict, stem: str = "conversation") -> str:
+def write_html(record: dict, stem: str = "conversation", lang: str = ENGLISH) -> str:
     path = _new_file(stem, ".html")
-    path.write_text(render_html_page(record), encoding="utf-8")
+    path.write_text(render_html_page(record, lang), encoding="utf-8")
     return str(path)

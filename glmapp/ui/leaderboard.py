@@ -29,8 +29,9 @@ from glmapp.store.votes import BASE as BASE_NAME
 from glmapp.ui import notices
 from glmapp.ui.adapter_handlers import BASE, cell
 from glmapp.ui.chat_handlers import ChatSettings
-from glmapp.ui.compare_handlers import VOTES, CompareHandlers
+from glmapp.ui.compare_handlers import CompareHandlers
 from glmapp.ui.conversations import owner_of
+from glmapp.ui.i18n import ENGLISH, lang_of, t, table
 
 BOOTSTRAP = 300
 NARROW = 50.0  # a "narrow" interval: ±50 rating points
@@ -49,42 +50,45 @@ class ArenaHandlers:
     def run(self, prompt, max_new_tokens, pool, request: gr.Request = None):
         """Draw two of the ticked adapters and stream them as A and B, names hidden.
         Yields (output A, output B, stats A, stats B, arena state, status)."""
+        lang = lang_of(request)
         pool = list(dict.fromkeys(str(p) for p in pool or []))
         if len(pool) < 2:
-            raise gr.Error("Tick at least two entries to draw from (the base model counts as one).")
+            raise gr.Error(t("arena.error_pool", lang))
         drawn = self.rng.sample(pool, 2)
         d = ChatSettings.defaults(self.backend.family, self.backend.context_length, self.compare.max_new_tokens or 1)
         columns = []
         for name in drawn:
             columns += [None if name == BASE else name, d.temperature, d.top_p, -1]
         columns += [None] * len(columns)  # columns C and D are not used
-        hidden = ("generating…", "generating…")
+        hidden = (t("stats.generating", lang),) * 2
         for out in self.compare.run(prompt, 2, max_new_tokens, *columns, request=request):
             record = out[-1]
             if record is None:
                 yield out[0], out[1], *hidden, None, ""
                 continue
             state = {"record": record, "revealed": False, "voted": None}
-            yield (out[0], out[1], *(anonymous_stats(c) for c in record["columns"]), state,
-                   "Which answer is better? The names are shown after your vote.")
+            yield (out[0], out[1], *(anonymous_stats(c, lang) for c in record["columns"]), state,
+                   t("arena.which", lang))
 
-    def reveal(self, state):
+    def reveal(self, state, request: gr.Request = None):
         """Show the names before voting: a vote made afterwards is kept but does not count."""
+        lang = lang_of(request)
         if not state:
-            raise gr.Error("Run the arena first.")
+            raise gr.Error(t("arena.error_run_first", lang))
         state = {**state, "revealed": True}
-        return state, names_line(state["record"]) + " · a vote now is kept but not counted for the leaderboard"
+        return state, names_line(state["record"]) + " · " + t("arena.revealed", lang)
 
     def vote(self, choice: str, note, state, browser_id, request: gr.Request = None):
         """An arena vote -> (state, status)."""
+        lang = lang_of(request)
         if not state:
-            raise gr.Error("Run the arena first, then vote.")
+            raise gr.Error(t("arena.error_vote_first", lang))
         if state.get("voted"):
-            raise gr.Error("You already voted on this pair: draw a new one.")
+            raise gr.Error(t("arena.error_voted", lang))
         stored = self.record(choice, note, state["record"], browser_id, request, anonymous=True,
                              revealed=state["revealed"])
         state = {**state, "voted": choice}
-        return state, f"{VOTES[choice]} · {names_line(state['record'])} · {counted_line(stored)}"
+        return state, f"{t(f'vote.{choice}', lang)} · {names_line(state['record'])} · {counted_line(stored, lang)}"
 
     def record(self, choice: str, note, record, browser_id, request, anonymous=False, revealed=False):
         """The vote to comparisons.jsonl (CompareHandlers.vote checks it) and to the store."""
@@ -99,26 +103,30 @@ class ArenaHandlers:
     def compare_vote(self, choice: str, note, record, browser_id, request: gr.Request = None) -> str:
         """A vote in the Compare tab's own columns (names visible, not anonymous) -> status."""
         stored = self.record(choice, note, record, browser_id, request)
-        return f"Saved: **{VOTES[choice]}** → `{self.compare.comparisons_file.name}` and the leaderboard " \
-               f"({counted_line(stored)})"
+        lang = lang_of(request)
+        return t("compare.saved", lang, vote=t(f"vote.{choice}", lang), file=self.compare.comparisons_file.name,
+                 counted=counted_line(stored, lang))
 
 
-def anonymous_stats(column: dict) -> str:
-    return (f"{column.get('completion_tokens', 0)} tokens · {column.get('tokens_per_second', 0):.1f} tokens/s"
-            + (f" · {column['finish_reason']}" if column.get("finish_reason") not in (None, "stop") else ""))
+def anonymous_stats(column: dict, lang: str = ENGLISH) -> str:
+    reason = column.get("finish_reason")
+    ending = t(f"finish.{reason}", lang) if lang != ENGLISH and f"finish.{reason}" in table(lang) else reason
+    return (t("conv.tokens", lang, n=column.get("completion_tokens", 0)) + " · "
+            + t("stats.speed", lang, rate=f"{column.get('tokens_per_second', 0):.1f}")
+            + (f" · {ending}" if reason not in (None, "stop") else ""))
 
 
 def names_line(record: dict) -> str:
     return " · ".join(f"{c['label']} = {cell(c.get('adapter') or BASE_NAME)}" for c in record["columns"])
 
 
-def counted_line(stored) -> str:
-    return "counted" if stored.counted else f"not counted: {stored.not_counted_reason}"
+def counted_line(stored, lang: str = ENGLISH) -> str:
+    return t("board.counted", lang) if stored.counted else t("board.not_counted", lang, why=stored.not_counted_reason)
 
 
 # ---- the Leaderboard tab ---------------------------------------------------------------------------------------
 def leaderboard(votes, time_range: str = "All time", anonymous_only: bool = False, now: datetime | None = None,
-                bootstrap: int = BOOTSTRAP) -> tuple[str, str, str]:
+                bootstrap: int = BOOTSTRAP, lang: str = ENGLISH) -> tuple[str, str, str]:
     """(ratings table, win-rate heat map, notes) for counted votes in the chosen time range."""
     if time_range not in TIME_RANGES:
         raise gr.Error(f"Unknown time range {time_range!r}: use one of {', '.join(TIME_RANGES)}.")
@@ -126,13 +134,13 @@ def leaderboard(votes, time_range: str = "All time", anonymous_only: bool = Fals
     since = None if span is None else (now or datetime.now(timezone.utc)) - span
     board = arena.leaderboard(votes.games(since=since, anonymous_only=bool(anonymous_only)), bootstrap=bootstrap)
     if not board.ratings:
-        return "No counted votes yet: vote in the Compare tab (the arena's anonymous votes rank best).", "", ""
-    return ratings_table(board), heat_map(board), separation_notes(board)
+        return t("board.empty", lang), "", ""
+    return ratings_table(board, lang), heat_map(board, lang), separation_notes(board, lang)
 
 
-def ratings_table(board) -> str:
+def ratings_table(board, lang: str = ENGLISH) -> str:
     pct = round(board.confidence * 100)
-    rows = [f"| # | Adapter | Rating | {pct}% interval | Games | Win rate | Games for ±{NARROW:.0f} |",
+    rows = [t("board.header", lang, pct=pct, narrow=f"{NARROW:.0f}"),
             "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(board.ratings, 1):
         need = arena.votes_needed(r.half_width, r.votes, NARROW) if r.half_width > 0 else r.votes
@@ -141,7 +149,7 @@ def ratings_table(board) -> str:
     return "\n".join(rows)
 
 
-def heat_map(board) -> str:
+def heat_map(board, lang: str = ENGLISH) -> str:
     """Win rate of the row against the column (draws half), coloured red (0%) to green (100%)."""
     head = "".join(f"<th>{html.escape(n)}</th>" for n in board.names)
     rows = []
@@ -153,14 +161,15 @@ def heat_map(board) -> str:
                 cells.append('<td style="background:#eee">–</td>')
                 continue
             color = f"hsl({rate * 120:.0f}, 65%, 75%)"
-            cells.append(f'<td style="background:{color}" title="{games} games">{rate:.0%}<br><small>{games}'
+            cells.append(f'<td style="background:{color}" title="{html.escape(t("board.games", lang, n=games))}">'
+                         f'{rate:.0%}<br><small>{games}'
                          "</small></td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
     return ('<table id="win-rate-matrix" style="border-collapse:collapse;text-align:center">'
-            f"<tr><th>row beats column</th>{head}</tr>{''.join(rows)}</table>")
+            f"<tr><th>{html.escape(t('board.row_beats_column', lang))}</th>{head}</tr>{''.join(rows)}</table>")
 
 
-def separation_notes(board) -> str:
+def separation_notes(board, lang: str = ENGLISH) -> str:
     """For neighbours whose intervals overlap: about how many more games would separate them."""
     notes = []
     for a, b in zip(board.ratings, board.ratings[1:]):
@@ -168,12 +177,10 @@ def separation_notes(board) -> str:
             continue
         gap = a.rating - b.rating
         if gap < 1:
-            notes.append(f"- {cell(a.name)} and {cell(b.name)} are rated the same: more votes would not tell "
-                         "them apart unless one is really better.")
+            notes.append("- " + t("board.same", lang, a=cell(a.name), b=cell(b.name)))
             continue
         factor = ((a.half_width + b.half_width) / gap) ** 2  # intervals must shrink by sqrt(factor)
         more = [max(0, math.ceil(r.votes * factor) - r.votes) for r in (a, b)]
-        notes.append(f"- {cell(a.name)} vs {cell(b.name)}: intervals overlap (gap {gap:.0f}); about "
-                     f"{more[0]} more games for {cell(a.name)} and {more[1]} for {cell(b.name)} would separate "
-                     "them if the gap stays.")
-    return "\n".join(notes) or "Every neighbour's interval is apart from the next one's."
+        notes.append("- " + t("board.overlap", lang, a=cell(a.name), b=cell(b.name), gap=f"{gap:.0f}",
+                              more_a=more[0], more_b=more[1]))
+    return "\n".join(notes) or t("board.apart", lang)

@@ -33,6 +33,7 @@ from glmapp.train.data import read_file
 from glmapp.train.examples import build_rows
 from glmapp.train.job import JobRunner
 from glmapp.ui.adapter_handlers import BASE
+from glmapp.ui.i18n import lang_of, t, ui
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
@@ -246,7 +247,8 @@ def train_handlers(backend, config) -> TrainHandlers:
 
 def _hyperparameter(f):
     """The widget of one TrainConfig field, with its help as the label and its default as the value."""
-    label, elem_id = f"{f.name} — {f.metadata['help']}", f"train-{f.name.replace('_', '-')}"
+    # The English help is TrainConfig's own (tests/ui/test_i18n.py checks en.json has it word for word).
+    label, elem_id = f"{f.name} — " + ui(f"train.hp.{f.name}"), f"train-{f.name.replace('_', '-')}"
     if "choices" in f.metadata:
         return gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default, elem_id=elem_id)
     if f.type in ("int", "float", "int | None"):
@@ -261,41 +263,41 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
     defaults = {f.name: f for f in fields(TrainConfig)}
     w: dict = {}
     if handlers.disabled:
-        gr.Markdown(f"**Training is off:** {handlers.disabled}")
+        gr.Markdown(ui("train.off") + f" {handlers.disabled}")
     with gr.Row():
-        w["model"] = gr.Textbox(label="Base model (folder; empty = the served model)", value="",
+        w["model"] = gr.Textbox(label=ui("train.model"), value="",
                                 elem_id="train-model")
-        w["data"] = gr.Dropdown(label="Data file (data folder)", choices=handlers.data_choices(), value=None,
+        w["data"] = gr.Dropdown(label=ui("train.data"), choices=handlers.data_choices(), value=None,
                                 elem_id="train-data")
-        w["upload"] = gr.File(label="…or upload", file_types=[".jsonl", ".json"], type="filepath",
+        w["upload"] = gr.File(label=ui("train.upload"), file_types=[".jsonl", ".json"], type="filepath",
                               elem_id="train-upload")
-        w["eval"] = gr.Dropdown(label="Eval file (data folder; optional: eval loss, early stopping)",
+        w["eval"] = gr.Dropdown(label=ui("train.eval"),
                                 choices=handlers.data_choices(), value=None, elem_id="train-eval")
-    w["preview_btn"] = gr.Button("Preview and validate", elem_id="train-preview")
+    w["preview_btn"] = gr.Button(ui("train.preview"), elem_id="train-preview")
     w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False,
                               elem_id="train-table")
     w["report"] = gr.Markdown(elem_id="train-report")
     values = []
-    with gr.Accordion("Hyperparameters", open=False, elem_id="train-hyperparameters"):
+    with gr.Accordion(ui("train.hyperparameters"), open=False, elem_id="train-hyperparameters"):
         for first in range(0, len(HYPERPARAMETERS), PER_ROW):
             with gr.Row():
                 values += [_hyperparameter(defaults[name]) for name in HYPERPARAMETERS[first:first + PER_ROW]]
     with gr.Row():
-        w["preset"] = gr.Dropdown(label="Preset", choices=handlers.preset_choices(), value=None,
-                                  allow_custom_value=True, info="a saved settings file; type a new name to save")
-        w["load_preset"] = gr.Button("Load preset")
-        w["save_preset"] = gr.Button("Save preset")
+        w["preset"] = gr.Dropdown(label=ui("train.preset"), choices=handlers.preset_choices(), value=None,
+                                  allow_custom_value=True, info=ui("train.preset_info"))
+        w["load_preset"] = gr.Button(ui("train.load_preset"))
+        w["save_preset"] = gr.Button(ui("train.save_preset"))
     with gr.Row():
-        w["name"] = gr.Textbox(label="Adapter name", placeholder="my-adapter", elem_id="train-name")
-        w["start"] = gr.Button("Start", variant="primary", interactive=handlers.disabled is None,
+        w["name"] = gr.Textbox(label=ui("train.name"), placeholder="my-adapter", elem_id="train-name")
+        w["start"] = gr.Button(ui("train.start"), variant="primary", interactive=handlers.disabled is None,
                                elem_id="train-start")
-        w["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
-        w["compare"] = gr.Button("Compare with base", elem_id="train-compare", visible=False)
+        w["stop"] = gr.Button(ui("chat.stop"), variant="stop", elem_id="train-stop")
+        w["compare"] = gr.Button(ui("train.compare"), elem_id="train-compare", visible=False)
     w["status"] = gr.Markdown(elem_id="train-status")
     w["progress"] = gr.Markdown(elem_id="train-progress")
     w["bar"] = gr.HTML("", elem_id="train-bar")  # step/total as a <progress> bar (numbers only)
-    w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title="Loss", elem_id="train-plot")
-    w["log"] = gr.Textbox(label="Log", lines=8, interactive=False, elem_id="train-log")
+    w["plot"] = gr.LinePlot(x="step", y="loss", color="kind", title=ui("train.loss"), elem_id="train-plot")
+    w["log"] = gr.Textbox(label=ui("train.log"), lines=8, interactive=False, elem_id="train-log")
     timer = gr.Timer(2.0)
 
     length = [values[HYPERPARAMETERS.index("max_length")], values[HYPERPARAMETERS.index("overlength")]]
@@ -337,10 +339,10 @@ def wire_train_results(tabs, w: dict, handlers: TrainHandlers, adapter_choices, 
     w["timer"].tick(on_tick, shown, [shown, w["compare"], *dropdowns], api_visibility="private",
                     show_progress="hidden")
 
-    def to_compare():
+    def to_compare(request: gr.Request = None):
         name = handlers.finished_adapter()
         if name is None:
-            raise gr.Error("No finished training job: its adapter appears here when the job ends.")
+            raise gr.Error(t("train.no_finished_job", lang_of(request)))
         choices = adapter_choices()
         return (gr.Tabs(selected="compare"), 2, gr.update(choices=choices, value=BASE),
                 gr.update(choices=choices, value=name), handlers.compare_prompt(name))
