@@ -19,8 +19,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'glmapp.ui' has no attribute {name!r}")
 
 
-def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None):
-    """Load the model, build the UI and serve it; returns the Blocks (already running when block=False)."""
+def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None = None,
+           wait_for_model: bool = False):
+    """Start loading the model, build the UI and serve it at once (the page shows the load's progress);
+    returns the Blocks (already running when block=False; with `wait_for_model`, once the model is served, or
+    raising its load error)."""
     from glmapp.ui.layout import build_ui
 
     from glmapp.api import KeyCheck, RateLimiter, build_router, response_cache
@@ -29,6 +32,8 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     api_keys = KeyCheck.of(config)
     store = config.open_store()  # a bad --db or --data-dir fails before the model is loaded
     backend = make_backend(config)
+    if wait_for_model:
+        wait_until_loaded(backend)
     if backend.demo:
         print(f"[demo] Serving the demo checkpoint ({backend.name}): random weights, replies are gibberish. "
               f"For real weights: {commands.download()}, or {commands.RUN_APP_WITH_MODEL}.",
@@ -66,10 +71,27 @@ def make_backend(config: AppConfig):
 
         return RemoteBackend(config.backend_url, config.backend_key, family=config.backend_family)
     from glmapp.backends import LocalBackend
+    from glmapp.ui.zero_gpu import zero_gpu_backend
 
-    return LocalBackend.load(config.model, demo=config.demo, dtype=config.dtype, device=config.device,
-                             max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir,
-                             quant=config.quant, engine_config=config.engine_config())
+    return zero_gpu_backend(LocalBackend.start(
+        config.model, demo=config.demo, dtype=config.dtype, device=config.device,
+        max_input_tokens=config.max_input_tokens, adapters_dir=config.adapters_dir, quant=config.quant,
+        engine_config=config.engine_config()))
+
+
+def wait_until_loaded(backend, timeout: float = 3600.0) -> None:
+    """Block until a background load has finished; its failure is raised (ModelLoadFailed)."""
+    import time
+
+    from glmapp.errors import ModelLoadFailed
+
+    deadline = time.monotonic() + timeout
+    while (state := backend.loading) is not None and not state.done:
+        if state.error:
+            raise ModelLoadFailed(state.error)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"The model did not load within {timeout:.0f} s ({state.describe()})")
+        time.sleep(0.05)  # polling a background thread's progress, bounded by the deadline
 
 
 def serve(demo, config: AppConfig, credentials: list[tuple[str, str]], limits: ServerLimits,

@@ -22,10 +22,11 @@ from glmapp import adapter_hub
 from glmapp.errors import AdapterError, GlmappError
 from glmapp.backends import format_bytes
 from glmapp.ui import notices
+from glmapp.ui.i18n import ENGLISH, error_text, t
 from glmapp.ui.render import safe_markdown
 
 BASE = "none"  # dropdown value of the base model (no adapter)
-BASE_LABEL = "none (base model)"
+BASE_LABEL = t("adapter.base_label")  # in English; the page shows adapter_label(None, lang)
 
 
 def cell(text) -> str:
@@ -33,8 +34,8 @@ def cell(text) -> str:
     return safe_markdown(str(text)).replace("|", "\\|").replace("\n", " ") or "—"
 
 
-def adapter_label(active: str | None) -> str:
-    return BASE_LABEL if not active else active
+def adapter_label(active: str | None, lang: str = ENGLISH) -> str:
+    return t("adapter.base_label", lang) if not active else active
 
 
 def refuse_downloads(why: str) -> Callable[[str], Path]:
@@ -63,90 +64,90 @@ class AdapterHandlers:
         self.download = download or refuse_downloads("downloads from the hub are off in this app.")
 
     # ---- what is shown ------------------------------------------------------------------------------
-    def choices(self) -> list[tuple[str, str]]:
+    def choices(self, lang: str = ENGLISH) -> list[tuple[str, str]]:
         """(label, value) pairs: the base model, every adapter in the folder, then loaded hub/path ones."""
-        out = [(BASE_LABEL, BASE)]
+        out = [(adapter_label(None, lang), BASE)]
         listed = set()
         for info in self.backend.list_adapters():
             listed.add(info.name)
             if info.name == BASE:
                 continue  # a folder named like the base entry cannot be chosen; the table says so
-            out.append((info.name if info.error is None else f"{info.name} (unavailable)", info.name))
-        out += [(f"{name} (loaded)", name) for name in self.backend.loaded_adapters() if name not in listed]
+            out.append((info.name if info.error is None else t("adapter.unavailable_label", lang, name=info.name),
+                        info.name))
+        out += [(t("adapter.loaded_label", lang, name=name), name) for name in self.backend.loaded_adapters()
+                if name not in listed]
         return out
 
-    def table(self, active: str | None = None) -> str:
+    def table(self, active: str | None = None, lang: str = ENGLISH) -> str:
         """Markdown table of the adapters with base model, rank, alpha, target modules, size and status."""
         infos = self.backend.list_adapters()
         loaded = set(self.backend.loaded_adapters())
         if not infos and not loaded:
-            return (f"No adapters in `{cell(self.backend.adapters_dir)}/`. Put PEFT LoRA folders "
-                    f"(`adapter_config.json` + `adapter_model.safetensors`) there and press Refresh, "
-                    f"or load one by hub id below.")
-        rows = ["| Adapter | Base model | Rank | Alpha | Target modules | Size | Status |",
+            return t("adapter.none_in_folder", lang, folder=cell(self.backend.adapters_dir))
+        rows = [t("adapter.table_header", lang),
                 "|---|---|---|---|---|---|---|"]
         for info in infos:
             if info.name == BASE:
-                status = f"unavailable: the name {BASE!r} is reserved for the base model; rename the folder"
+                status = t("adapter.reserved", lang, name=repr(BASE))
             elif info.error:
-                status = f"unavailable: {info.error}"
+                status = t("adapter.unavailable", lang, why=info.error)
             else:
-                status = "loaded" if info.name in loaded else "not loaded yet"
+                status = t("adapter.loaded" if info.name in loaded else "adapter.not_loaded", lang)
             if info.name == active:
-                status += " · **active in this tab**"
+                status += " · " + t("adapter.active_here", lang)
             rows.append(f"| {cell(info.name)} | {cell(info.base_model)} | {info.r or '—'} | {info.alpha or '—'} | "
                         f"{cell(', '.join(info.target_modules))} | "
                         f"{format_bytes(info.size_bytes) if info.size_bytes else '—'} | {cell(status)} |")
         for name in sorted(loaded - {i.name for i in infos}):
-            status = "loaded (hub id or path)" + (" · **active in this tab**" if name == active else "")
+            status = t("adapter.loaded_other", lang) + (" · " + t("adapter.active_here", lang) if name == active else "")
             rows.append(f"| {cell(name)} | | | | | | {status} |")
         return "\n".join(rows)
 
     @staticmethod
-    def next_reply(active: str | None) -> str:
+    def next_reply(active: str | None, lang: str = ENGLISH) -> str:
         """The chat stats line right after a change of adapter."""
-        return f"{'adapter ' + cell(active) if active else 'base model'} selected · the next reply uses it"
+        model = t("stats.adapter", lang, name=cell(active)) if active else t("stats.base_model", lang)
+        return t("adapter.selected", lang, model=model)
 
-    def status(self, active: str | None) -> str:
-        return f"Active in this tab: **{cell(adapter_label(active))}**"
+    def status(self, active: str | None, lang: str = ENGLISH) -> str:
+        return t("adapter.status", lang, name=cell(adapter_label(active, lang)))
 
     # ---- actions (each returns the new session choice first) ------------------------------------------
-    def select(self, choice, active: str | None) -> tuple[str | None, str]:
+    def select(self, choice, active: str | None, lang: str = ENGLISH) -> tuple[str | None, str]:
         """A dropdown pick -> (new choice for this session, status). A failing load keeps `active`."""
         choice = (choice or BASE).strip()
         if choice == BASE:
-            return None, self.status(None)
+            return None, self.status(None, lang)
         if choice == active and choice in self.backend.loaded_adapters():
-            return active, self.status(active)
+            return active, self.status(active, lang)
         broken = {i.name: i.error for i in self.backend.list_adapters() if i.error}
         if choice in broken:
-            return self._refuse(choice, broken[choice], active)
-        return self._load(choice, active, reload=False)
+            return self._refuse(choice, broken[choice], active, lang)
+        return self._load(choice, active, reload=False, lang=lang)
 
-    def load_spec(self, spec, active: str | None) -> tuple[str | None, str]:
+    def load_spec(self, spec, active: str | None, lang: str = ENGLISH) -> tuple[str | None, str]:
         """"Load by hub id or path": (re)load it and make it this session's choice."""
         spec = (spec or "").strip()
         if not spec:
-            return self._refuse("", "type a folder name inside the adapters folder or a hub id (owner/name).",
-                                active)
+            return self._refuse("", t("adapter.type_spec", lang), active, lang)
         if spec == BASE:
-            return None, self.status(None)
-        return self._load(spec, active, reload=True, download=self.download)
+            return None, self.status(None, lang)
+        return self._load(spec, active, reload=True, download=self.download, lang=lang)
 
-    def _load(self, spec: str, active: str | None, reload: bool, download=None) -> tuple[str | None, str]:
+    def _load(self, spec: str, active: str | None, reload: bool, download=None,
+              lang: str = ENGLISH) -> tuple[str | None, str]:
         try:
             info = self.backend.load_adapter(spec, reload=reload, download=download)
         except GlmappError as e:  # AdapterError, or the model is reloading
-            return self._refuse(spec, str(e), active)
-        notices.info(f"Adapter {info.name} is active in this tab (rank {info.r}, alpha {info.alpha:g}); "
-                f"the next reply uses it.")
-        return info.name, self.status(info.name)
+            return self._refuse(spec, error_text(e, lang), active, lang)
+        notices.info(t("adapter.activated", lang, name=info.name, r=info.r, alpha=f"{info.alpha:g}"))
+        return info.name, self.status(info.name, lang)
 
-    def _refuse(self, spec: str, why: str, active: str | None) -> tuple[str | None, str]:
-        message = (f"Could not load adapter {spec!r}: {why} Still using {adapter_label(active)}."
-                   if spec else f"No adapter given: {why}")
+    def _refuse(self, spec: str, why: str, active: str | None, lang: str = ENGLISH) -> tuple[str | None, str]:
+        message = (t("adapter.refused", lang, spec=repr(spec), why=why, active=adapter_label(active, lang))
+                   if spec else t("adapter.none_given", lang, why=why))
         notices.warning(message)
-        return active, f"⚠️ {cell(message)}\n\n{self.status(active)}"
+        return active, f"⚠️ {cell(message)}\n\n{self.status(active, lang)}"
 
 
 def dropdown_value(active: str | None) -> str:

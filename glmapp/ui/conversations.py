@@ -30,8 +30,10 @@ from glmapp.errors import GlmappError
 from glmapp.store import StoreError
 from glmapp.ui import notices
 from glmapp.ui.adapter_handlers import dropdown_value
+from glmapp.ui.loading import page_ready_updates
 from glmapp.ui.chat_handlers import ChatHandlers
 from glmapp.ui.export import write_json
+from glmapp.ui.i18n import ENGLISH, lang_of, t, table
 from glmapp.ui.render import chatbot_messages, safe_markdown
 
 SETTINGS = ("system", "max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -55,19 +57,19 @@ def owner_of(browser_id, request) -> str:
         return f"user:{user}"
     if isinstance(browser_id, str) and _BROWSER_ID.fullmatch(browser_id):
         return f"browser:{browser_id}"
-    raise gr.Error("This page has no browser id yet (the page is still loading, or site data is blocked): reload "
-                   "the page.")
+    raise gr.Error(t("conv.error_no_browser_id", lang_of(request)))
 
 
-def label(summary) -> str:
-    when = summary.updated_at.strftime("%Y-%m-%d %H:%M")
-    return f"{summary.title or UNTITLED} · {summary.adapter or 'base model'} · {when}"
+def label(summary, lang: str = ENGLISH) -> str:
+    when = summary.updated_at.strftime("%Y-%m-%d %H:%M")  # ISO order reads the same in both languages
+    untitled = t("conv.new", lang) if summary.title in (None, "", UNTITLED) else summary.title
+    return f"{untitled} · {summary.adapter or t('stats.base_model', lang)} · {when}"
 
 
-def describe(view) -> str:
+def describe(view, lang: str = ENGLISH) -> str:
     """The model, adapter and settings a conversation uses, as one Markdown line."""
-    parts = [f"model {view.model['name']}"] if view.model.get("name") else []
-    parts.append(f"adapter {view.adapter}" if view.adapter else "base model")
+    parts = [t("conv.model", lang, name=view.model["name"])] if view.model.get("name") else []
+    parts.append(t("stats.adapter", lang, name=view.adapter) if view.adapter else t("stats.base_model", lang))
     parts += [f"{k.replace('_', ' ')} {v}" for k, v in view.settings.items() if k in SAMPLING]
     return safe_markdown(" · ".join(parts))
 
@@ -78,7 +80,7 @@ def tab_messages(view) -> list[dict]:
             for m in view.messages]
 
 
-def versions_bar(view, focus_id=None) -> tuple[str, int | None]:
+def versions_bar(view, focus_id=None, lang: str = ENGLISH) -> tuple[str, int | None]:
     """(the bar's text, the focused message id): the focused message, else the last one with versions."""
     messages = view.messages
     target = (next((m for m in messages if m.id == focus_id), None)
@@ -86,26 +88,31 @@ def versions_bar(view, focus_id=None) -> tuple[str, int | None]:
               or (messages[-1] if messages else None))
     if target is None:
         return "", None
-    parts = [f"Message {messages.index(target) + 1} ({'yours' if target.role == 'user' else 'reply'})",
-             f"version ‹ {target.version}/{target.versions} ›"]
+    parts = [t("conv.message_yours" if target.role == "user" else "conv.message_reply", lang,
+               n=messages.index(target) + 1),
+             t("conv.version", lang, version=target.version, versions=target.versions)]
     meta = target.meta or {}
     if target.role == "assistant" and meta:
-        parts += [f"adapter {meta['adapter']}" if meta.get("adapter") else "base model",
-                  f"{meta.get('tokens', 0)} tokens", f"{meta.get('tokens_per_second', 0):.1f} tokens/s"]
+        parts += [t("stats.adapter", lang, name=meta["adapter"]) if meta.get("adapter") else t("stats.base_model", lang),
+                  t("conv.tokens", lang, n=meta.get("tokens", 0)),
+                  t("stats.speed", lang, rate=f"{meta.get('tokens_per_second', 0):.1f}")]
         if meta.get("finish_reason") not in (None, "stop"):
-            parts.append(str(meta["finish_reason"]))
+            reason = str(meta["finish_reason"])
+            parts.append(t(f"finish.{reason}", lang) if lang != ENGLISH and f"finish.{reason}" in table(lang) else reason)
     return safe_markdown(" · ".join(parts)), target.id
 
 
-def reply_lines(messages) -> list[str]:
+def reply_lines(messages, request: gr.Request = None) -> list[str]:
     """One plain-text line per reply (adapter, tokens, tokens/s), "" while it streams; the page shows each under
     its reply (REPLY_LINES_JS), outside the reply's text."""
-    lines = []
+    lines, lang = [], lang_of(request)
     for m in messages or []:
         if m.get("role") == "assistant":
             meta = m.get("meta") or {}
-            lines.append(" · ".join([meta.get("adapter") or "base model", f"{meta.get('tokens', 0)} tokens",
-                                     f"{meta.get('tokens_per_second', 0):.1f} tokens/s"]) if meta else "")
+            lines.append(" · ".join([meta.get("adapter") or t("stats.base_model", lang),
+                                     t("conv.tokens", lang, n=meta.get("tokens", 0)),
+                                     t("stats.speed", lang, rate=f"{meta.get('tokens_per_second', 0):.1f}")])
+                         if meta else "")
     return lines
 
 
@@ -133,9 +140,10 @@ class ConversationHandlers:
     # ---- the list ------------------------------------------------------------------------------------------
     def page_load(self, browser_id, query="", request: gr.Request = None):
         """A new page: give the browser an id if it has none, list its conversations, and only then open the chat
-        box (it starts disabled: a message sent before the page has its owner id could not be saved) -> (id, list,
-        chat box)."""
-        ready = gr.update(interactive=True)
+        box (it starts disabled: a message sent before the page has its owner id could not be saved), or, while
+        the model is still loading, start the timer that opens it when it is ready -> (id, list, chat box,
+        loading timer)."""
+        box, timer = page_ready_updates(self.backend)
         user = getattr(request, "username", None)
         browser_id = gr.skip() if user else new_browser_id(browser_id)
         try:
@@ -143,15 +151,15 @@ class ConversationHandlers:
         except StoreError as e:  # the chat still works; its conversations are not listed (and say why)
             notices.warning(f"Your conversations could not be listed: {e}")
             listing = gr.skip()
-        return browser_id, listing, ready
+        return browser_id, listing, box, timer
 
-    def listing(self, owner: str, query: str = "", current: str | None = None):
+    def listing(self, owner: str, query: str = "", current: str | None = None, lang: str = ENGLISH):
         found = self.conversations.list(owner, query=str(query or ""))
         ids = [c.id for c in found]
-        return gr.update(choices=[(label(c), c.id) for c in found], value=current if current in ids else None)
+        return gr.update(choices=[(label(c, lang), c.id) for c in found], value=current if current in ids else None)
 
     def search(self, query, conversation, browser_id, request: gr.Request = None):
-        return self.listing(owner_of(browser_id, request), query, conversation)
+        return self.listing(owner_of(browser_id, request), query, conversation, lang_of(request))
 
     def open(self, conversation, browser_id, request: gr.Request = None):
         """Restore a conversation exactly: messages, system prompt, sampling settings, adapter.
@@ -164,12 +172,13 @@ class ConversationHandlers:
         try:
             view = self.conversations.get(owner, conversation)
         except StoreError as e:
-            raise notices.error(e) from None
+            raise notices.error(e, lang_of(request)) from None
         messages = tab_messages(view)
-        bar, focus = versions_bar(view)
+        bar, focus = versions_bar(view, lang=lang_of(request))
         values = [gr.update(value=view.system_prompt)]
         values += [gr.update(value=view.settings[k]) if k in view.settings else gr.skip() for k in SAMPLING]
-        return (chatbot_messages(messages), messages, view.id, view.title, describe(view), bar, focus, "",
+        return (chatbot_messages(messages), messages, view.id, view.title, describe(view, lang_of(request)), bar,
+                focus, "",
                 view.adapter, dropdown_value(view.adapter), dropdown_value(view.adapter), *values)
 
     def new_chat(self, request: gr.Request = None):
@@ -181,42 +190,42 @@ class ConversationHandlers:
     def rename(self, conversation, title, query, browser_id, request: gr.Request = None):
         owner = owner_of(browser_id, request)
         if not conversation:
-            raise gr.Error("Open or start a conversation first, then rename it.")
+            raise gr.Error(t("conv.error_rename", lang_of(request)))
         try:
             self.conversations.rename(owner, conversation, clean_title(title))
         except StoreError as e:
             raise notices.error(e) from None
-        return self.listing(owner, query, conversation)
+        return self.listing(owner, query, conversation, lang_of(request))
 
     def delete(self, conversation, query, browser_id, request: gr.Request = None):
         """Delete the open conversation (undo brings it back) -> new_chat's outputs + (list, deleted, undo)."""
         owner = owner_of(browser_id, request)
         if not conversation:
-            raise gr.Error("Open a conversation first, then delete it.")
+            raise gr.Error(t("conv.error_delete", lang_of(request)))
         try:
             self.conversations.delete(owner, conversation)
         except StoreError as e:
             raise notices.error(e) from None
-        return (*self.new_chat(request)[:-1], self.listing(owner, query),
+        return (*self.new_chat(request)[:-1], self.listing(owner, query, lang=lang_of(request)),
                 conversation, gr.update(visible=True))
 
     def undo_delete(self, deleted, query, browser_id, request: gr.Request = None):
         """-> (list, deleted, undo button)."""
         owner = owner_of(browser_id, request)
         if not deleted:
-            raise gr.Error("Nothing to undo.")
+            raise gr.Error(t("conv.error_undo", lang_of(request)))
         try:
             self.conversations.restore(owner, deleted)
         except StoreError as e:
             raise notices.error(e) from None
-        return self.listing(owner, query), None, gr.update(visible=False)
+        return self.listing(owner, query, lang=lang_of(request)), None, gr.update(visible=False)
 
     # ---- export / import ----------------------------------------------------------------------------------
     def export_one(self, conversation, browser_id, request: gr.Request = None):
         """The open conversation as a JSON file -> the download widget."""
         owner = owner_of(browser_id, request)
         if not conversation:
-            raise gr.Error("Open a conversation first, then export it (Export all takes every conversation).")
+            raise gr.Error(t("conv.error_export", lang_of(request)))
         try:
             record = self.conversations.export(owner, conversation)
         except StoreError as e:
@@ -227,20 +236,21 @@ class ConversationHandlers:
         """All of this owner's conversations in one JSON file -> the download widget."""
         data = self.conversations.export_all(owner_of(browser_id, request))
         if not data["conversations"]:
-            raise gr.Error("There is no conversation to export yet.")
+            raise gr.Error(t("conv.error_export_all", lang_of(request)))
         return gr.update(value=write_json(data, "conversations"), visible=True)
 
     def import_file(self, path, query, browser_id, request: gr.Request = None):
         """Store the conversations of an exported JSON file as new ones of this owner, all or none -> the list."""
         owner = owner_of(browser_id, request)
         if not path:
-            raise gr.Error("Choose a JSON file exported from glmapp to import.")
+            raise gr.Error(t("conv.error_import", lang_of(request)))
         try:
             ids = self.conversations.import_records(owner, read_export(path))
         except StoreError as e:
             raise notices.error(f"{Path(path).name} was not imported: {e}") from None
-        notices.info(f"Imported {len(ids)} conversation{'s' if len(ids) != 1 else ''} from {Path(path).name}.")
-        return self.listing(owner, query)
+        notices.info(t("conv.imported" if len(ids) == 1 else "conv.imported_n", lang_of(request), n=len(ids),
+                       file=Path(path).name))
+        return self.listing(owner, query, lang=lang_of(request))
 
     # ---- versions ------------------------------------------------------------------------------------------
     def focus(self, conversation, browser_id, evt: gr.SelectData, request: gr.Request = None):
@@ -250,27 +260,27 @@ class ConversationHandlers:
         view = self.conversations.get(owner_of(browser_id, request), conversation)
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         focus_id = view.messages[index].id if 0 <= index < len(view.messages) else None
-        return versions_bar(view, focus_id)
+        return versions_bar(view, focus_id, lang_of(request))
 
     def switch(self, step: int, conversation, focus, browser_id, request: gr.Request = None):
         """Show the focused message's previous (-1) or next (+1) version -> (chatbot, messages, bar, focus)."""
-        owner = owner_of(browser_id, request)
+        owner, lang = owner_of(browser_id, request), lang_of(request)
         if not conversation or focus is None:
-            raise gr.Error("Open a conversation and click a message with versions first.")
+            raise gr.Error(t("conv.error_versions", lang))
         try:
             view = self.conversations.get(owner, conversation)
             target = next((m for m in view.messages if m.id == focus), None)
             if target is None:
-                raise gr.Error("That message is not in the branch shown: click a message first.")
+                raise gr.Error(t("conv.error_branch", lang))
             position = target.version - 1 + step
             if not 0 <= position < target.versions:
-                raise gr.Error(f"There is no {'earlier' if step < 0 else 'later'} version of this message.")
+                raise gr.Error(t("conv.error_no_earlier" if step < 0 else "conv.error_no_later", lang))
             sibling = target.sibling_ids[position]
             view = self.conversations.switch(owner, sibling)
         except StoreError as e:
             raise notices.error(e) from None
         messages = tab_messages(view)
-        bar, focus = versions_bar(view, sibling)
+        bar, focus = versions_bar(view, sibling, lang)
         return chatbot_messages(messages), messages, bar, focus
 
     def older(self, conversation, focus, browser_id, request: gr.Request = None):
@@ -290,7 +300,7 @@ class ConversationHandlers:
         try:
             owner = owner_of(browser_id, request)
         except gr.Error as e:  # sent before the page had its id: the chat goes on, unsaved, and says so
-            notices.warning(f"This conversation is not saved. {e.message}")
+            notices.warning(t("conv.not_saved", lang_of(request), why=e.message))
             return chatbot, new_messages, box, None, gr.skip()
         try:
             conversation = self._record_settings(owner, conversation, settings, adapter)
@@ -303,7 +313,8 @@ class ConversationHandlers:
             self.chat.closed(request)  # frees the reply slot accept claimed: nothing will be generated
             raise notices.error(f"{e} Press New chat to start another conversation.") from None
         new_messages[-1]["id"] = view.id
-        return chatbot, new_messages, box, conversation, self.listing(owner, current=conversation)
+        return chatbot, new_messages, box, conversation, self.listing(owner, current=conversation,
+                                                                      lang=lang_of(request))
 
     def _record_settings(self, owner: str, conversation, settings, adapter) -> str:
         values = dict(zip(SETTINGS, settings))
@@ -368,20 +379,21 @@ class ConversationHandlers:
                 if conversation and streaming and started is not None:
                     started(shown)
                 if conversation and streaming and "meta" in shown[-1] and "id" not in shown[-1]:
-                    extra = self._save_reply(owner_of(browser_id, request), conversation, shown, user_id(shown))
+                    extra = self._save_reply(owner_of(browser_id, request), conversation, shown, user_id(shown),
+                                             lang_of(request))
             except (StoreError, gr.Error) as e:
-                notices.warning(f"This conversation could not be saved: {getattr(e, 'message', e)}")
+                notices.warning(t("conv.save_failed", lang_of(request), why=getattr(e, "message", e)))
             yield chatbot, shown, box, stats, *extra
 
-    def _save_reply(self, owner: str, conversation: str, shown: list[dict], parent_id) -> tuple:
+    def _save_reply(self, owner: str, conversation: str, shown: list[dict], parent_id, lang: str = ENGLISH) -> tuple:
         reply = shown[-1]
         view = self.conversations.append(owner, conversation, "assistant", reply["content"], meta=reply["meta"],
                                          **({"parent_id": parent_id} if parent_id else {}))
         reply["id"] = view.id
         if parent_id:
             shown[-2]["id"] = parent_id
-        bar, focus = versions_bar(self.conversations.get(owner, conversation))
-        return bar, focus, self.listing(owner, current=conversation)
+        bar, focus = versions_bar(self.conversations.get(owner, conversation), lang=lang)
+        return bar, focus, self.listing(owner, current=conversation, lang=lang)
 
 
 def clean_title(title) -> str:

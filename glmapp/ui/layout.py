@@ -5,6 +5,7 @@ No model code and no handler logic here: handlers live in *_handlers.py as plain
 
 from __future__ import annotations
 
+import functools
 import tempfile
 
 import gradio as gr
@@ -12,14 +13,12 @@ import gradio as gr
 from glmapp.choices import DTYPES
 from glmapp.store import open_store, sqlite_url
 from glmapp.ui import model_handlers
-from glmapp.ui.zero_gpu import gpu_for
 from glmapp.ui.adapter_handlers import BASE, AdapterHandlers, dropdown_value, hub_downloads
 from glmapp.ui.chat_handlers import ChatHandlers, ChatSettings, setting_ranges
 from glmapp.ui.compare_handlers import (
     COLUMN_FIELDS,
     LABELS,
     MAX_COLUMNS,
-    VOTES,
     CompareHandlers,
 )
 from glmapp.ui.config import AppConfig
@@ -31,7 +30,20 @@ from glmapp.ui.conversations import (
     ConversationHandlers,
     reply_lines,
 )
+from glmapp.ui.i18n import (
+    ENGLISH,
+    I18N,
+    LANGUAGE_CHOICES,
+    LANGUAGES,
+    PAGE_LOAD_JS,
+    SWITCH_JS,
+    CJK_FONT_CSS,
+    lang_of,
+    t,
+    ui,
+)
 from glmapp.ui.export import conversation_record, write_html, write_json
+from glmapp.ui.loading import create_loading_banner, wire_loading
 from glmapp.ui.leaderboard import ARENA_VOTES, TIME_RANGES, ArenaHandlers, leaderboard
 from glmapp.ui.render import LATEX_DELIMITERS
 from glmapp.ui.server import ServerLimits
@@ -43,7 +55,10 @@ CSS = """
 #demo-banner * { color: #5c4400 !important; }
 .stats-line { font-size: 0.85em; opacity: 0.8; min-height: 1.5em; }
 .reply-meta { font-size: 0.75em; opacity: 0.7; margin: 2px 0 0 4px; }
-"""
+#loading-banner .load-running { border: 2px solid #3b82f6; border-radius: 8px; padding: 6px 12px; }
+#loading-banner .load-failed { border: 2px solid #dc2626; border-radius: 8px; padding: 6px 12px; }
+#loading-banner progress { display: block; width: 100%; margin-top: 4px; }
+""" + CJK_FONT_CSS
 
 
 def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | None = None, store=None) -> gr.Blocks:
@@ -59,31 +74,77 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
     picker = AdapterHandlers(backend, hub_downloads(config))
     choices = picker.choices()
     with gr.Blocks(title="glmapp · ChatGLM chat", delete_cache=limits.cache_sweep) as demo:
-        gr.Markdown("## glmapp · chat with ChatGLM on your machine")
-        gr.Markdown(model_handlers.demo_banner(backend), elem_id="demo-banner", visible=backend.demo)
+        with gr.Row(equal_height=True):
+            gr.Markdown(ui("app.heading"))
+            # Language names are written in their own language; the choice is remembered in the browser.
+            language = gr.Radio(LANGUAGE_CHOICES, value=ENGLISH, label=ui("app.language"), show_label=False,
+                                container=False, elem_id="language-switch", scale=0, min_width=200)
+        banner = gr.Markdown(model_handlers.demo_banner(backend), elem_id="demo-banner", visible=backend.demo)
+        loading_widgets = create_loading_banner(backend)  # while the model loads in the background
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
         with gr.Tabs() as tabs:
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+            with gr.Tab(ui("tab.chat"), id="chat", elem_id="tab-chat"):
                 chat_widgets = create_chat_tab(chat, backend, config, adapter, choices, conv)
-            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+            with gr.Tab(ui("tab.compare"), id="compare", elem_id="tab-compare"):
                 compare_widgets = create_compare_tab(compare, backend, config, choices)
                 arena_widgets = create_arena_panel(choices)
-            with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard") as board_tab:
+            with gr.Tab(ui("tab.leaderboard"), id="leaderboard", elem_id="tab-leaderboard") as board_tab:
                 board_widgets = create_leaderboard_tab()
-            with gr.Tab("Model", id="model", elem_id="tab-model"):
+            with gr.Tab(ui("tab.model"), id="model", elem_id="tab-model"):
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab(ui("tab.train"), id="train", elem_id="tab-train"):
                 train = train_handlers(backend, config)
                 train_widgets = create_train_tab(train)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         wire_train_results(tabs, train_widgets, train, picker.choices,
                            [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
                            compare_widgets)
-        wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter, model_widgets["adapter"])
+        wire_conversations(demo, conv, chat_widgets["panel"], chat_widgets, adapter, model_widgets["adapter"],
+                           loading_widgets["timer"])
+        wire_loading(demo, backend, loading_widgets, chat_widgets["textbox"])
         wire_votes(arena, compare_widgets, arena_widgets, chat_widgets["panel"]["owner"], config)
         wire_leaderboard(store, board_tab, board_widgets)
+        wire_language(demo, backend, language, banner, chat_widgets, board_widgets, picker, adapter,
+                      [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
+                      model_widgets["adapter_table"])
         demo.unload(chat.closed)
+    # Gradio takes the translations at launch; whoever launches these Blocks gets them.
+    demo.launch = functools.partial(demo.launch, i18n=I18N)
     return demo
+
+
+def wire_language(demo, backend, language, banner, chat: dict, board: dict, picker: AdapterHandlers, adapter,
+                  adapter_dropdowns: list, adapter_table) -> None:
+    """The page's language: at load the browser's (or the remembered choice), then the switch. Gradio
+    translates the layout in the browser; the text made here on the server (banner, example prompts, the
+    leaderboard's ranges, the adapter choices and table) is sent again in the chosen language. The
+    conversation is left as it is."""
+    def show(lang, active):
+        lang = lang if lang in LANGUAGES else ENGLISH
+        choices = picker.choices(lang)
+        return (lang, model_handlers.demo_banner(backend, lang), gr.update(examples=example_prompts(lang)),
+                gr.update(choices=time_range_choices(lang)), picker.table(active, lang),
+                *(gr.update(choices=choices) for _ in adapter_dropdowns))
+
+    outputs = [language, banner, chat["chatbot"], board["range"], adapter_table, *adapter_dropdowns]
+    quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+    # First the browser (sets the switch, the cookie and Gradio's locale), then the server's text.
+    demo.load(None, language, language, js=PAGE_LOAD_JS, **quick).then(show, [language, adapter], outputs, **quick)
+    language.input(None, language, language, js=SWITCH_JS, **quick).then(show, [language, adapter], outputs, **quick)
+    def use_example(choice: gr.SelectData):
+        return choice.value["text"]
+
+    chat["chatbot"].example_select(use_example, None, chat["textbox"], **quick)
+
+
+def time_range_choices(lang: str) -> list[tuple[str, str]]:
+    """The leaderboard's time ranges as (label in `lang`, the range's name), in TIME_RANGES order."""
+    return [(t(f"board.range.{i}", lang), name) for i, name in enumerate(TIME_RANGES)]
+
+
+def example_prompts(lang: str) -> list[dict]:
+    """A few clickable starters for an empty chat, in the reader's language (a click puts one in the box)."""
+    return [{"text": t(f"example.{i}", lang)} for i in range(1, 4)]
 
 
 def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model: dict, chat: dict,
@@ -94,21 +155,24 @@ def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model:
     everything = [adapter, *pickers, model["adapter_table"], model["adapter_status"], chat["stats"],
                   *compare_dropdowns]
 
-    def show(before, active, status):
-        choices, value = picker.choices(), dropdown_value(active)
+    def show(before, active, status, lang):
+        choices, value = picker.choices(lang), dropdown_value(active)
         changed = active != before
-        return (active, *(gr.update(choices=choices, value=value) for _ in pickers), picker.table(active), status,
-                picker.next_reply(active) if changed else gr.update(),
+        return (active, *(gr.update(choices=choices, value=value) for _ in pickers), picker.table(active, lang),
+                status, picker.next_reply(active, lang) if changed else gr.update(),
                 *(gr.update(choices=choices) for _ in compare_dropdowns))
 
-    def on_select(choice, active):
-        return show(active, *picker.select(choice, active))
+    def on_select(choice, active, request: gr.Request):
+        lang = lang_of(request)
+        return show(active, *picker.select(choice, active, lang), lang)
 
-    def on_load(spec, active):
-        return (*show(active, *picker.load_spec(spec, active)), "")
+    def on_load(spec, active, request: gr.Request):
+        lang = lang_of(request)
+        return (*show(active, *picker.load_spec(spec, active, lang), lang), "")
 
-    def on_refresh(active):
-        return show(active, active, picker.status(active))
+    def on_refresh(active, request: gr.Request):
+        lang = lang_of(request)
+        return show(active, active, picker.status(active, lang), lang)
 
     quick = dict(concurrency_id="adapters", concurrency_limit=1, api_visibility="private", show_progress="minimal")
     for dropdown in pickers:
@@ -118,11 +182,12 @@ def wire_adapter_picker(demo, picker: AdapterHandlers, adapter: gr.State, model:
         trigger(on_load, [model["adapter_spec"], adapter], [*everything, model["adapter_spec"]], **quick)
     model["adapter_refresh"].click(on_refresh, adapter, everything, **quick)
 
-    def on_page_load():
+    def on_page_load(request: gr.Request):
         # Choices and the table only: the tab's choice is None at load, and writing it (or the dropdowns'
         # values) here would undo a pick made before this event's answer arrived.
-        choices = picker.choices()
-        return (*(gr.update(choices=choices) for _ in pickers), picker.table(None),
+        lang = lang_of(request)
+        choices = picker.choices(lang)
+        return (*(gr.update(choices=choices) for _ in pickers), picker.table(None, lang),
                 *(gr.update(choices=choices) for _ in compare_dropdowns))
 
     demo.load(on_page_load, None, [*pickers, model["adapter_table"], *compare_dropdowns], concurrency_limit=None,
@@ -135,23 +200,23 @@ def create_settings_panel(backend, config: AppConfig, adapter_choices: list) -> 
 
     def slider(name: str, value, step, elem_id: str, **kw):
         r = ranges[name]
-        return gr.Slider(r.minimum, r.maximum, value=value, step=step, label=r.label, elem_id=elem_id, **kw)
+        return gr.Slider(r.minimum, r.maximum, value=value, step=step, label=ui(f"setting.{name}"), elem_id=elem_id, **kw)
 
     w = {}
-    w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label="LoRA adapter", elem_id="chat-adapter",
-                               info="applies to this tab's next reply; details in the Model tab")
-    w["system"] = gr.Textbox(label="System prompt (ChatGLM3)", lines=2, elem_id="system-prompt",
-                             placeholder="e.g. You are a helpful assistant.",
+    w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label=ui("settings.adapter"), elem_id="chat-adapter",
+                               info=ui("settings.adapter_info"))
+    w["system"] = gr.Textbox(label=ui("settings.system"), lines=2, elem_id="system-prompt",
+                             placeholder=ui("settings.system_placeholder"),
                              visible=backend.family == "chatglm3")
-    with gr.Accordion("Generation settings", open=True):
-        w["max_length"] = slider("max_length", d.max_length, 1, "max-length", info="prompt + reply, in tokens")
+    with gr.Accordion(ui("settings.generation"), open=True):
+        w["max_length"] = slider("max_length", d.max_length, 1, "max-length", info=ui("settings.max_length_info"))
         w["max_new_tokens"] = slider("max_new_tokens", d.max_new_tokens, 1, "max-new-tokens")
         w["temperature"] = slider("temperature", d.temperature, 0.01, "temperature",
-                                  info="0 = greedy (always the same reply)")
+                                  info=ui("settings.temperature_info"))
         w["top_p"] = slider("top_p", d.top_p, 0.01, "top-p")
-        w["top_k"] = slider("top_k", d.top_k, 1, "top-k", info="0 = off")
+        w["top_k"] = slider("top_k", d.top_k, 1, "top-k", info=ui("settings.top_k_info"))
         w["repetition_penalty"] = slider("repetition_penalty", d.repetition_penalty, 0.01, "repetition-penalty")
-        w["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+        w["seed"] = gr.Number(value=-1, precision=0, label=ui("settings.seed"), elem_id="seed")
     return w
 
 
@@ -159,31 +224,31 @@ def create_conversation_list() -> dict:
     """The column beside the chat: New chat, search, the list (newest first), rename, delete with undo."""
     w = {"owner": gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=BROWSER_SECRET),
          "conversation": gr.State(None), "focus": gr.State(None), "deleted": gr.State(None)}
-    w["new"] = gr.Button("New chat", variant="primary", size="sm", elem_id="conv-new")
-    w["search"] = gr.Textbox(show_label=False, placeholder="Search titles and messages", elem_id="conv-search")
-    w["list"] = gr.Radio([], label="Conversations", elem_id="conv-list")
+    w["new"] = gr.Button(ui("conv.new"), variant="primary", size="sm", elem_id="conv-new")
+    w["search"] = gr.Textbox(show_label=False, placeholder=ui("conv.search"), elem_id="conv-search")
+    w["list"] = gr.Radio([], label=ui("conv.list"), elem_id="conv-list")
     w["info"] = gr.Markdown("", elem_id="conv-info", elem_classes="stats-line")
     with gr.Row():
-        w["title"] = gr.Textbox(show_label=False, placeholder="Title", scale=3, min_width=80, elem_id="conv-title")
-        w["rename"] = gr.Button("Rename", size="sm", scale=1, min_width=60, elem_id="conv-rename")
+        w["title"] = gr.Textbox(show_label=False, placeholder=ui("conv.title"), scale=3, min_width=80, elem_id="conv-title")
+        w["rename"] = gr.Button(ui("conv.rename"), size="sm", scale=1, min_width=60, elem_id="conv-rename")
     with gr.Row():
-        w["delete"] = gr.Button("Delete", size="sm", variant="stop", elem_id="conv-delete")
-        w["undo"] = gr.Button("Undo delete", size="sm", visible=False, elem_id="conv-undo")
+        w["delete"] = gr.Button(ui("conv.delete"), size="sm", variant="stop", elem_id="conv-delete")
+        w["undo"] = gr.Button(ui("conv.undo"), size="sm", visible=False, elem_id="conv-undo")
     with gr.Row():
-        w["export"] = gr.Button("Export", size="sm", elem_id="conv-export")
-        w["export_all"] = gr.Button("Export all", size="sm", elem_id="conv-export-all")
-        w["import"] = gr.UploadButton("Import", size="sm", file_types=[".json"], elem_id="conv-import")
-    w["file"] = gr.File(label="Download", interactive=False, visible=False, elem_id="conv-export-file")
+        w["export"] = gr.Button(ui("conv.export"), size="sm", elem_id="conv-export")
+        w["export_all"] = gr.Button(ui("conv.export_all"), size="sm", elem_id="conv-export-all")
+        w["import"] = gr.UploadButton(ui("conv.import"), size="sm", file_types=[".json"], elem_id="conv-import")
+    w["file"] = gr.File(label=ui("common.download"), interactive=False, visible=False, elem_id="conv-export-file")
     return w
 
 
 def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, adapter: gr.State,
-                       model_picker) -> None:
+                       model_picker, loading_timer) -> None:
     """The list's events; the chat's own events are wired in create_chat_tab with the same states. Opening a
     conversation sets the tab's adapter in both pickers (Chat tab and Model tab)."""
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     owner, conversation, query = w["owner"], w["conversation"], w["search"]
-    demo.load(conv.page_load, [owner, query], [owner, w["list"], chat["textbox"]], **quick)
+    demo.load(conv.page_load, [owner, query], [owner, w["list"], chat["textbox"], loading_timer], **quick)
     query.change(conv.search, [query, conversation, owner], w["list"], **quick)
     fresh = [chat["chatbot"], chat["messages"], chat["textbox"], chat["stats"], conversation, w["title"], w["info"],
              chat["bar"], w["focus"], w["list"]]
@@ -215,29 +280,30 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
         with gr.Column(scale=1, min_width=220, elem_id="conversation-panel"):
             panel = create_conversation_list()
         with gr.Column(scale=4):
-            chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=480, editable="user",
+            chatbot = gr.Chatbot(elem_id="chatbot", label=ui("chat.label"), height=480, editable="user",
                                  latex_delimiters=LATEX_DELIMITERS, sanitize_html=True, render_markdown=True,
-                                 buttons=["copy", "copy_all"], feedback_options=None, allow_tags=False)
+                                 buttons=["copy", "copy_all"], feedback_options=None, allow_tags=False,
+                                 examples=example_prompts(ENGLISH))  # the page's language replaces them at load
             # Disabled until the page's load event has given this browser its owner id (conv.page_load).
             textbox = gr.Textbox(show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True,
                                  interactive=False,
-                                 placeholder="Type a message · Enter sends · Shift+Enter adds a line")
+                                 placeholder=ui("chat.placeholder"))
             with gr.Row():
-                send = gr.Button("Send", variant="primary", elem_id="send-btn")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-                regenerate = gr.Button("Regenerate", elem_id="regenerate-btn")
-                undo = gr.Button("Undo", elem_id="undo-btn")
-                clear = gr.Button("Clear", elem_id="clear-btn")
+                send = gr.Button(ui("chat.send"), variant="primary", elem_id="send-btn")
+                stop = gr.Button(ui("chat.stop"), variant="stop", elem_id="stop-btn")
+                regenerate = gr.Button(ui("chat.regenerate"), elem_id="regenerate-btn")
+                undo = gr.Button(ui("chat.undo"), elem_id="undo-btn")
+                clear = gr.Button(ui("chat.clear"), elem_id="clear-btn")
             stats = gr.Markdown("", elem_id="chat-stats", elem_classes="stats-line")
             with gr.Row(equal_height=True):  # the clicked message's (default: the last changed one's) versions
-                older = gr.Button("‹ older version", size="sm", scale=0, min_width=60, elem_id="version-older")
+                older = gr.Button(ui("chat.older"), size="sm", scale=0, min_width=60, elem_id="version-older")
                 bar = gr.Markdown("", elem_id="versions-bar", elem_classes="stats-line")
-                newer = gr.Button("newer version ›", size="sm", scale=0, min_width=60, elem_id="version-newer")
+                newer = gr.Button(ui("chat.newer"), size="sm", scale=0, min_width=60, elem_id="version-newer")
             with gr.Row():
-                export_json = gr.Button("Export JSON", size="sm", elem_id="export-json-btn")
-                export_html = gr.Button("Export HTML", size="sm", elem_id="export-html-btn")
+                export_json = gr.Button(ui("chat.export_json"), size="sm", elem_id="export-json-btn")
+                export_html = gr.Button(ui("chat.export_html"), size="sm", elem_id="export-html-btn")
             # Shown once there is something to download (an empty upload box reads as an invitation to drop files).
-            export_file = gr.File(label="Download", elem_id="export-file", interactive=False, visible=False)
+            export_file = gr.File(label=ui("common.download"), elem_id="export-file", interactive=False, visible=False)
         with gr.Column(scale=2):
             settings = create_settings_panel(backend, config, adapter_choices)
     messages = gr.State([])
@@ -252,15 +318,15 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
     # `accept` step moves the message out of the box, then `reply` streams without writing the box.
     generate = dict(concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
                     preprocess=False, api_visibility="private")
-    on_gpu = gpu_for(backend, 3)  # ZeroGPU: each call asks for the GPU time its max new tokens (argument 3) need
-    reply, regenerate_reply, edit_reply = on_gpu(conv.reply), on_gpu(conv.regenerate), on_gpu(conv.edit)
+    # ZeroGPU: the backend runs each generation in a GPU call of its own (glmapp.ui.zero_gpu.zero_gpu_backend).
+    reply, regenerate_reply, edit_reply = conv.reply, conv.regenerate, conv.edit
     for trigger in (textbox.submit, send.click):
         # "multiple": the default ("once") silently drops an Enter while an earlier one is pending.
         trigger(conv.accept, [textbox, messages, *setting_inputs, adapter, *keep],
                 [chatbot, messages, textbox, panel["conversation"], panel["list"]],
                 concurrency_limit=None, show_progress="hidden", preprocess=False, api_visibility="private",
                 trigger_mode="multiple").success(reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
-    gr.api(on_gpu(chat.api_chat), api_name="chat", concurrency_id="generate",
+    gr.api(chat.api_chat, api_name="chat", concurrency_id="generate",
            concurrency_limit=config.max_concurrency)
     regenerate.click(regenerate_reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
     chatbot.edit(edit_reply, [messages, *setting_inputs, adapter, *keep], saved, **generate)
@@ -269,11 +335,14 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
                api_visibility="private")
 
     def export(kind: str):
-        def handler(history, system, *values):
-            record = conversation_record(history, system or "", vars(backend.info()),
-                                         dict(zip(["max_length", "max_new_tokens", "temperature", "top_p",
-                                                   "top_k", "repetition_penalty", "seed", "adapter"], values)))
-            path = write_json(record, "conversation") if kind == "json" else write_html(record)
+        # Named parameters: Gradio passes `request` only to a named parameter, never after *args.
+        def handler(history, system, max_length, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                    adapter, request: gr.Request = None):
+            values = dict(max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, adapter=adapter)
+            record = conversation_record(history, system or "", vars(backend.info()), values)
+            path = (write_json(record, "conversation") if kind == "json"
+                    else write_html(record, lang=lang_of(request)))  # the page's chrome in the reader's language
             return gr.File(path, visible=True)
         return handler
 
@@ -288,33 +357,32 @@ def create_chat_tab(chat: ChatHandlers, backend, config: AppConfig, adapter: gr.
 def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, adapter_choices: list) -> dict:
     d = ChatSettings.defaults(backend.family, backend.context_length, config.max_new_tokens)
     ranges = setting_ranges(backend.context_length, config.max_new_tokens)
-    gr.Markdown("One prompt, several columns, each with its own LoRA adapter (or the base model) and sampling "
-                "settings. All columns are submitted together and the engine decodes them **as one batched generation**, so they stream at the "
-                "same time; each column shows its own tokens/s.")
+    gr.Markdown(ui("compare.intro"))
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, scale=4, elem_id="compare-prompt",
-                            placeholder="Type a prompt · Enter runs all columns · Shift+Enter adds a line")
+        prompt = gr.Textbox(label=ui("compare.prompt"), lines=2, max_lines=8, scale=4, elem_id="compare-prompt",
+                            placeholder=ui("compare.placeholder"))
         with gr.Column(scale=1):
-            n_columns = gr.Radio([2, 3, 4], value=2, label="Columns", elem_id="compare-n")
+            n_columns = gr.Radio([2, 3, 4], value=2, label=ui("compare.columns"), elem_id="compare-n")
             r = ranges["max_new_tokens"]
-            max_new_tokens = gr.Slider(r.minimum, r.maximum, value=min(256, r.maximum), step=1, label=r.label,
+            max_new_tokens = gr.Slider(r.minimum, r.maximum, value=min(256, r.maximum), step=1,
+                                       label=ui("setting.max_new_tokens"),
                                        elem_id="compare-max-new-tokens")
-    run = gr.Button("Run all columns", variant="primary", elem_id="compare-run")
+    run = gr.Button(ui("compare.run"), variant="primary", elem_id="compare-run")
     columns, column_inputs, outputs, stats, adapters = [], [], [], [], []
     with gr.Row(equal_height=False):
         for i, label in enumerate(LABELS[:MAX_COLUMNS]):
             with gr.Column(visible=i < 2, min_width=220) as col:
                 gr.Markdown(f"### {label}")
-                adapters.append(gr.Dropdown(adapter_choices, value=BASE, label="Adapter", show_label=False,
+                adapters.append(gr.Dropdown(adapter_choices, value=BASE, label=ui("compare.adapter"), show_label=False,
                                             elem_id=f"compare-adapter-{label}"))
-                with gr.Accordion(f"{label} settings", open=False):
+                with gr.Accordion(f"{label} " + ui("compare.settings"), open=False):
                     column_inputs += [
                         adapters[-1],
                         gr.Slider(ranges["temperature"].minimum, ranges["temperature"].maximum, value=d.temperature,
-                                  step=0.01, label="Temperature", elem_id=f"compare-temperature-{label}"),
+                                  step=0.01, label=ui("setting.temperature"), elem_id=f"compare-temperature-{label}"),
                         gr.Slider(ranges["top_p"].minimum, ranges["top_p"].maximum, value=d.top_p, step=0.01,
-                                  label="Top p", elem_id=f"compare-top-p-{label}"),
-                        gr.Number(value=i + 1, precision=0, label="Seed (-1 = random)",
+                                  label=ui("setting.top_p"), elem_id=f"compare-top-p-{label}"),
+                        gr.Number(value=i + 1, precision=0, label=ui("settings.seed"),
                                   elem_id=f"compare-seed-{label}"),
                     ]
                 stats.append(gr.Markdown("", elem_id=f"compare-stats-{label}", elem_classes="stats-line"))
@@ -323,13 +391,13 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
             columns.append(col)
     record = gr.State(None)
     with gr.Row():
-        vote_buttons = {c: gr.Button(VOTES[c], elem_id=f"vote-{c}", visible=c in ("A", "B", "tie", "both_bad"))
+        vote_buttons = {c: gr.Button(ui(f"vote.{c}"), elem_id=f"vote-{c}", visible=c in ("A", "B", "tie", "both_bad"))
                         for c in ("A", "B", "C", "D", "tie", "both_bad")}
-    note = gr.Textbox(label="Note (saved with the vote)", elem_id="compare-note")
+    note = gr.Textbox(label=ui("compare.note"), elem_id="compare-note")
     vote_status = gr.Markdown("", elem_id="vote-status")
     with gr.Row():
-        export = gr.Button("Export comparison (JSON)", size="sm", elem_id="compare-export-btn")
-        export_file = gr.File(label="Download", elem_id="compare-export-file", interactive=False,
+        export = gr.Button(ui("compare.export"), size="sm", elem_id="compare-export-btn")
+        export_file = gr.File(label=ui("common.download"), elem_id="compare-export-file", interactive=False,
                               visible=False)  # shown once a comparison was exported
 
     def show_columns(n):
@@ -339,7 +407,7 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
 
     n_columns.change(show_columns, n_columns, [*columns, *(vote_buttons[c] for c in "ABCD")],
                      api_visibility="private")
-    run_event = dict(fn=gpu_for(backend, 2)(compare.run), inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
+    run_event = dict(fn=compare.run, inputs=[prompt, n_columns, max_new_tokens, *column_inputs],
                      outputs=[*outputs, *stats, record], concurrency_id="generate",
                      concurrency_limit=config.max_concurrency, show_progress="hidden",
                      preprocess=False)  # raw values: the handler checks them and names a bad one
@@ -354,13 +422,11 @@ def create_compare_tab(compare: CompareHandlers, backend, config: AppConfig, ada
 
 def create_arena_panel(adapter_choices: list) -> dict:
     """Anonymous A/B under the Compare tab's prompt: two entries drawn from those ticked, names shown after the vote."""
-    gr.Markdown("### Arena: two answers, names hidden\nTick what to draw from (the base model counts); two of them "
-                "answer the prompt above as A and B, and their names are shown after your vote. A vote made after "
-                "showing the names, or on an empty or failed answer, is kept but not counted on the Leaderboard.")
+    gr.Markdown(ui("arena.intro"))
     w = {"state": gr.State(None)}
-    w["pool"] = gr.CheckboxGroup(adapter_choices, label="Draw from", elem_id="arena-pool",
+    w["pool"] = gr.CheckboxGroup(adapter_choices, label=ui("arena.pool"), elem_id="arena-pool",
                                  value=[v for label, v in adapter_choices if not label.endswith("(unavailable)")])
-    w["run"] = gr.Button("Draw two and run", variant="primary", elem_id="arena-run")
+    w["run"] = gr.Button(ui("arena.run"), variant="primary", elem_id="arena-run")
     with gr.Row(equal_height=False):
         for label in "AB":
             with gr.Column(min_width=220):
@@ -369,9 +435,9 @@ def create_arena_panel(adapter_choices: list) -> dict:
                 w[f"out-{label}"] = gr.Markdown("", elem_id=f"arena-out-{label}", sanitize_html=True,
                                                 latex_delimiters=LATEX_DELIMITERS, container=True, min_height=120)
     with gr.Row():
-        w["votes"] = {c: gr.Button(VOTES[c], elem_id=f"arena-vote-{c}") for c in ARENA_VOTES}
-        w["reveal"] = gr.Button("Show names", elem_id="arena-reveal")
-    w["note"] = gr.Textbox(label="Note (saved with the vote)", elem_id="arena-note")
+        w["votes"] = {c: gr.Button(ui(f"vote.{c}"), elem_id=f"arena-vote-{c}") for c in ARENA_VOTES}
+        w["reveal"] = gr.Button(ui("arena.reveal"), elem_id="arena-reveal")
+    w["note"] = gr.Textbox(label=ui("compare.note"), elem_id="arena-note")
     w["status"] = gr.Markdown("", elem_id="arena-status")
     return w
 
@@ -388,7 +454,7 @@ def wire_votes(arena: ArenaHandlers, compare: dict, w: dict, owner, config: AppC
     for choice, button in compare["vote_buttons"].items():
         button.click(compare_vote(choice), [compare["note"], compare["record"], owner], compare["vote_status"], **quick)
     shown = [w["out-A"], w["out-B"], w["stats-A"], w["stats-B"], w["state"], w["status"]]
-    w["run"].click(gpu_for(arena.backend, 1)(arena.run), [compare["prompt"], compare["max_new_tokens"], w["pool"]], shown,
+    w["run"].click(arena.run, [compare["prompt"], compare["max_new_tokens"], w["pool"]], shown,
                    concurrency_id="generate", concurrency_limit=config.max_concurrency, show_progress="hidden",
                    preprocess=False, api_visibility="private")
 
@@ -403,25 +469,23 @@ def wire_votes(arena: ArenaHandlers, compare: dict, w: dict, owner, config: AppC
 
 
 def create_leaderboard_tab() -> dict:
-    gr.Markdown("Bradley–Terry ratings of adapters from the counted Compare and arena votes (a tie or \"both bad\" "
-                "is half a win each way), on an Elo-like scale (400 points = 10:1 odds), with 95% intervals from "
-                "bootstrap resampling. An interval narrows like 1/√games: *Games for ±50* says how many an adapter "
-                "needs for an interval of ±50 points.")
+    gr.Markdown(ui("board.intro"))
     w = {}
     with gr.Row():
-        w["range"] = gr.Radio(list(TIME_RANGES), value="All time", label="Votes from", elem_id="board-range")
-        w["anonymous"] = gr.Checkbox(False, label="Anonymous (arena) votes only", elem_id="board-anonymous")
-        w["refresh"] = gr.Button("Refresh", size="sm", elem_id="board-refresh")
+        w["range"] = gr.Radio(time_range_choices(ENGLISH), value=next(iter(TIME_RANGES)), label=ui("board.range"),
+                              elem_id="board-range")  # choice labels: in the page's language once it loads
+        w["anonymous"] = gr.Checkbox(False, label=ui("board.anonymous"), elem_id="board-anonymous")
+        w["refresh"] = gr.Button(ui("board.refresh"), size="sm", elem_id="board-refresh")
     w["table"] = gr.Markdown("", elem_id="board-table")
-    gr.Markdown("#### Win rate of each row against each column (games below it)")
+    gr.Markdown(ui("board.heat"))
     w["heat"] = gr.HTML("", elem_id="board-heat")
     w["notes"] = gr.Markdown("", elem_id="board-notes")
     return w
 
 
 def wire_leaderboard(store, tab, w: dict) -> None:
-    def show(time_range, anonymous_only):
-        return leaderboard(store.votes, time_range, anonymous_only)
+    def show(time_range, anonymous_only, request: gr.Request):
+        return leaderboard(store.votes, time_range, anonymous_only, lang=lang_of(request))
 
     for trigger in (tab.select, w["refresh"].click, w["range"].input, w["anonymous"].input):
         trigger(show, [w["range"], w["anonymous"]], [w["table"], w["heat"], w["notes"]], concurrency_id="leaderboard",
@@ -435,44 +499,39 @@ def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adap
             w["info"] = gr.Markdown(model_handlers.model_info_markdown(backend), elem_id="model-info")
             gr.Markdown(model_handlers.capabilities_note(caps), elem_id="capabilities-note",
                         visible=bool(caps.unavailable()))
-            gr.Markdown(f"#### Adapters in `{backend.adapters_dir}/`" if caps.adapter_loading is None else
-                        "#### Adapters served by the model server")
+            gr.Markdown(ui("model.adapters_local") + f" (`{backend.adapters_dir}/`)" if caps.adapter_loading is None
+                        else ui("model.adapters_remote"))
             w["adapter_table"] = gr.Markdown(picker.table(None), elem_id="adapter-table")
         with gr.Column(scale=2, elem_id="model-options"):
-            gr.Markdown("#### LoRA adapter")
-            w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label="Adapter for this tab",
+            gr.Markdown(ui("model.lora"))
+            w["adapter"] = gr.Dropdown(adapter_choices, value=BASE, label=ui("model.adapter"),
                                        elem_id="adapter-choice",
-                                       info="Loads it once (then switching is instant) and applies it to this "
-                                            "tab's next reply; the base model is not reloaded.")
+                                       info=ui("model.adapter_info"))
             w["adapter_status"] = gr.Markdown(picker.status(None), elem_id="adapter-status")
             with gr.Row():
                 w["adapter_spec"] = gr.Textbox(show_label=False, scale=3, elem_id="adapter-spec",
-                                               placeholder="load by hub id (owner/name) or folder in the adapters "
-                                                           "folder" if caps.adapter_loading is None else
+                                               placeholder=ui("model.adapter_spec") if caps.adapter_loading is None else
                                                caps.adapter_loading, interactive=caps.adapter_loading is None)
-                w["adapter_load"] = gr.Button("Load", scale=1, min_width=60, elem_id="adapter-load-btn",
+                w["adapter_load"] = gr.Button(ui("model.load"), scale=1, min_width=60, elem_id="adapter-load-btn",
                                               interactive=caps.adapter_loading is None)
-            w["adapter_refresh"] = gr.Button("Refresh adapter list", size="sm", elem_id="adapter-refresh-btn")
-            gr.Markdown("#### Quantization and precision")
+            w["adapter_refresh"] = gr.Button(ui("model.refresh_adapters"), size="sm", elem_id="adapter-refresh-btn")
+            gr.Markdown(ui("model.quant_heading"))
             with gr.Row():
                 w["quant"] = gr.Dropdown(model_handlers.quant_choices(backend),
-                                         value=backend.info().quant if caps.quantization is None else None,
-                                         label="Quantization", elem_id="quant-choice", scale=3,
+                                         value=model_handlers.current_quant(backend)
+                                         if caps.quantization is None else None,
+                                         label=ui("model.quant"), elem_id="quant-choice", scale=3,
                                          interactive=caps.quantization is None,
-                                         info=caps.quantization or "Frees the current weights, then loads the "
-                                              "checkpoint in this mode; adapters are re-applied. On failure the "
-                                              "previous mode is loaded again.")
-                quantize = gr.Button("Reload quantized", scale=1, min_width=80, elem_id="quant-reload-btn",
+                                         info=caps.quantization or ui("model.quant_info"))
+                quantize = gr.Button(ui("model.quant_reload"), scale=1, min_width=80, elem_id="quant-reload-btn",
                                      interactive=caps.quantization is None)
             w["dtype"] = gr.Radio(list(DTYPES), value=backend.dtype_choice,
-                                  label="Precision (dtype)", elem_id="dtype-choice",
+                                  label=ui("model.dtype"), elem_id="dtype-choice",
                                   interactive=caps.dtype_switch is None,
-                                  info=caps.dtype_switch or "Reloading frees the current model first, then loads "
-                                       "the new one; chat histories and loaded adapters are kept. If it fails, "
-                                       "the previous precision is loaded again.")
-            reload = gr.Button("Reload model", variant="primary", elem_id="reload-btn",
+                                  info=caps.dtype_switch or ui("model.dtype_info"))
+            reload = gr.Button(ui("model.reload"), variant="primary", elem_id="reload-btn",
                                interactive=caps.dtype_switch is None)
-            refresh = gr.Button("Refresh info", size="sm", elem_id="refresh-info-btn")
+            refresh = gr.Button(ui("model.refresh"), size="sm", elem_id="refresh-info-btn")
 
     def do_reload(choice, active, progress=gr.Progress()):
         return model_handlers.reload_model(backend, choice, progress), picker.table(active)

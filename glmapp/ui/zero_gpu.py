@@ -1,10 +1,12 @@
-"""ZeroGPU: how long a generation handler asks the GPU for, from its request and the measured decode rate.
+"""ZeroGPU: how long a generation asks the GPU for, from its request and the measured decode rate.
+
+On ZeroGPU the app's backend is wrapped (`zero_gpu_backend`, glmapp.backends.gpu_call): each chat reply or
+Compare run is one `spaces.GPU` call around the model work alone, so the handlers stay in the main process.
 
 Notable choices:
-- `spaces.GPU(duration=...)` takes a function of the handler's own arguments (ZeroGPU calls it before the call):
-  `gpu_for` builds one that reads the call's max new tokens (by position or keyword) and the decode rate the
-  inline engine measured on earlier calls (`stats()["decode_tokens_per_s"]`, shared with ZeroGPU's worker
-  processes). A shorter duration gets a visitor the GPU sooner; one too short aborts the reply, hence the margin.
+- `spaces.GPU(duration=...)` takes a function of the call's own arguments (ZeroGPU calls it before the call):
+  ours reads the call's largest max new tokens and the decode rate the inline engine measured on earlier calls
+  (`stats()["decode_tokens_per_s"]`, shared with ZeroGPU's worker processes). A shorter duration gets a visitor the GPU sooner; one too short aborts the reply, hence the margin.
 - Before any call finished, the rate is a cautious guess (`FIRST_RATE`); durations stay within ZeroGPU's limits.
 - The `spaces` package is imported only where it is installed; elsewhere the decorator changes nothing.
 """
@@ -39,19 +41,18 @@ def on_zero_gpu(environ=None) -> bool:
     return environ.get("SPACES_ZERO_GPU", "") != "" and importlib.util.find_spec("spaces") is not None
 
 
-def gpu_for(backend, max_new_tokens_at: int, keyword: str = "max_new_tokens"):
-    """A decorator for a generation handler: `spaces.GPU` with a duration from the call's max new tokens (the
-    positional argument at `max_new_tokens_at`, else the keyword) on ZeroGPU; elsewhere the handler as it is."""
+def zero_gpu_backend(backend):
+    """On ZeroGPU, `backend` with each generation in a `spaces.GPU` call (duration from its max new tokens and
+    the measured decode rate); elsewhere `backend` as it is."""
     if not on_zero_gpu():
-        return lambda fn: fn
-    import spaces  # type: ignore[import-not-found]
+        return backend
+    from glmapp.backends.gpu_call import on_gpu_calls
 
-    def duration(*args, **kwargs) -> int:
-        value = args[max_new_tokens_at] if len(args) > max_new_tokens_at else kwargs.get(keyword)
+    def duration_of(max_new_tokens) -> int:
         try:
             rate = backend.stats().get("decode_tokens_per_s")
-        except Exception:  # noqa: BLE001 - the model is reloading: size the call without a measurement
+        except Exception:  # noqa: BLE001 - still loading or reloading: size the call without a measurement
             rate = None
-        return gpu_duration(value, rate)
+        return gpu_duration(max_new_tokens, rate)
 
-    return spaces.GPU(duration=duration)
+    return on_gpu_calls(backend, duration_of)

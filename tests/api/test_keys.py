@@ -60,7 +60,7 @@ def test_the_app_launched_with_login_and_no_key_serves_the_api_refusing_anonymou
 
     config = AppConfig(demo=True, port=_free_port(), auth=["alice:s3cret"], adapters_dir=str(tmp_path),
                        comparisons_file=str(tmp_path / "votes.jsonl"), data_dir=str(tmp_path / "data"))
-    demo = launch(config, block=False)
+    demo = launch(config, block=False, wait_for_model=True)
     try:
         url = f"http://127.0.0.1:{config.port}"
         response = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer guess"})

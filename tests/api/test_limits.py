@@ -140,7 +140,7 @@ def test_the_launched_app_limits_each_client_address_when_the_api_is_open(tmp_pa
 
     config = AppConfig(demo=True, port=_free_port(), rate_limit_rpm=1, adapters_dir=str(tmp_path),
                        comparisons_file=str(tmp_path / "votes.jsonl"), data_dir=str(tmp_path / "data"))
-    demo = launch(config, block=False)
+    demo = launch(config, block=False, wait_for_model=True)
     try:
         url = f"http://127.0.0.1:{config.port}"
         body = {"model": "x", "prompt": "hi", "max_tokens": 2}

@@ -46,16 +46,21 @@ class AppServer:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._wait_ready()
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, model: bool = True) -> None:
+        """Until the page answers and (with `model`) the model is served: the page comes up first and the model
+        loads in the background; /health says 503 until it is served (404: a front end without the API)."""
         deadline = time.monotonic() + START_TIMEOUT_S
+        url = self.url + "health" if model else self.url
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                with urllib.request.urlopen(self.url, timeout=2):
+                with urllib.request.urlopen(url, timeout=2):
                     return
-            except urllib.error.HTTPError:
-                return  # the server answers (e.g. 401 behind --auth): it is up
+            except urllib.error.HTTPError as e:
+                if e.code != 503:
+                    return  # the server answers (e.g. 401 behind --auth, 404 without the API): it is up
+                time.sleep(0.2)  # the model is still loading; bounded by the deadline
             except OSError:
                 time.sleep(0.2)  # polling the port of a starting process; bounded by the deadline
         self.stop()

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from glmapp.ui.zero_gpu import FIRST_RATE, MAX_S, MIN_S, gpu_duration, gpu_for
+from glmapp.ui.zero_gpu import FIRST_RATE, MAX_S, MIN_S, gpu_duration
 
 
 def test_the_duration_grows_with_max_new_tokens_and_shrinks_with_the_rate():
@@ -53,57 +53,61 @@ def stand_in_spaces(tmp_path, monkeypatch):
     sys.modules.pop("spaces", None)
 
 
-def test_on_zero_gpu_the_handler_asks_for_the_duration_of_its_request(stand_in_spaces):
-    import spaces
+def greedy(n: int) -> dict:
+    from glmapp.engine.sampling import SamplingParams
 
-    def handler(prompt, n_columns, max_new_tokens, *rest):
-        return f"ran {max_new_tokens}"
-
-    backend = Backend(30.0)
-    wrapped = gpu_for(backend, 2)(handler)
-    assert wrapped("hi", 2, 600) == "ran 600"
-    backend.rate = 60.0
-    wrapped("hi", 2, 600)
-    assert wrapped(prompt="hi", n_columns=2, max_new_tokens=60) == "ran 60"
-    assert spaces.asked == [gpu_duration(600, 30.0), gpu_duration(600, 60.0), gpu_duration(60, 60.0)]
+    return dict(max_new_tokens=n, params=SamplingParams(temperature=0.0))
 
 
-def test_elsewhere_the_handler_is_left_as_it_is(monkeypatch):
+def test_elsewhere_the_backend_is_left_as_it_is(monkeypatch):
+    from glmapp.ui.zero_gpu import zero_gpu_backend
+
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-
-    def handler():
-        return 1
-
-    assert gpu_for(Backend(30.0), 0)(handler) is handler
+    backend = Backend(30.0)
+    assert zero_gpu_backend(backend) is backend
 
 
-def test_on_zero_gpu_every_generation_handler_of_the_app_asks_for_its_requests_duration(stand_in_spaces, loaded_v2):
-    """The app's chat, regenerate, edit, API chat, Compare and arena handlers are wrapped by `spaces.GPU` with a
-    duration read from their own max-new-tokens argument (a wrong position would size every call alike)."""
+def test_on_zero_gpu_a_compare_run_is_one_gpu_call_sized_by_its_longest_column(stand_in_spaces, loaded_v2):
+    """The model work alone goes into the call (the handlers stay outside): both columns in one call, whose
+    duration is that of the longest column, with the same greedy text as the backend gives unwrapped."""
     import spaces
 
     from glmapp.backends import LocalBackend
-    from glmapp.ui.layout import build_ui
+    from glmapp.backends.gpu_call import GpuCallBackend
+    from glmapp.ui.zero_gpu import zero_gpu_backend
 
-    wrapped = []
-    real_gpu = spaces.GPU
-
-    def recording_gpu(duration=60):
-        def wrap(fn):
-            wrapped.append((getattr(fn, "__name__", ""), duration))
-            return real_gpu(duration=duration)(fn)
-        return wrap
-
-    spaces.GPU = recording_gpu
     backend = LocalBackend.for_model(*loaded_v2)
-    build_ui(backend)
-    names = {name for name, _ in wrapped}
-    assert names == {"reply", "regenerate", "edit", "api_chat", "run"} and len(wrapped) == 6  # run: Compare, arena
+    wrapped = zero_gpu_backend(backend)
+    assert isinstance(wrapped, GpuCallBackend) and wrapped.family == backend.family  # the rest passes through
+    reasons = wrapped.quant_choices()
+    assert "ZeroGPU" in reasons["bnb-nf4"] and "ZeroGPU" in reasons["bnb-int8"]
+    assert reasons["int4"] == backend.quant_choices()["int4"]
     rate = backend.stats().get("decode_tokens_per_s")
-    for name, duration in wrapped:
-        at = {"reply": 3, "regenerate": 3, "edit": 3, "api_chat": 3}.get(name)
-        if name == "run":  # Compare (prompt, n_columns, max_new_tokens, ...) or arena (prompt, max_new_tokens, ...)
-            at = 2 if duration("p", 2, 900, "x") == gpu_duration(900, rate) else 1
-            assert duration("p", 900, ["base"]) == gpu_duration(900, rate) or at == 2
-        args = ["x"] * at + [900] + ["y"] * 3
-        assert duration(*args) == gpu_duration(900, rate) != gpu_duration(5, rate), name
+    handles = []
+    streams = wrapped.chat_streams("hello there", [], [greedy(5), greedy(40)], on_handle=handles.append)
+    texts = [list(s)[-1].response for s in streams]
+    assert spaces.asked == [gpu_duration(40, rate)] and gpu_duration(40, rate) != gpu_duration(5, rate)
+    expected = [list(backend.chat_stream("hello there", [], **greedy(n)))[-1].response for n in (5, 40)]
+    assert texts == expected and len({h.id for h in handles}) == 2 and all(h.done for h in handles)
+
+
+def test_on_zero_gpu_a_bad_prompt_is_refused_before_any_gpu_call_and_stop_reaches_the_call(stand_in_spaces,
+                                                                                         loaded_v2):
+    import spaces
+
+    from glmapp.backends import LocalBackend
+    from glmapp.errors import InputError
+    from glmapp.ui.zero_gpu import zero_gpu_backend
+
+    wrapped = zero_gpu_backend(LocalBackend.for_model(*loaded_v2))
+    with pytest.raises(InputError):
+        wrapped.chat_stream("   ", [])
+    assert spaces.asked == []
+    handles = []
+    stream = wrapped.chat_stream("hello", [], on_handle=handles.append, **greedy(5000))
+    first = next(stream)
+    handles[0].cancel()  # what Stop does
+    last = first
+    for last in stream:
+        pass
+    assert last.finish_reason == "cancelled" and last.usage.completion_tokens < 5000

@@ -42,7 +42,7 @@ class Tab:
     def __init__(self, conv, browser_id=None, username=None, **settings):
         self.conv = conv
         self.request = SimpleNamespace(session_hash=uuid_hex(), username=username)
-        self.browser_id, _, _ = conv.page_load(browser_id, request=self.request)
+        self.browser_id, *_ = conv.page_load(browser_id, request=self.request)
         self.messages, self.conversation, self.adapter = [], None, None
         self.settings = {**GREEDY, **settings}
 
@@ -263,7 +263,7 @@ def test_the_chat_box_opens_only_once_the_page_load_gave_the_browser_its_id(back
     assert len(owners) == 1
     conv = ConversationHandlers(store, ChatHandlers(backend), backend)
     request = SimpleNamespace(session_hash="tab", username=None)
-    browser_id, listing, ready = conv.page_load(None, request=request)
+    browser_id, listing, ready, _timer = conv.page_load(None, request=request)
     assert new_browser_id(browser_id) == browser_id and listing["choices"] == [] and ready["interactive"] is True
 
     def broken(*_, **__):
@@ -272,7 +272,7 @@ def test_the_chat_box_opens_only_once_the_page_load_gave_the_browser_its_id(back
 
     monkeypatch.setattr(store.conversations, "list", broken)  # a listing failure must not keep the chat closed
     with pytest.warns(UserWarning, match="could not be listed: the database is unreachable"):
-        _, listing, ready = conv.page_load(browser_id, request=request)
+        _, listing, ready, _timer = conv.page_load(browser_id, request=request)
     assert ready["interactive"] is True and listing is not None
 
 
