@@ -47,6 +47,8 @@ class GpuCallBackend:
     """`backend` with its chat generation run through `gpu(fn)` (spaces.GPU with a duration); the rest is the
     backend's own (attribute access passes through)."""
 
+    gpu_calls = True  # the app does not serve /v1 on it (the API's engine requests would run outside a call)
+
     def __init__(self, backend, gpu):
         self._backend = backend
         self._key = next(_KEYS)

@@ -41,7 +41,10 @@ def launch(config: AppConfig, *, block: bool = True, limits: ServerLimits | None
     limits = limits or ServerLimits()
     demo = build_ui(backend, config, limits, store)
     routes = []
-    if backend.capabilities().tokenization is None:
+    if getattr(backend, "gpu_calls", False):  # ZeroGPU: the API's engine requests would run outside GPU calls
+        print("The OpenAI-compatible API is not served on ZeroGPU (CUDA exists only inside GPU calls); use the "
+              "page or its /gradio_api/call/chat endpoint.", file=sys.stderr)
+    elif backend.capabilities().tokenization is None:
         routes = build_router(backend, api_keys, RateLimiter.of(config), response_cache(config)).routes
     else:  # the API needs the tokenizer: clients call the model server's own OpenAI API instead
         print("The OpenAI-compatible API is not served by a --backend-url front end: call the model server's "

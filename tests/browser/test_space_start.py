@@ -48,6 +48,7 @@ def test_a_zero_gpu_space_starts_and_generates_inside_gpu_calls(browser, tmp_pat
         calls = server.gpu_calls()
         assert len(calls) == 1 and calls[0]["worker"] != calls[0]["app"] == str(server.proc.pid)
         assert 10 <= int(calls[0]["duration"]) <= 120
+        assert page.request.get(server.url + "v1/models").status == 404  # no API outside GPU calls
         send(page, "and a second message")  # the main process's session state was released: not "busy"
         wait_finished(page, stats)
         open_tab(page, "Compare")
