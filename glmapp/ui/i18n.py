@@ -109,7 +109,7 @@ def number(value: float, lang: str = ENGLISH, digits: int = 0) -> str:
 
 
 # Gradio's i18n: "zh" too, so a browser locale the Gradio front end reduces to "zh" still finds the Chinese.
-I18N = gr.I18n(**{ENGLISH: table(ENGLISH), CHINESE: table(ENGLISH), "zh": table(ENGLISH)})
+I18N = gr.I18n(**{ENGLISH: table(ENGLISH), CHINESE: table(CHINESE), "zh": table(CHINESE)})
 
 # The language switch and page load, in the browser: remember the choice (localStorage), tell the server
 # (cookie, read by `lang_of`) and switch Gradio's front-end locale in place, so the page (and the
