@@ -106,7 +106,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         wire_leaderboard(store, board_tab, board_widgets)
         wire_language(demo, backend, language, banner, chat_widgets, board_widgets, picker, adapter,
                       [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
-                      model_widgets["adapter_table"])
+                      model_widgets)
         demo.unload(chat.closed)
     # Gradio takes the translations at launch; whoever launches these Blocks gets them.
     demo.launch = functools.partial(demo.launch, i18n=I18N)
@@ -114,19 +114,22 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
 
 
 def wire_language(demo, backend, language, banner, chat: dict, board: dict, picker: AdapterHandlers, adapter,
-                  adapter_dropdowns: list, adapter_table) -> None:
+                  adapter_dropdowns: list, model: dict) -> None:
     """The page's language: at load the browser's (or the remembered choice), then the switch. Gradio
     translates the layout in the browser; the text made here on the server (banner, example prompts, the
-    leaderboard's ranges, the adapter choices and table) is sent again in the chosen language. The
-    conversation is left as it is."""
+    leaderboard's ranges, the Model tab's info, the adapter choices and table) is sent again in the chosen
+    language. The conversation is left as it is."""
     def show(lang, active):
         lang = lang if lang in LANGUAGES else ENGLISH
         choices = picker.choices(lang)
         return (lang, model_handlers.demo_banner(backend, lang), gr.update(examples=example_prompts(lang)),
                 gr.update(choices=time_range_choices(lang)), picker.table(active, lang),
+                model_handlers.model_info_markdown(backend, lang),
+                model_handlers.capabilities_note(backend.capabilities(), lang),
                 *(gr.update(choices=choices) for _ in adapter_dropdowns))
 
-    outputs = [language, banner, chat["chatbot"], board["range"], adapter_table, *adapter_dropdowns]
+    outputs = [language, banner, chat["chatbot"], board["range"], model["adapter_table"], model["info"],
+               model["capabilities"], *adapter_dropdowns]
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     # First the browser (sets the switch, the cookie and Gradio's locale), then the server's text.
     demo.load(None, language, language, js=PAGE_LOAD_JS, **quick).then(show, [language, adapter], outputs, **quick)
@@ -496,8 +499,8 @@ def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adap
     w, caps = {}, backend.capabilities()
     with gr.Row():
         with gr.Column(scale=3):
-            w["info"] = gr.Markdown(model_handlers.model_info_markdown(backend), elem_id="model-info")
-            gr.Markdown(model_handlers.capabilities_note(caps), elem_id="capabilities-note",
+            w["info"] = gr.Markdown(model_handlers.model_info_markdown(backend), elem_id="model-info")  # + at load
+            w["capabilities"] = gr.Markdown(model_handlers.capabilities_note(caps), elem_id="capabilities-note",
                         visible=bool(caps.unavailable()))
             gr.Markdown(ui("model.adapters_local") + f" (`{backend.adapters_dir}/`)" if caps.adapter_loading is None
                         else ui("model.adapters_remote"))
@@ -533,17 +536,22 @@ def create_model_panel(backend, picker: AdapterHandlers, adapter: gr.State, adap
                                interactive=caps.dtype_switch is None)
             refresh = gr.Button(ui("model.refresh"), size="sm", elem_id="refresh-info-btn")
 
-    def do_reload(choice, active, progress=gr.Progress()):
-        return model_handlers.reload_model(backend, choice, progress), picker.table(active)
+    def do_reload(choice, active, request: gr.Request, progress=gr.Progress()):
+        lang = lang_of(request)
+        return model_handlers.reload_model(backend, choice, progress, lang), picker.table(active, lang)
 
     reload.click(do_reload, [w["dtype"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
                  concurrency_limit=1, api_visibility="private")
 
-    def do_quantize(mode, active, progress=gr.Progress()):
-        return model_handlers.switch_quantization(backend, mode, progress), picker.table(active)
+    def do_quantize(mode, active, request: gr.Request, progress=gr.Progress()):
+        lang = lang_of(request)
+        return model_handlers.switch_quantization(backend, mode, progress, lang), picker.table(active, lang)
 
     quantize.click(do_quantize, [w["quant"], adapter], [w["info"], w["adapter_table"]], concurrency_id="reload",
                    concurrency_limit=1, api_visibility="private")
-    refresh.click(lambda: model_handlers.model_info_markdown(backend), None, w["info"], concurrency_limit=None,
+    def do_refresh(request: gr.Request):
+        return model_handlers.model_info_markdown(backend, lang_of(request))
+
+    refresh.click(do_refresh, None, w["info"], concurrency_limit=None,
                   api_visibility="private")
     return w

@@ -7,15 +7,15 @@ from glmapp.errors import GlmappError
 from glmapp.backends import ReloadResult
 from glmapp.host import ReloadFailed
 from glmapp.ui import notices
-from glmapp.ui.i18n import ENGLISH, t
+from glmapp.ui.i18n import ENGLISH, error_text, t
 
 
-def model_info_markdown(backend) -> str:
+def model_info_markdown(backend, lang: str = ENGLISH) -> str:
     try:
         info = backend.info().as_markdown()
     except GlmappError as e:  # the model is being reloaded
-        return str(e)
-    return info + f"\n\nMemory in use: {backend.memory()}"
+        return error_text(e, lang)
+    return info + "\n\n" + t("model.memory", lang, memory=backend.memory())
 
 
 def current_quant(backend) -> str | None:
@@ -26,11 +26,10 @@ def current_quant(backend) -> str | None:
         return None
 
 
-def capabilities_note(caps) -> str:
+def capabilities_note(caps, lang: str = ENGLISH) -> str:
     """What this backend cannot do, with why (the controls for it are disabled)."""
-    names = {"quantization": "Quantization", "dtype_switch": "Precision", "adapter_loading": "Loading adapters",
-             "training": "Training", "tokenization": "Token counts"}
-    return "\n".join(f"- **{names[k]}** unavailable: {why}" for k, why in caps.unavailable().items())
+    return "\n".join("- " + t("model.unavailable", lang, what=t(f"model.capability.{k}", lang), why=why)
+                     for k, why in caps.unavailable().items())
 
 
 def demo_banner(backend, lang: str = ENGLISH) -> str:
@@ -53,7 +52,7 @@ def quant_choices(backend) -> list[tuple[str, str]]:
     return [(mode if reasons.get(mode) is None else f"{mode} (unavailable: {reasons[mode]})", mode) for mode in MODES]
 
 
-def switch_quantization(backend, mode: str, progress=None) -> str:
+def switch_quantization(backend, mode: str, progress=None, lang: str = ENGLISH) -> str:
     """Free the model, load it in quantization `mode`, re-apply adapters; returns the new model info.
 
     An unavailable mode is refused before anything is freed; if loading fails, the previous mode is
@@ -64,16 +63,16 @@ def switch_quantization(backend, mode: str, progress=None) -> str:
     except ReloadFailed as e:
         raise notices.error(f"{e} Adapters: {adapters_note(e.result).strip(' ()') or 'none'}.") from None
     except GlmappError as e:
-        raise notices.error(f"Quantization {mode!r} not loaded, the current model keeps serving: {e}") from None
+        raise notices.error(t("model.quant_failed", lang, mode=repr(mode), error=error_text(e, lang))) from None
     except (RuntimeError, MemoryError) as e:  # the previous mode could not be loaded again either
         raise notices.error(f"Switching to {mode!r} failed and the previous model could not be loaded again: "
                             f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
-    notices.info(f"Now running {result.info.quant}{adapters_note(result)}; your chat history is kept.")
-    return model_info_markdown(backend)
+    notices.info(t("model.quant_done", lang, mode=result.info.quant, adapters=adapters_note(result)))
+    return model_info_markdown(backend, lang)
 
 
-def reload_model(backend, dtype: str, progress=None) -> str:
+def reload_model(backend, dtype: str, progress=None, lang: str = ENGLISH) -> str:
     """Free the model, load it in `dtype`, re-apply resident adapters; returns the new model info.
 
     On failure the previous dtype is loaded again and the error is shown; chat histories live in the
@@ -85,13 +84,13 @@ def reload_model(backend, dtype: str, progress=None) -> str:
         raise notices.error(f"Reload as {dtype} failed: {e}. The previous model was loaded again "
                             f"({e.result.info.dtype}){adapters_note(e.result)}.") from None
     except GlmappError as e:
-        raise notices.error(f"Reload failed: {e}") from None
+        raise notices.error(t("model.reload_failed", lang, error=error_text(e, lang))) from None
     except (RuntimeError, MemoryError) as e:  # even the previous model could not be loaded again
         raise notices.error(f"Reload failed and the previous model could not be loaded again: "
                             f"{type(e).__name__}: {e}. Restart the app.") from None
     _warn_dropped(result)
-    notices.info(f"Reloaded as {result.info.dtype}{adapters_note(result)}; your chat history is kept.")
-    return model_info_markdown(backend)
+    notices.info(t("model.reload_done", lang, dtype=result.info.dtype, adapters=adapters_note(result)))
+    return model_info_markdown(backend, lang)
 
 
 def _warn_dropped(result: ReloadResult) -> None:

@@ -205,3 +205,20 @@ def test_exported_page_chrome_in_the_readers_language():
     assert "Noto Sans CJK SC" in zh
     en = render_html_page(record)
     assert '<html lang="en">' in en and "<title>glmapp conversation</title>" in en and "Exported" in en
+
+
+def test_model_tab_text_in_the_readers_language():
+    from glmapp.ui.model_handlers import capabilities_note, model_info_markdown
+
+    backend = SimpleNamespace(info=lambda: SimpleNamespace(as_markdown=lambda: "| Dtype | float32 |"),
+                              memory=lambda: "1 GB")
+    assert model_info_markdown(backend).endswith("Memory in use: 1 GB")
+    assert model_info_markdown(backend, CHINESE).endswith("内存占用：1 GB")
+
+    def reloading():
+        raise errors.ModelReloading("The model is being reloaded (see the Model tab); try again in a moment.")
+
+    assert model_info_markdown(SimpleNamespace(info=reloading), CHINESE).startswith("模型正在重新加载")
+    caps = SimpleNamespace(unavailable=lambda: {"quantization": "the server decides"})
+    assert capabilities_note(caps) == "- **Quantization** unavailable: the server decides"
+    assert capabilities_note(caps, CHINESE) == "- **量化**不可用：the server decides"
