@@ -102,6 +102,17 @@ def switch_quantization(path, model, mode: str, progress=None,
     return new
 
 
+def same_tokenizer(a, b) -> bool:
+    """The same object, or one loaded from the same SentencePiece model for the same family."""
+    if a is b:
+        return True
+    try:
+        return (type(a) is type(b) and a.family == b.family
+                and a.sp.serialized_model_proto() == b.sp.serialized_model_proto())
+    except AttributeError:
+        return False
+
+
 def choose_checkpoint(model: str | None, demo: bool) -> tuple[str, bool, str]:
     """--model, else the default model when it is in the Hugging Face cache, else the demo checkpoint (with
     why) -> (name, demo, notice). Without --model nothing is downloaded: 12 GB are fetched only when asked for."""
@@ -254,10 +265,12 @@ class ModelHost:
         """The host serving `model` (e.g. the web app's), or a new one for it: one engine per model."""
         with _HOSTS_LOCK:
             host = _HOSTS.get(id(model))
-        if host is not None and host._model is model and host._tokenizer is tokenizer:
+        if host is not None and host._model is model and same_tokenizer(host._tokenizer, tokenizer):
             return host
-        if host is not None:  # the same weights with another tokenizer: the old engine stops first
-            host.close()
+        if host is not None:  # closing the serving host would end its users' streams (the web app's, say)
+            raise CheckpointError(
+                "This model is already served with a different tokenizer (one engine per model, and its requests "
+                "are tokenized the way it was loaded): use that tokenizer, or close() the host serving it first.")
         return cls(model, tokenizer, str(getattr(model.config, "name_or_path", "") or "model"),
                    engine_config=engine_config)
 

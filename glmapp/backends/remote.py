@@ -202,6 +202,13 @@ class RemoteBackend:
             raise InputError("Empty message: type something to send.")
         return None, list(history or []), query
 
+    def chat_streams(self, query: str, history, columns: list[dict], *, system: str | None = None,
+                     on_handle=None) -> list:
+        """One `chat_stream` per column (Compare): separate requests, which the model server batches itself; each
+        starts when its iterator is first read. A bad message is refused here, before any request."""
+        self.prepare_chat(query, history, system)
+        return [self.chat_stream(query, history, system, on_handle=on_handle, **column) for column in columns]
+
     def chat_stream(self, query: str, history=None, system: str | None = None, *, max_length: int | None = None,
                     max_new_tokens: int | None = None, params: SamplingParams | None = None,
                     adapter: str | None = None, on_handle=None):

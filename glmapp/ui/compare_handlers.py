@@ -1,8 +1,7 @@
 """Compare tab handlers: one prompt, 2-4 columns with their own adapter and sampling, streamed side by side; votes.
 
-All columns are submitted to the backend at once (`chat_streams` where the backend has it, else one
-`chat_stream` per column; each read by its own thread), so the engine sees them together and decodes them as one
-batch (with the inline engine, one call); the handler merges their
+All columns are submitted to the backend at once (`chat_streams`; each column read by its own thread), so the
+engine sees them together and decodes them as one batch (with the inline engine, one call); the handler merges their
 updates and yields all columns together. Columns may use different LoRA adapters (or the base model):
 the engine mixes them in the same batch. Votes are appended, one JSON object per line, to a file.
 """
@@ -106,13 +105,10 @@ class CompareHandlers:
                 h.cancel()
 
         columns = [dict(max_new_tokens=s.max_new_tokens, params=s.sampling(), adapter=s.adapter) for s in settings]
-        if hasattr(backend, "chat_streams"):  # submitted together: one batch (one call with the inline engine)
-            try:
-                streams = backend.chat_streams(prompt, [], columns, on_handle=on_handle)
-            except GlmappError as e:
-                raise notices.error(e, lang) from None
-        else:
-            streams = [backend.chat_stream(prompt, [], on_handle=on_handle, **c) for c in columns]
+        try:  # submitted together: one batch (one call with the inline engine)
+            streams = backend.chat_streams(prompt, [], columns, on_handle=on_handle)
+        except GlmappError as e:
+            raise notices.error(e, lang) from None
 
         def consume(i: int, s: ChatSettings):
             try:
