@@ -115,6 +115,20 @@ def tensor_type(gguf_tensor: str, shape: tuple[int, ...], type_: str, output_typ
     return wanted
 
 
+def _encoded_info(shape: tuple[int, ...], type_: str):
+    """(shape, numpy dtype, bytes, GGML type) of `encode_tensor`'s result, known before encoding."""
+    import gguf
+    import numpy as np
+
+    qtype = _qtypes()[type_]
+    values = int(np.prod(shape))
+    if type_ in ("f32", "f16"):
+        dtype = np.float32 if type_ == "f32" else np.float16
+        return shape, np.dtype(dtype), values * np.dtype(dtype).itemsize, qtype
+    byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
+
+
 def encode_tensor(t: torch.Tensor, type_: str) -> np.ndarray:
     """A float tensor -> the array (float or block bytes) the gguf writer stores for `type_`."""
     import gguf
@@ -250,25 +264,33 @@ def _export(src: Path, out: Path, type_: str, output_type: str | None, name: str
 
     config = _check_model(src)
     tokenizer = ChatGLMTokenizer.from_pretrained(src, family=config.family)
+    # Two passes over the checkpoint, so that one tensor at a time is in memory (the writer would otherwise hold
+    # them all until the end): the first plans names, shapes and types in the checkpoint's order, the second
+    # encodes and writes each tensor in that same order.
+    plan = [(key, target, tuple(t.shape), tensor_type(target, tuple(t.shape), type_, output_type))
+            for key, t in iter_tensors(src) if (target := gguf_name(key)) is not None]
+    count, expected = len(plan), 3 + 7 * config.num_layers
+    if count != expected:
+        raise CheckpointError(f"{src.name!r} gave {count} tensors for GGUF, expected {expected} "
+                              f"({config.num_layers} layers); is the checkpoint complete?")
     tmp = out.with_name(out.name + ".part")  # the file appears under its name only when complete
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _metadata(writer, config, tokenizer, name, type_)
-        count = 0
-        for key, tensor in iter_tensors(src):
-            target = gguf_name(key)
-            if target is None:
-                continue
-            kind = tensor_type(target, tuple(tensor.shape), type_, output_type)
-            writer.add_tensor(target, encode_tensor(tensor, kind), raw_dtype=_qtypes()[kind])
-            count += 1
-        expected = 3 + 7 * config.num_layers
-        if count != expected:
-            raise CheckpointError(f"{src.name!r} gave {count} tensors for GGUF, expected {expected} "
-                                  f"({config.num_layers} layers); is the checkpoint complete?")
+        for _, target, shape, kind in plan:
+            writer.add_tensor_info(target, *_encoded_info(shape, kind))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        todo = iter(plan)
+        for key, tensor in iter_tensors(src):
+            if gguf_name(key) is None:
+                continue
+            planned, _, shape, kind = next(todo)
+            if key != planned or tuple(tensor.shape) != shape:
+                raise CheckpointError(f"{src.name!r} changed while it was exported ({key!r} where {planned!r} "
+                                      "was read before); export again.")
+            writer.write_tensor_data(encode_tensor(tensor, kind))
         writer.close()
         tmp.replace(out)
     except OSError as e:
