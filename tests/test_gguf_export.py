@@ -184,3 +184,11 @@ def test_cli_export_gguf(demo_v3, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     config = json.loads((demo_v3 / "config.json").read_text())
     assert config["model_type"] == "chatglm"
+
+
+def test_prequantized_checkpoint_is_refused(demo_v2, tmp_path):
+    from glmapp.checkpoint import write_int4_checkpoint
+
+    int4 = write_int4_checkpoint(demo_v2, tmp_path / "int4")
+    with pytest.raises(ExportError, match="pre-quantized.*full-precision"):
+        export_gguf(int4, tmp_path / "m.gguf", "q4_0")
