@@ -1,12 +1,12 @@
 """One-row CPU matmul kernels on cold weights: bf16 (oneDNN packed), int8 weight-only (ATen's
 `_weight_int8pack_mm`, our int8 path) and int8 weights with int8 activations (`torch._int_mm` + dynamic per-row
-activation quantization) (issue 17: why int8 decodes no faster than bf16).
+activation quantization), int4 in ATen's CPU kernel layout (our int4 path) (issue 17: why int8 decodes no faster than bf16).
 
     python bench/cold_gemv.py [--threads 1] [--out 5632] [--in 1024] [--copies 24]
 
 A decode step streams every weight from memory once, so a kernel timed on one weight that stays in the
 cache says little: each timing walks `--copies` different weights in turn (24 × 5632×1024 bf16 = 276 MB, well
-past the L3). GB/s = weight bytes (bf16 2, int8 1 per value) / time; best of 5 walks.
+past the L3). GB/s = weight bytes (bf16 2, int8 1, int4 0.5 per value; int4's scales left out) / time; best of 5 walks.
 """
 
 import argparse
@@ -36,6 +36,14 @@ def main():
         q8.append(torch.round(w / s[:, None]).to(torch.int8))
         scales.append(s)
     scales_bf16 = [s.bfloat16() for s in scales]
+    # int4 in ATen's CPU kernel layout (what our int4 path serves from), one group of 256 per scale
+    group = 256
+    int4, int4_scales = [], []
+    for q, s in zip(q8, scales):
+        q4 = torch.clamp(torch.round(q.float() / 127 * 7), -8, 7).to(torch.int32) + 8
+        int4.append(torch._convert_weight_to_int4pack_for_cpu(q4, 8))
+        s4 = (s * 127 / 7).bfloat16().expand(k // group, n)
+        int4_scales.append(torch.stack((s4, torch.zeros_like(s4)), dim=-1).contiguous())
 
     def walk(fn) -> float:
         best = float("inf")
@@ -56,6 +64,8 @@ def main():
         "bf16 oneDNN packed": (2, lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")),
         "int8 _weight_int8pack_mm": (1, lambda i: torch._weight_int8pack_mm(x, q8[i], scales_bf16[i])),
         "int8 x int8 _int_mm (dynamic)": (1, int_mm_dynamic),
+        "int4 _weight_int4pack_mm_for_cpu": (0.5, lambda i: torch._weight_int4pack_mm_for_cpu(
+            x, int4[i], group, int4_scales[i])),
     }
     for name, (size, fn) in kernels.items():
         seconds = walk(fn)
