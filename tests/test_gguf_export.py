@@ -3,15 +3,14 @@ llama.cpp's chatglm names, hyperparameters and vocabulary, and every tensor equa
 
 import json
 
+import gguf  # a dependency of glmapp (requirements.txt): no skip when it is missing
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from glmapp.checkpoint import iter_tensors, read_config  # noqa: E402
-from glmapp.gguf_export import CHAT_TEMPLATES, ExportError, export_gguf, gguf_name, read_back  # noqa: E402
-from glmapp.tokenizer import ChatGLMTokenizer  # noqa: E402
+from glmapp.checkpoint import iter_tensors, read_config
+from glmapp.gguf_export import CHAT_TEMPLATES, ExportError, export_gguf, gguf_name, read_back
+from glmapp.tokenizer import ChatGLMTokenizer
 
 
 def _fields(path):
