@@ -69,3 +69,20 @@ def test_llama_cpp_runs_our_q8_0_close_to_ours(demo_v2, tmp_path):
     # Q8_0 weights (and llama.cpp's q8 activations): close, not equal
     assert np.abs(their_logits - ours_logits).max() < 0.05 * np.abs(ours_logits).max()
     assert not np.array_equal(their_logits, ours_logits)
+
+
+@pytest.mark.parametrize("fixture", ["demo_v2", "demo_v3"])
+def test_chat_template_tokenized_by_llama_cpp_gives_our_prompt_ids(request, tmp_path, fixture):
+    jinja2 = pytest.importorskip("jinja2")
+    from glmapp.prompts import build_prompt_ids
+
+    path = request.getfixturevalue(fixture)
+    _, tok = glmapp.load(str(path), device="cpu", dtype="float32")
+    out = export_gguf(path, tmp_path / "m.gguf", "f32").path
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, verbose=False)
+    template = llm.metadata["tokenizer.chat_template"]
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗨，有什么事？"},
+                {"role": "user", "content": "长城有多长"}]
+    text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
+    history = messages[:2] if tok.family == "chatglm3" else [("你好", "嗨，有什么事？")]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == build_prompt_ids(tok, "长城有多长", history)
