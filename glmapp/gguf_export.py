@@ -248,10 +248,12 @@ def export_gguf(model: str | Path, out: str | Path, type_: str = "bf16", output_
     src = resolve(str(model)).path
     if adapter is not None:
         _check_model(src)
-        with tempfile.TemporaryDirectory(prefix="glmapp-gguf-merge-") as tmp:
+        # The merged checkpoint `glmapp merge` would write (the base's dtype), next to the output: at 6B it is
+        # 12 GB, and the output's folder is where the user made room.
+        with tempfile.TemporaryDirectory(prefix=".glmapp-gguf-merge-", dir=out.parent) as tmp:
             from glmapp.adapters import export_merged
 
-            merged = export_merged(str(src), adapter, Path(tmp) / "merged", adapters_dir, dtype="float32")
+            merged = export_merged(str(src), adapter, Path(tmp) / "merged", adapters_dir)
             return _export(merged, out, type_, output_type, name=f"{src.name}+{Path(adapter).name}")
     return _export(src, out, type_, output_type, name=src.name)
 
@@ -274,6 +276,7 @@ def _export(src: Path, out: Path, type_: str, output_type: str | None, name: str
         raise CheckpointError(f"{src.name!r} gave {count} tensors for GGUF, expected {expected} "
                               f"({config.num_layers} layers); is the checkpoint complete?")
     tmp = out.with_name(out.name + ".part")  # the file appears under its name only when complete
+    writer = None
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _metadata(writer, config, tokenizer, name, type_)
@@ -296,6 +299,8 @@ def _export(src: Path, out: Path, type_: str, output_type: str | None, name: str
     except OSError as e:
         raise ExportError(f"Cannot write {out}: {e.strerror or e}.") from None
     finally:
+        if writer is not None:
+            writer.close()  # closes what is open; nothing after a successful close
         if tmp.is_file():
             tmp.unlink()
     return ExportResult(out, type_, count, out.stat().st_size)

@@ -143,12 +143,13 @@ def test_adapter_is_merged_into_the_export(demo_v2, peft_adapters_dir, tmp_path)
     base = read_back(export_gguf(demo_v2, tmp_path / "base.gguf", "f32").path)
     merged_gguf = read_back(export_gguf(demo_v2, tmp_path / "lora.gguf", "f32", adapter="qkv",
                                         adapters_dir=peft_adapters_dir).path)
-    merged = export_merged(str(demo_v2), "qkv", tmp_path / "merged", peft_adapters_dir, dtype="float32")
+    merged = export_merged(str(demo_v2), "qkv", tmp_path / "merged", peft_adapters_dir)  # as `glmapp merge` does
     ours = _ours(merged)
     name = "blk.0.attn_qkv.weight"
     assert not np.allclose(merged_gguf[name], base[name])
     np.testing.assert_array_equal(merged_gguf[name], ours[name])
     np.testing.assert_array_equal(merged_gguf["blk.0.ffn_up.weight"], base["blk.0.ffn_up.weight"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".glmapp")] == []  # the merged copy is gone
 
 
 def test_v1_is_refused_with_a_clear_message(make_checkpoint, tmp_path):
