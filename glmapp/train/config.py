@@ -61,7 +61,7 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
     gradient_checkpointing: bool | None = _f(None, "recompute activations in backward (default: on on GPU)")
     quant: str = _f("none", "base weights: none, int8/int4 (ChatGLM's scheme), bnb-int8/bnb-nf4 (bitsandbytes, "
-                            "CUDA); a quantized base stays frozen, only the adapter trains (QLoRA)",
+                            "GPU or CPU); a quantized base stays frozen, only the adapter trains (QLoRA)",
                     choices=QUANT_MODES)
     save_steps: int = _f(100, "checkpoint every N steps (the last two are kept)")
     eval_steps: int = _f(100, "evaluate every N steps (with --eval)")

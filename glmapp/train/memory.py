@@ -136,7 +136,7 @@ def check(config: TrainConfig, model_folder) -> str:
         if not checkpointing:
             advice.append("gradient checkpointing (glmapp train --gradient-checkpointing)")
     if config.quant in ("none", "int8", "bnb-int8"):
-        advice.append("a 4-bit base (quant int4" + (" or bnb-nf4)" if device.type == "cuda" else ")"))
+        advice.append("a 4-bit base (quant int4 or bnb-nf4)")
     advice.append("stopping the chat server and training from the command line")
     raise TrainMemoryError(f"This job needs {need.describe(config.quant, dtype)}, but only {gb(free)} {where} "
                            f"beside the served model. Try {'; '.join(advice)}.")
