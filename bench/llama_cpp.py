@@ -2,6 +2,7 @@
 
     python bench/llama_cpp.py [--size mid] [--vocab 65024] [--types f32,bf16,q8_0,q4_0] [--rounds 3]
                               [--threads 2] [--prompt-tokens 32] [--new-tokens 64] [--check-tokens 20]
+                              [--prefill-tokens 1024]
 
 Needs `llama_cpp` (not a glmapp dependency; build it with
 `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36`, about 10 minutes on 2 cores).
@@ -17,7 +18,8 @@ Correctness first: llama.cpp's greedy tokens after the prompt must equal ours (f
 else the script stops; the other types print how many of the first ones agree, since the two quantizers differ).
 Speed: for each type, `--rounds` rounds alternating ours and llama.cpp (order flipped every round), each run
 `--new-tokens` greedy tokens after the same `--prompt-tokens` prompt ids; tok/s = tokens after the first / time
-after the first (prefill excluded), the same formula for both; the best round is reported, with the ratio.
+after the first (prefill excluded), the same formula for both; the best round is reported, with the ratio. `--prefill-tokens N` also times a prompt of N tokens up to its
+first new token (ours: the engine's submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
 llama.cpp runs with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
 (prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
 """
@@ -70,10 +72,13 @@ def make_checkpoint(out: Path, size: str, vocab: int, seed: int = 0) -> Path:
     return write_checkpoint(out / f"{size}-v{vocab}", state, raw, tokenizer_from=base, fmt="safetensors")
 
 
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    ids = tokenizer.encode(PROMPT)
+LONG_PROMPT = "Summarise the following notes. 长城的修建持续了两千多年，跨越多个朝代。"  # shares no prefix with PROMPT
+
+
+def prompt_ids(tokenizer, n: int, text: str = PROMPT) -> list[int]:
+    ids = tokenizer.encode(text)
     while len(ids) < n:
-        ids += tokenizer.sp_encode(PROMPT)
+        ids += tokenizer.sp_encode(text)
     return ids[:n]
 
 
@@ -95,6 +100,8 @@ class Ours:
         request = GenerationRequest(list(ids), SamplingParams(temperature=0.0), max_new_tokens=n, stop_ids=[-1])
         handle = self.backend.submit(request)
         out = [t for delta in handle for t in delta.token_ids]
+        self.prefill_seconds = handle.usage.first_token_seconds  # submit -> first token: the prompt's prefill
+        self.cached_tokens = handle.usage.cached_tokens
         return out, handle.usage.decode_tokens_per_second
 
 
@@ -111,9 +118,11 @@ class LlamaCpp:
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
         self.llm.reset()
+        t0 = time.perf_counter()
         self.llm.eval(list(ids))
         out = [self._next()]
         t_first = time.perf_counter()
+        self.prefill_seconds = t_first - t0
         for _ in range(n - 1):
             self.llm.eval([out[-1]])
             out.append(self._next())
@@ -140,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--check-tokens", type=int, default=20)
+    ap.add_argument("--prefill-tokens", type=int, default=0,
+                    help="also time the prefill of a prompt this long (tokens/s up to the first new token), 0 = off")
     ap.add_argument("--check-only", action="store_true", help="only the greedy-token check, no timing")
     args = ap.parse_args(argv)
     types = args.types.split(",")
@@ -157,7 +168,9 @@ def main(argv=None) -> int:
             dtype, quant = OURS[type_]
             ours = Ours(path, dtype, quant, args.threads)
             ids = prompt_ids(ours.tok, args.prompt_tokens)
-            theirs = LlamaCpp(gguf_path, args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 16)
+            longest = max(args.prompt_tokens, args.prefill_tokens)
+            theirs = LlamaCpp(gguf_path, args.threads, n_ctx=longest + args.new_tokens + 16)
+            long_ids = prompt_ids(ours.tok, args.prefill_tokens, LONG_PROMPT) if args.prefill_tokens else None
             ours.start()
             a, _ = ours.generate(ids, args.check_tokens)
             ours.stop()
@@ -172,6 +185,7 @@ def main(argv=None) -> int:
                 del theirs
                 continue
             speeds = {"ours": [], "llama.cpp": []}
+            prefill = {"ours": [], "llama.cpp": []}
             for r in range(args.rounds):
                 order = ("ours", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "ours")
                 for who in order:
@@ -179,22 +193,40 @@ def main(argv=None) -> int:
                         ours.start()
                         ours.generate(ids, 4)  # warm-up: the engine packs its linears on start
                         speeds[who].append(ours.generate(ids, args.new_tokens)[1])
+                        if long_ids:
+                            ours.generate(long_ids, 2)
+                            # a fresh engine each round: no part of the long prompt may come from its prefix cache
+                            assert ours.cached_tokens == 0, ours.cached_tokens
+                            prefill[who].append(len(long_ids) / ours.prefill_seconds)
                         ours.stop()
                     else:
                         theirs.generate(ids, 4)
                         speeds[who].append(theirs.generate(ids, args.new_tokens)[1])
+                        if long_ids:
+                            theirs.generate(long_ids, 2)
+                            prefill[who].append(len(long_ids) / theirs.prefill_seconds)
+                extra = (f"; prefill of {len(long_ids)}: ours {prefill['ours'][-1]:.0f}, llama.cpp "
+                         f"{prefill['llama.cpp'][-1]:.0f} tok/s" if long_ids else "")
                 print(f"  {type_} round {r + 1}: ours {speeds['ours'][-1]:.1f}, llama.cpp "
-                      f"{speeds['llama.cpp'][-1]:.1f} tok/s, load average {os.getloadavg()[0]:.2f}", flush=True)
-            rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same))
+                      f"{speeds['llama.cpp'][-1]:.1f} tok/s{extra}, load average {os.getloadavg()[0]:.2f}", flush=True)
+            rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same,
+                         max(prefill["ours"], default=0.0), max(prefill["llama.cpp"], default=0.0)))
             del theirs, ours
     if rows:
         print(f"\nbest of {args.rounds} alternating rounds, {args.new_tokens} new tokens after {args.prompt_tokens} "
               f"prompt tokens, batch 1, {args.threads} threads")
-        print("| llama.cpp type / ours | glmapp tok/s | llama.cpp tok/s | ratio | greedy tokens equal |")
-        print("|---|---|---|---|---|")
-        for type_, quant, o, t, same in rows:
+        head = "| llama.cpp type / ours | glmapp tok/s | llama.cpp tok/s | ratio | greedy tokens equal |"
+        rule = "|---|---|---|---|---|"
+        if args.prefill_tokens:
+            head += f" prefill {args.prefill_tokens}: glmapp tok/s | llama.cpp tok/s | ratio |"
+            rule += "---|---|---|"
+        print(head + "\n" + rule)
+        for type_, quant, o, t, same, po, pt in rows:
             ours_name = OURS[type_][0] if quant == "none" else f"{quant} (bf16 act.)"
-            print(f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} |")
+            line = f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} |"
+            if args.prefill_tokens:
+                line += f" {po:.0f} | {pt:.0f} | {po / pt:.2f}× |"
+            print(line)
     print(f"\nload average {os.getloadavg()}")
     return 1 if failed else 0
 
