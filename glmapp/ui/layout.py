@@ -94,7 +94,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
             with gr.Tab(ui("tab.train"), id="train", elem_id="tab-train"):
                 train = train_handlers(backend, config)
-                train_widgets = create_train_tab(train)
+                train_widgets = create_train_tab(train, language)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
         wire_train_results(tabs, train_widgets, train, picker.choices,
                            [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],

@@ -33,7 +33,7 @@ from glmapp.train.data import read_file
 from glmapp.train.examples import build_rows
 from glmapp.train.job import JobRunner
 from glmapp.ui.adapter_handlers import BASE
-from glmapp.ui.i18n import lang_of, t, ui
+from glmapp.ui.i18n import ENGLISH, lang_of, t, ui
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
@@ -91,13 +91,14 @@ class TrainHandlers:
             raise GlmappError(f"No tokenizer.model for {model!r}: give a model folder or a hub id in the cache.")
         return ChatGLMTokenizer.from_pretrained(folder, family=detect_family(folder))
 
-    def preview(self, model: str, choice: str | None, upload: str | None, max_length: int, overlength: str):
+    def preview(self, model: str, choice: str | None, upload: str | None, max_length: int, overlength: str,
+                lang: str = ENGLISH):
         """(rows of [prompt, reply] as the template renders them, validation report in Markdown)."""
         try:
             tokenizer = self._tokenizer(model)
             rows, report = build_rows(tokenizer, [self.data_file(choice, upload)], int(max_length), overlength)
         except GlmappError as e:
-            return [], f"**Cannot use this data:** {e}"
+            return [], t("train.cannot_use", lang, error=e)
         table = []
         for row in rows[:PREVIEW_ROWS]:
             start = next(i for i, x in enumerate(row.labels) if x != -100)
@@ -122,15 +123,15 @@ class TrainHandlers:
                            out=str(out) if out else None, **settings)
 
     def start(self, model: str, choice: str | None, upload: str | None, eval_choice: str | None, name: str,
-              *values) -> str:
+              *values, lang: str = ENGLISH) -> str:
         if self.disabled:
-            return f"Training is off: {self.disabled}"
+            return t("train.is_off", lang, why=self.disabled)
         name = (name or "").strip()
         if not _NAME.match(name):
-            return "Give the adapter a folder name: letters, digits, '.', '_' or '-' (up to 64)."
+            return t("train.bad_name", lang)
         out = self.runner.adapters_dir / name
         if out.exists():
-            return f"An adapter or run named {name!r} already exists; choose another name."
+            return t("train.name_taken", lang, name=repr(name))
         try:
             config = self._config(model, [self.data_file(choice, upload)], eval_choice, out, values)
             self.runner.ensure_idle()
@@ -139,9 +140,9 @@ class TrainHandlers:
             fits = memory.check(config, folder) if folder is not None else ""
             job = self.runner.start(config, name)
         except GlmappError as e:
-            return f"Not started: {e}"
+            return t("train.not_started", lang, error=e)
         self.prompts[job.name] = first_prompt(config.eval or config.data[0])
-        return f"Started training {job.name!r}." + (f" {fits}" if fits else "")
+        return t("train.started", lang, name=repr(job.name)) + (f" {fits}" if fits else "")
 
     # ---- presets: the YAML files `glmapp train --config` reads ------------------------------------------
     @property
@@ -152,23 +153,23 @@ class TrainHandlers:
         return sorted(p.stem for p in self.presets_dir.glob("*.yaml")) if self.presets_dir.is_dir() else []
 
     def save_preset(self, preset: str, model: str, choice: str | None, eval_choice: str | None, name: str,
-                    *values) -> str:
+                    *values, lang: str = ENGLISH) -> str:
         """Write the tab's settings to PRESETS/<preset>.yaml -> status. An upload is not kept (it is temporary):
         the preset names a file of the data folder, or none."""
         preset = (preset or "").strip()
         if not _NAME.match(preset):
-            return "Give the preset a name: letters, digits, '.', '_' or '-' (up to 64)."
+            return t("train.bad_preset_name", lang)
         name = (name or "").strip()
         try:
             data = [self.data_file(choice, None)] if choice else []
             config = self._config(model, data, eval_choice, self.runner.adapters_dir / name if _NAME.match(name)
                                   else None, values)
         except GlmappError as e:
-            return f"Not saved: {e}"
+            return t("train.not_saved", lang, error=e)
         self.presets_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(config, self.presets_dir / f"{preset}.yaml")
-        return (f"Saved preset {preset!r} (`glmapp train --config {PRESETS}/{preset}.yaml` in the data folder)."
-                + ("" if data else " It names no data file: choose one from the data folder to keep it."))
+        return (t("train.preset_saved", lang, name=repr(preset), path=f"{PRESETS}/{preset}.yaml")
+                + ("" if data else " " + t("train.preset_no_data", lang)))
 
     def load_preset(self, preset: str | None):
         """(model, data choice, eval choice, adapter name, *HYPERPARAMETERS values, status) from a preset;
@@ -204,21 +205,25 @@ class TrainHandlers:
     def compare_prompt(self, name: str) -> str:
         return self.prompts.get(name, "")
 
-    def stop(self) -> str:
-        return "Stopped; the run keeps its checkpoints (resume from the command line)." if self.runner.stop() \
-            else "No training job is running."
+    def stop(self, lang: str = ENGLISH) -> str:
+        return t("train.stopped" if self.runner.stop() else "train.none_running", lang)
 
-    def poll(self):
+    def poll(self, lang: str = ENGLISH):
         """(progress Markdown, progress bar HTML, loss plot rows [step, loss, kind], last log lines)."""
         progress = self.runner.progress()
         if progress is None:
-            return "No training job yet.", "", [], ""
+            return t("train.no_job", lang), "", [], ""
         total = progress["total"] or "?"
-        text = (f"**{progress['name']}**: {progress['status']} — step {progress['step']}/{total}"
-                + (f", loss {progress['loss']:.4f}" if progress["loss"] is not None else "")
-                + (f", {progress['tokens_per_s']} tokens/s" if progress["tokens_per_s"] is not None else "")
-                + (f", elapsed {progress['elapsed']:.0f}s" if progress["elapsed"] is not None else "")
-                + (f", ETA {progress['eta']:.0f}s" if progress["eta"] is not None else ""))
+        sep = t("train.sep", lang)
+        text = (f"**{progress['name']}**: {progress['status']} — "
+                + t("train.step", lang, step=progress["step"], total=total)
+                + (sep + t("train.loss_value", lang, loss=f"{progress['loss']:.4f}") if progress["loss"] is not None
+                   else "")
+                + (sep + t("stats.speed", lang, rate=progress["tokens_per_s"]) if progress["tokens_per_s"] is not None
+                   else "")
+                + (sep + t("train.elapsed", lang, s=f"{progress['elapsed']:.0f}") if progress["elapsed"] is not None
+                   else "")
+                + (sep + t("train.eta", lang, s=f"{progress['eta']:.0f}") if progress["eta"] is not None else ""))
         points = [[e["step"], e["loss"], "train"] for e in progress["log"] if e.get("loss") is not None]
         points += [[e["step"], e["eval_loss"], "eval"] for e in progress["log"] if e.get("eval_loss") is not None]
         bar = (f'<progress value="{int(progress["step"])}" max="{int(progress["total"])}"></progress>'
@@ -256,8 +261,9 @@ def _hyperparameter(f):
     return gr.Textbox(label=label, value=f.default, elem_id=elem_id)
 
 
-def create_train_tab(handlers: TrainHandlers) -> dict:
-    """Widgets of the Train tab, wired to `handlers` (call inside a `gr.Tab`)."""
+def create_train_tab(handlers: TrainHandlers, language=None) -> dict:
+    """Widgets of the Train tab, wired to `handlers` (call inside a `gr.Tab`). `language`: the page's language
+    switch; the handlers' messages are written in its language (None: English)."""
     import pandas as pd
 
     defaults = {f.name: f for f in fields(TrainConfig)}
@@ -301,20 +307,30 @@ def create_train_tab(handlers: TrainHandlers) -> dict:
     timer = gr.Timer(2.0)
 
     length = [values[HYPERPARAMETERS.index("max_length")], values[HYPERPARAMETERS.index("overlength")]]
-    w["preview_btn"].click(handlers.preview, [w["model"], w["data"], w["upload"], *length], [w["table"], w["report"]])
-    w["start"].click(handlers.start, [w["model"], w["data"], w["upload"], w["eval"], w["name"], *values],
-                     w["status"])
+    # The language comes first among the inputs (the handlers take *values, after which Gradio passes no request).
+    lang_in = [language] if language is not None else []
+
+    def in_language(method):
+        def handler(*inputs):
+            lang, rest = (inputs[0], inputs[1:]) if lang_in else (ENGLISH, inputs)
+            return method(*rest, lang=lang)
+        return handler
+
+    w["preview_btn"].click(in_language(handlers.preview), [*lang_in, w["model"], w["data"], w["upload"], *length],
+                           [w["table"], w["report"]])
+    w["start"].click(in_language(handlers.start),
+                     [*lang_in, w["model"], w["data"], w["upload"], w["eval"], w["name"], *values], w["status"])
     fields_in = [w["model"], w["data"], w["eval"], w["name"], *values]
 
-    def save(preset, *inputs):
-        return handlers.save_preset(preset, *inputs), gr.update(choices=handlers.preset_choices())
+    def save(*inputs, lang=ENGLISH):
+        return handlers.save_preset(*inputs, lang=lang), gr.update(choices=handlers.preset_choices())
 
-    w["save_preset"].click(save, [w["preset"], *fields_in], [w["status"], w["preset"]])
+    w["save_preset"].click(in_language(save), [*lang_in, w["preset"], *fields_in], [w["status"], w["preset"]])
     w["load_preset"].click(handlers.load_preset, w["preset"], [*fields_in, w["status"]])
-    w["stop"].click(handlers.stop, None, w["status"])
+    w["stop"].click(in_language(handlers.stop), lang_in, w["status"])
 
-    def poll():
-        text, bar, points, log = handlers.poll()
+    def poll(request: gr.Request = None):
+        text, bar, points, log = handlers.poll(lang_of(request))
         return text, bar, pd.DataFrame(points, columns=["step", "loss", "kind"]), log
 
     timer.tick(poll, None, [w["progress"], w["bar"], w["plot"], w["log"]], api_visibility="private",

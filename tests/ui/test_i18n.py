@@ -222,3 +222,14 @@ def test_model_tab_text_in_the_readers_language():
     caps = SimpleNamespace(unavailable=lambda: {"quantization": "the server decides"})
     assert capabilities_note(caps) == "- **Quantization** unavailable: the server decides"
     assert capabilities_note(caps, CHINESE) == "- **量化**不可用：the server decides"
+
+
+def test_train_messages_in_the_readers_language(tmp_path):
+    from glmapp.ui.train_tab import TrainHandlers
+
+    runner = SimpleNamespace(adapters_dir=tmp_path, stop=lambda: False, progress=lambda: None)
+    handlers = TrainHandlers(runner, tmp_path, "demo")
+    assert handlers.stop() == "No training job is running."
+    assert handlers.stop(lang=CHINESE) == "没有正在运行的训练任务。"
+    assert handlers.poll(CHINESE)[0] == "还没有训练任务。"
+    assert handlers.start("", None, None, None, "bad name!", lang=CHINESE).startswith("请给适配器一个文件夹名")
