@@ -1,6 +1,7 @@
 """One-row CPU matmul kernels on cold weights: bf16 (oneDNN packed), int8 weight-only (ATen's
 `_weight_int8pack_mm`, our int8 path) and int8 weights with int8 activations (`torch._int_mm` + dynamic per-row
-activation quantization), int4 in ATen's CPU kernel layout (our int4 path) (issue 17: why int8 decodes no faster than bf16).
+activation quantization), int4 in ATen's CPU kernel layout (our int4 path) (issue 17: why int8 decodes no
+faster than bf16).
 
     python bench/cold_gemv.py [--threads 1] [--out 5632] [--in 1024] [--copies 24]
 

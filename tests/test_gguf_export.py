@@ -81,7 +81,8 @@ def test_ffn_up_keeps_gate_first_and_qkv_keeps_its_rows(demo_v2, tmp_path):
     theirs = read_back(out)
     state = dict(iter_tensors(demo_v2))
     gate_up = state["transformer.encoder.layers.1.mlp.dense_h_to_4h.weight"].float().numpy()
-    np.testing.assert_array_equal(theirs["blk.1.ffn_up.weight"], gate_up)  # [gate; up], SwiGLU gates with the first half
+    # [gate; up] as stored: llama.cpp's SwiGLU gates with the first half, as ChatGLM does (spec §3.10)
+    np.testing.assert_array_equal(theirs["blk.1.ffn_up.weight"], gate_up)
     qkv_bias = state["transformer.encoder.layers.0.self_attention.query_key_value.bias"].float().numpy()
     np.testing.assert_array_equal(theirs["blk.0.attn_qkv.bias"], qkv_bias)
 
