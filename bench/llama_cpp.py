@@ -19,7 +19,8 @@ else the script stops; the other types print how many of the first ones agree, s
 Speed: for each type, `--rounds` rounds alternating ours and llama.cpp (order flipped every round), each run
 `--new-tokens` greedy tokens after the same `--prompt-tokens` prompt ids; tok/s = tokens after the first / time
 after the first (prefill excluded), the same formula for both; the best round is reported, with the ratio.
-`--prefill-tokens N` also times a prompt of N tokens up to its first new token (ours: the engine's submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
+`--prefill-tokens N` also times a prompt of N tokens up to its first new token (ours: the engine's
+submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
 llama.cpp runs with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
 (prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
 """
