@@ -193,3 +193,13 @@ def test_prequantized_checkpoint_is_refused(demo_v2, tmp_path):
     int4 = write_int4_checkpoint(demo_v2, tmp_path / "int4")
     with pytest.raises(ExportError, match="pre-quantized.*full-precision"):
         export_gguf(int4, tmp_path / "m.gguf", "q4_0")
+
+
+def test_tensor_types_norms_f32_and_unblockable_rows_stay_float():
+    from glmapp.gguf_export import tensor_type
+
+    assert tensor_type("blk.0.attn_norm.weight", (64,), "q4_0", None) == "f32"
+    assert tensor_type("blk.0.ffn_down.weight", (64, 160), "q8_0", None) == "q8_0"
+    assert tensor_type("blk.0.ffn_down.weight", (64, 100), "q8_0", None) == "bf16"  # 100 values: no 32-blocks
+    assert tensor_type("output.weight", (4032, 64), "q4_0", "f16") == "f16"
+    assert tensor_type("token_embd.weight", (4032, 64), "q4_0", "f16") == "q4_0"
