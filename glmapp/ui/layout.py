@@ -83,16 +83,16 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         loading_widgets = create_loading_banner(backend)  # while the model loads in the background
         adapter = gr.State(None)  # this browser tab's LoRA adapter name; None = base model
         with gr.Tabs() as tabs:
-            with gr.Tab(ui("tab.chat"), id="chat", elem_id="tab-chat"):
+            with gr.Tab(ui("tab.chat"), id="chat", elem_id="tab-chat") as chat_tab:
                 chat_widgets = create_chat_tab(chat, backend, config, adapter, choices, conv)
-            with gr.Tab(ui("tab.compare"), id="compare", elem_id="tab-compare"):
+            with gr.Tab(ui("tab.compare"), id="compare", elem_id="tab-compare") as compare_tab:
                 compare_widgets = create_compare_tab(compare, backend, config, choices)
                 arena_widgets = create_arena_panel(choices)
             with gr.Tab(ui("tab.leaderboard"), id="leaderboard", elem_id="tab-leaderboard") as board_tab:
                 board_widgets = create_leaderboard_tab()
-            with gr.Tab(ui("tab.model"), id="model", elem_id="tab-model"):
+            with gr.Tab(ui("tab.model"), id="model", elem_id="tab-model") as model_tab:
                 model_widgets = create_model_panel(backend, picker, adapter, choices)
-            with gr.Tab(ui("tab.train"), id="train", elem_id="tab-train"):
+            with gr.Tab(ui("tab.train"), id="train", elem_id="tab-train") as train_tab:
                 train = train_handlers(backend, config)
                 train_widgets = create_train_tab(train, language)
         wire_adapter_picker(demo, picker, adapter, model_widgets, chat_widgets, compare_widgets["adapters"])
@@ -106,7 +106,8 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
         wire_leaderboard(store, board_tab, board_widgets)
         wire_language(demo, backend, language, banner, chat_widgets, board_widgets, picker, adapter,
                       [model_widgets["adapter"], chat_widgets["adapter"], *compare_widgets["adapters"]],
-                      model_widgets)
+                      model_widgets, {"chat": chat_tab, "compare": compare_tab, "leaderboard": board_tab,
+                                      "model": model_tab, "train": train_tab})
         demo.unload(chat.closed)
     # Gradio takes the translations at launch; whoever launches these Blocks gets them.
     demo.launch = functools.partial(demo.launch, i18n=I18N)
@@ -114,7 +115,7 @@ def build_ui(backend, config: AppConfig | None = None, limits: ServerLimits | No
 
 
 def wire_language(demo, backend, language, banner, chat: dict, board: dict, picker: AdapterHandlers, adapter,
-                  adapter_dropdowns: list, model: dict) -> None:
+                  adapter_dropdowns: list, model: dict, tabs: dict) -> None:
     """The page's language: at load the browser's (or the remembered choice), then the switch. Gradio
     translates the layout in the browser; the text made here on the server (banner, example prompts, the
     leaderboard's ranges, the Model tab's info, the adapter choices and table) is sent again in the chosen
@@ -125,11 +126,13 @@ def wire_language(demo, backend, language, banner, chat: dict, board: dict, pick
         return (lang, model_handlers.demo_banner(backend, lang), gr.update(examples=example_prompts(lang)),
                 gr.update(choices=time_range_choices(lang)), picker.table(active, lang),
                 model_handlers.model_info_markdown(backend, lang),
-                model_handlers.capabilities_note(backend.capabilities(), lang),
-                *(gr.update(choices=choices) for _ in adapter_dropdowns))
+                model_handlers.capabilities_note(backend.capabilities(), lang), picker.status(active, lang),
+                *(gr.update(choices=choices) for _ in adapter_dropdowns),
+                # Gradio re-translates only the shown tab's name when the locale changes in place: all sent here.
+                *(gr.update(label=t(f"tab.{name}", lang)) for name in tabs))
 
     outputs = [language, banner, chat["chatbot"], board["range"], model["adapter_table"], model["info"],
-               model["capabilities"], *adapter_dropdowns]
+               model["capabilities"], model["adapter_status"], *adapter_dropdowns, *tabs.values()]
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     # First the browser (sets the switch, the cookie and Gradio's locale), then the server's text.
     demo.load(None, language, language, js=PAGE_LOAD_JS, **quick).then(show, [language, adapter], outputs, **quick)

@@ -4,7 +4,7 @@ is remembered; text made on the server (banner, stats line, errors) comes in the
 from __future__ import annotations
 
 import pytest
-from chat_page import STATS, send, set_number, user_messages, wait_finished
+from chat_page import STATS, open_tab, send, set_number, user_messages, wait_finished
 
 REPO_DOCS = __import__("conftest").REPO_ROOT / "docs"
 LONG_MESSAGE = "word " * 400  # over the app's --max-input-tokens (200)
@@ -86,6 +86,12 @@ def test_switching_language_keeps_the_conversation_and_is_remembered(browser, ap
         wait_text(page, "#send-btn", "发送")
         wait_text(page, "#demo-banner", "演示检查点")
         page.wait_for_function("() => document.querySelector('#chat-adapter input').value === '无（基础模型）'")
+        page.wait_for_function("() => [...document.querySelectorAll('button[role=tab]')].map(b => b.innerText.trim())"
+                               ".join() === '对话,对比,排行榜,模型,训练'")  # hidden tabs' names too
+        open_tab(page, "模型")  # the Model tab's server-made text follows too
+        wait_text(page, "#adapter-status", "本页正在使用")
+        wait_text(page, "#model-info", "内存占用")
+        open_tab(page, "对话")
         assert user_messages(page) == ["hello"]  # the same conversation, now in Chinese
         assert "tokens" in page.locator(STATS).inner_text()
 
