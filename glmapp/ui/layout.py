@@ -127,12 +127,13 @@ def wire_language(demo, backend, language, banner, chat: dict, board: dict, pick
                 gr.update(choices=time_range_choices(lang)), picker.table(active, lang),
                 model_handlers.model_info_markdown(backend, lang),
                 model_handlers.capabilities_note(backend.capabilities(), lang), picker.status(active, lang),
+                gr.update(choices=model_handlers.quant_choices(backend, lang)),  # also: a load since build_ui
                 *(gr.update(choices=choices) for _ in adapter_dropdowns),
                 # Gradio re-translates only the shown tab's name when the locale changes in place: all sent here.
                 *(gr.update(label=t(f"tab.{name}", lang)) for name in tabs))
 
     outputs = [language, banner, chat["chatbot"], board["range"], model["adapter_table"], model["info"],
-               model["capabilities"], model["adapter_status"], *adapter_dropdowns, *tabs.values()]
+               model["capabilities"], model["adapter_status"], model["quant"], *adapter_dropdowns, *tabs.values()]
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     # First the browser (sets the switch, the cookie and Gradio's locale), then the server's text.
     demo.load(None, language, language, js=PAGE_LOAD_JS, **quick).then(show, [language, adapter], outputs, **quick)

@@ -40,7 +40,7 @@ def demo_banner(backend, lang: str = ENGLISH) -> str:
              run_with_model=commands.RUN_APP_WITH_MODEL) + why
 
 
-def quant_choices(backend) -> list[tuple[str, str]]:
+def quant_choices(backend, lang: str = ENGLISH) -> list[tuple[str, str]]:
     """(label, value) per quantization mode; one that cannot run here is marked with the reason (the
     dropdown cannot disable single entries, and choosing one is refused with that reason)."""
     from glmapp.choices import QUANT_MODES as MODES
@@ -48,8 +48,9 @@ def quant_choices(backend) -> list[tuple[str, str]]:
     try:
         reasons = backend.quant_choices()
     except GlmappError as e:  # being reloaded, or a backend that cannot switch (it says why)
-        reasons = {mode: str(e) for mode in MODES}
-    return [(mode if reasons.get(mode) is None else f"{mode} (unavailable: {reasons[mode]})", mode) for mode in MODES]
+        reasons = {mode: error_text(e, lang) for mode in MODES}
+    return [(mode if reasons.get(mode) is None else t("model.quant_unavailable", lang, mode=mode, why=reasons[mode]),
+             mode) for mode in MODES]
 
 
 def switch_quantization(backend, mode: str, progress=None, lang: str = ENGLISH) -> str:
