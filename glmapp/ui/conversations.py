@@ -144,12 +144,12 @@ class ConversationHandlers:
         the model is still loading, start the timer that opens it when it is ready -> (id, list, chat box,
         loading timer)."""
         box, timer = page_ready_updates(self.backend)
-        user = getattr(request, "username", None)
+        user, lang = getattr(request, "username", None), lang_of(request)
         browser_id = gr.skip() if user else new_browser_id(browser_id)
         try:
-            listing = self.listing(owner_of(None if user else browser_id, request), query)
+            listing = self.listing(owner_of(None if user else browser_id, request), query, lang=lang)
         except StoreError as e:  # the chat still works; its conversations are not listed (and say why)
-            notices.warning(f"Your conversations could not be listed: {e}")
+            notices.warning(t("conv.list_failed", lang, error=e))
             listing = gr.skip()
         return browser_id, listing, box, timer
 

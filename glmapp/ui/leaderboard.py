@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 import gradio as gr
 
 from glmapp import arena
+from glmapp.errors import GlmappError
 from glmapp.store import StoreError
 from glmapp.store.votes import BASE as BASE_NAME
 from glmapp.ui import notices
@@ -54,7 +55,7 @@ class ArenaHandlers:
         pool = list(dict.fromkeys(str(p) for p in pool or []))
         if len(pool) < 2:
             raise gr.Error(t("arena.error_pool", lang))
-        drawn = self.rng.sample(pool, 2)
+        drawn = self.draw(pool, lang)
         d = ChatSettings.defaults(self.backend.family, self.backend.context_length, self.compare.max_new_tokens or 1)
         columns = []
         for name in drawn:
@@ -69,6 +70,24 @@ class ArenaHandlers:
             state = {"record": record, "revealed": False, "voted": None}
             yield (out[0], out[1], *(anonymous_stats(c, lang) for c in record["columns"]), state,
                    t("arena.which", lang))
+
+    def draw(self, pool: list[str], lang: str = ENGLISH) -> list[str]:
+        """Two entries of `pool` at random, each loaded first: one that cannot load (a truncated weight file
+        the listing could not see) is left out with a notice naming it and another is drawn, so a vote never
+        lands on a column that failed before it began."""
+        candidates, drawn = list(pool), []
+        while len(drawn) < 2 and candidates:
+            name = candidates.pop(self.rng.randrange(len(candidates)))
+            if name != BASE:
+                try:
+                    self.backend.load_adapter(name)
+                except GlmappError as e:
+                    notices.warning(t("arena.skipped", lang, name=name, error=e))
+                    continue
+            drawn.append(name)
+        if len(drawn) < 2:
+            raise gr.Error(t("arena.error_pool", lang))
+        return drawn
 
     def reveal(self, state, request: gr.Request = None):
         """Show the names before voting: a vote made afterwards is kept but does not count."""

@@ -13,13 +13,11 @@ import html
 
 import gradio as gr
 
+from glmapp.ui.i18n import ENGLISH, lang_of, t
+
 # Opened when the model is ready (looked up by elem_id, so the panels need not pass them around).
 GENERATION_CONTROLS = ("send-btn", "regenerate-btn", "compare-run", "arena-run")
 POLL_S = 1.0
-
-LOADING = "Loading the model {name}"
-LOADING_HINT = "The page works meanwhile; Chat and Compare open when the model is ready."
-FAILED = "The model could not be loaded"
 
 
 def load_state(backend):
@@ -32,19 +30,21 @@ def ready(backend) -> bool:
     return load_state(backend) is None
 
 
-def banner_html(backend) -> str:
+def banner_html(backend, lang: str = ENGLISH) -> str:
+    """The banner in `lang`; the load's own progress messages and errors stay in English (as in the log)."""
     state = load_state(backend)
     if state is None:
         return ""
     if state.error:
-        return (f'<div class="load-failed" role="alert"><b>{html.escape(FAILED)}.</b> '
+        return (f'<div class="load-failed" role="alert"><b>{html.escape(t("loading.failed", lang))}.</b> '
                 f"{html.escape(state.error)}</div>")
     detail = f" · {html.escape(state.detail)}" if state.detail else ""
     percent = round(state.fraction * 100)
-    return (f'<div class="load-running" role="status"><b>{html.escape(LOADING.format(name=backend.name))}</b> '
+    return (f'<div class="load-running" role="status">'
+            f'<b>{html.escape(t("loading.running", lang, name=backend.name))}</b> '
             f"— {html.escape(state.message)}: {percent}%{detail}"
             f'<progress max="100" value="{percent}" aria-label="loading progress"></progress>'
-            f"<br><small>{html.escape(LOADING_HINT)}</small></div>")
+            f'<br><small>{html.escape(t("loading.hint", lang))}</small></div>')
 
 
 def create_loading_banner(backend) -> dict:
@@ -66,15 +66,16 @@ def wire_loading(demo, backend, widgets: dict, textbox) -> None:
     controls = find_controls(demo)
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden", queue=False)
 
-    def show():
+    def show(request: gr.Request = None):
         is_ready = ready(backend)
-        return (gr.update(value=banner_html(backend), visible=not is_ready),
+        return (gr.update(value=banner_html(backend, lang_of(request)), visible=not is_ready),
                 *(gr.update(interactive=is_ready) for _ in controls))
 
-    def tick():
+    def tick(request: gr.Request = None):
         state = load_state(backend)
         running = state is not None and not state.error
-        return (*show(), gr.update(interactive=True) if state is None else gr.skip(), gr.update(active=running))
+        return (*show(request), gr.update(interactive=True) if state is None else gr.skip(),
+                gr.update(active=running))
 
     demo.load(show, None, [widgets["banner"], *controls], **quick)
     widgets["timer"].tick(tick, None, [widgets["banner"], *controls, textbox, widgets["timer"]], **quick)

@@ -79,7 +79,7 @@ def test_app_has_a_train_tab_that_a_public_link_without_login_turns_off(tmp_path
             demo = build_ui(backend, config)
             tabs = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
             assert "tab-train" in tabs
-            starts = [b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Start"]
+            starts = [b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.elem_id == "train-start"]
             assert len(starts) == 1 and starts[0].interactive is (not off)
             demo.close()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -119,3 +120,27 @@ def test_leaderboard_ranks_filters_and_says_how_many_votes_would_separate(store)
         leaderboard(store.votes, "forever")
     empty_store_table, _, _ = leaderboard(SimpleNamespace(games=lambda **_: []))
     assert "No counted votes yet" in empty_store_table
+
+
+def test_an_adapter_that_cannot_load_is_left_out_of_the_draw_with_a_notice(demo_v2, adapters_copy, store, tmp_path):
+    """A truncated weight file passes the listing; drawn, it is named in a notice and another entry is drawn, so
+    both columns run (a vote on a column that failed to start would not be counted)."""
+    backend = LocalBackend.load(str(demo_v2), max_input_tokens=64,
+                                adapters_dir=str(adapters_copy("arena-corrupt", corrupt=["corrupt"])))
+    try:
+        arena = ArenaHandlers(CompareHandlers(backend, tmp_path / "c.jsonl"), store, backend, rng=random.Random(0))
+        skipped = 0
+        for _ in range(6):  # bounded: P(corrupt never drawn in 6 draws of 2 from 3) = 1/729
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                *_, state, status = run(arena, ["none", "corrupt", "qkv"])[-1]
+            notes = [str(w.message) for w in warned if "left out" in str(w.message)]
+            skipped += len(notes)
+            assert all("corrupt" in n for n in notes)
+            drawn = {c["adapter"] or "none" for c in state["record"]["columns"]}
+            assert drawn == {"none", "qkv"} and all(c["finish_reason"] != "error" for c in state["record"]["columns"])
+        assert skipped >= 1
+        with pytest.raises(gr.Error):
+            run(arena, ["none", "corrupt"])  # one loadable entry is not enough
+    finally:
+        backend.close()
