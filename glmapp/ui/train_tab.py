@@ -37,7 +37,9 @@ from glmapp.ui.i18n import ENGLISH, lang_of, t, ui
 
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr", "batch_size", "grad_accum",
                    "max_length", "overlength", "warmup_ratio", "scheduler", "weight_decay", "seed", "quant",
-                   "save_steps", "eval_steps", "early_stopping_patience", "layer_lr", "lora_l2", "dtype", "device")
+                   "save_steps", "eval_steps", "early_stopping_patience", "layer_lr", "lora_l2", "dtype", "device",
+                   "gradient_checkpointing")
+CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the tri-state TrainConfig field as a dropdown
 _INTS = ("rank", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "save_steps", "eval_steps")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PREVIEW_ROWS = 5
@@ -119,6 +121,7 @@ class TrainHandlers:
             settings[key] = int(settings[key])
         patience = settings["early_stopping_patience"]
         settings["early_stopping_patience"] = int(patience) if patience else None
+        settings["gradient_checkpointing"] = CHECKPOINTING.get(settings["gradient_checkpointing"])
         return TrainConfig(model=model or self.served_model, data=data, eval=self.eval_file(eval_choice),
                            out=str(out) if out else None, **settings)
 
@@ -192,7 +195,10 @@ class TrainHandlers:
         name = Path(config.out).name if config.out else ""
         missing = [Path(p).name for p in [*config.data, config.eval] if p and choice(p) is None]
         note = f" Not in the data folder (choose again): {', '.join(missing)}." if missing else ""
-        return (model, data, choice(config.eval), name, *(getattr(config, n) for n in HYPERPARAMETERS),
+        values = [getattr(config, n) for n in HYPERPARAMETERS]
+        values[HYPERPARAMETERS.index("gradient_checkpointing")] = next(
+            k for k, v in CHECKPOINTING.items() if v is config.gradient_checkpointing)
+        return (model, data, choice(config.eval), name, *values,
                 f"Loaded preset {preset!r}.{note}")
 
     def finished_adapter(self) -> str | None:
@@ -256,6 +262,8 @@ def _hyperparameter(f):
     label, elem_id = f"{f.name} — " + ui(f"train.hp.{f.name}"), f"train-{f.name.replace('_', '-')}"
     if "choices" in f.metadata:
         return gr.Dropdown(label=label, choices=list(f.metadata["choices"]), value=f.default, elem_id=elem_id)
+    if f.name == "gradient_checkpointing":
+        return gr.Dropdown(label=label, choices=list(CHECKPOINTING), value=next(iter(CHECKPOINTING)), elem_id=elem_id)
     if f.type in ("int", "float", "int | None"):
         return gr.Number(label=label, value=f.default, elem_id=elem_id)
     return gr.Textbox(label=label, value=f.default, elem_id=elem_id)

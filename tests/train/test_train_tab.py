@@ -11,6 +11,7 @@ from glmapp.train.job import JobRunner
 from glmapp.ui.train_tab import HYPERPARAMETERS, TrainHandlers, create_train_tab
 
 DEFAULTS = {f: getattr(TrainConfig(model="m", data=["d"], out="o"), f) for f in HYPERPARAMETERS}
+DEFAULTS["gradient_checkpointing"] = "auto"  # the tab's dropdown for the field's None (on on GPU)
 
 
 def values(**kw):
@@ -94,7 +95,7 @@ def test_presets_are_the_files_glmapp_train_reads_and_load_back_into_the_tab(tmp
     h = make(tmp_path, demo_v2)
     (h.data_dir / "e.jsonl").write_text(json.dumps({"prompt": "评估", "response": "固定的回答"}), encoding="utf-8")
     chosen = values(rank=4, lr=1e-3, targets="query_key_value,dense", eval_steps=5, early_stopping_patience=3,
-                    save_steps=10)
+                    save_steps=10, gradient_checkpointing="on")
     status = h.save_preset("fast", "", "d.jsonl", "e.jsonl", "mine", *chosen)
     assert status.startswith("Saved preset 'fast'") and h.preset_choices() == ["fast"]
     parser = argparse.ArgumentParser()
@@ -102,8 +103,8 @@ def test_presets_are_the_files_glmapp_train_reads_and_load_back_into_the_tab(tmp
     config = from_args(parser.parse_args(["--config", str(h.presets_dir / "fast.yaml"), "--rank", "2"]))
     assert (config.model, config.data, config.eval, config.out) == (
         str(demo_v2), [str(h.data_dir / "d.jsonl")], str(h.data_dir / "e.jsonl"), str(tmp_path / "adapters" / "mine"))
-    assert (config.rank, config.lr, config.targets, config.early_stopping_patience) == \
-        (2, 1e-3, "query_key_value,dense", 3)
+    assert (config.rank, config.lr, config.targets, config.early_stopping_patience, config.gradient_checkpointing) == \
+        (2, 1e-3, "query_key_value,dense", 3, True)
 
     loaded = h.load_preset("fast")
     assert loaded[:4] == ("", "d.jsonl", "e.jsonl", "mine") and loaded[-1] == "Loaded preset 'fast'."
