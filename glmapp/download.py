@@ -138,7 +138,8 @@ def progress_bar_class(report, message: str, total: int):
         def update(self, n=1):
             result = super().update(n)
             if self._reported:
-                report(min(self.n / total, 1.0), message, describe_transfer(self.n, total, time.monotonic() - self._since))
+                seconds = time.monotonic() - self._since
+                report(min(self.n / total, 1.0), message, describe_transfer(self.n, total, seconds))
             return result
 
         def close(self):

@@ -45,8 +45,8 @@ from glmapp.errors import (
 )
 
 log = logging.getLogger("glmapp.host")
-FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2
-UNKNOWN_SHAPE = ("chatglm2", 32768)  # (family, context length) shown until a checkpoint without config.json fails  # up to 5 s for running streams to let go of the old model
+FREE_WAIT_ROUNDS, FREE_WAIT_S = 25, 0.2  # up to 5 s for running streams to let go of the old model
+UNKNOWN_SHAPE = ("chatglm2", 32768)  # (family, context length) shown until a checkpoint without config.json fails
 _HOSTS: dict[int, "ModelHost"] = {}  # id(model) -> its host, while the host serves it
 _HOSTS_LOCK = threading.Lock()
 
