@@ -297,10 +297,11 @@ def test_chat_api_and_cli_take_an_adapter(model_tok, adapters_dir, demo_v2):
                           input="你好\n", capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "LoRA adapter 'all' applied" in proc.stderr
+    missing = "../no-such-adapter-b7c1"  # relative to the working directory (the command line may name any path)
     bad = subprocess.run([sys.executable, "-m", "glmapp", "chat", "--model", str(demo_v2), "--adapters-dir",
-                          str(adapters_dir), "--adapter", "../x"], input="", capture_output=True, text=True,
+                          str(adapters_dir), "--adapter", missing], input="", capture_output=True, text=True,
                          timeout=180)
-    assert bad.returncode == 2 and "No adapter named '../x'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and f"No adapter named '{missing}'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "bnb-nf4"])
