@@ -46,16 +46,28 @@ class ModelInfo:
     quant: str = "none"
     backend: str = "local"  # "local", or the remote server's address
 
-    def as_markdown(self) -> str:
-        rows = [("Model", f"`{self.name}`"), ("Family", self.family),
-                ("Parameters", f"{self.parameters / 1e6:,.1f} M" if self.parameters else "unknown"),
-                ("Dtype", self.dtype), ("Quantization", self.quant), ("Device", self.device),
-                ("Weights in memory", format_bytes(self.weight_bytes) if self.weight_bytes else "unknown"),
-                ("Context", f"{self.context_length:,} tokens"),
-                ("Demo checkpoint", "yes (random weights)" if self.demo else "no")]
-        if self.backend != "local":
-            rows.insert(1, ("Served by", self.backend))
-        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    # (row id, English label): the web page translates the labels by id (`model.row.<id>`), logs keep these.
+    ROWS = (("model", "Model"), ("backend", "Served by"), ("family", "Family"), ("parameters", "Parameters"),
+            ("dtype", "Dtype"), ("quant", "Quantization"), ("device", "Device"), ("weights", "Weights in memory"),
+            ("context", "Context"), ("demo", "Demo checkpoint"))
+
+    def rows(self, words=None) -> list[tuple[str, str]]:
+        """(row id, value); `words(key, **values)` words the values that are text (English by default)."""
+        words = words or (lambda key, **v: {"unknown": "unknown", "tokens": f"{v.get('n', '')} tokens",
+                                            "demo_yes": "yes (random weights)", "demo_no": "no"}[key])
+        rows = [("model", f"`{self.name}`"), ("backend", self.backend), ("family", self.family),
+                ("parameters", f"{self.parameters / 1e6:,.1f} M" if self.parameters else words("unknown")),
+                ("dtype", self.dtype), ("quant", self.quant), ("device", self.device),
+                ("weights", format_bytes(self.weight_bytes) if self.weight_bytes else words("unknown")),
+                ("context", words("tokens", n=f"{self.context_length:,}")),
+                ("demo", words("demo_yes") if self.demo else words("demo_no"))]
+        return [(k, v) for k, v in rows if k != "backend" or self.backend != "local"]
+
+    def as_markdown(self, label=None, words=None) -> str:
+        """The facts as a two-column table; `label(row id)` names a row (English by default)."""
+        names = dict(self.ROWS)
+        label = label or names.get
+        return "| | |\n|---|---|\n" + "\n".join(f"| {label(k)} | {v} |" for k, v in self.rows(words))
 
 
 def format_bytes(n: float) -> str:

@@ -46,16 +46,30 @@ class DataReport:
     chinese_share: float = 0.0
     trained_tokens: int = 0  # label tokens of the rows kept
 
-    def lines(self) -> list[str]:
+    # The report's lines by key, in English; a UI words them in its language with the same values (`lines`).
+    LINES = {
+        "file": "{name}: {format} ({examples} examples)",
+        "format": "Detected format: {files}",
+        "examples": "Examples: {read} read, {empty} with an empty reply dropped, {duplicates} exact duplicates "
+                    "removed -> {rows} training rows",
+        "tokens": "Tokens per row: p50 {p50}, p90 {p90}, p99 {p99}, max {max}",
+        "over": "Over max length: {over} ({action}; {dropped} dropped)",
+        "chinese": "Chinese share of the text: {share}; trained tokens: {tokens}",
+    }
+
+    def lines(self, words=None) -> list[str]:
+        """The report as lines; `words(key, **values)` words one (default: English, `LINES`)."""
+        words = words or (lambda key, **values: self.LINES[key].format(**values))
         p = self.length_percentiles
-        fmts = ", ".join(f"{name}: {f['format']} ({f['examples']} examples)" for name, f in self.files.items())
+        files = ", ".join(words("file", name=name, format=f["format"], examples=f["examples"])
+                          for name, f in self.files.items())
         return [
-            f"Detected format: {fmts}",
-            f"Examples: {self.examples} read, {self.empty_replies_dropped} with an empty reply dropped, "
-            f"{self.duplicates_removed} exact duplicates removed -> {self.rows} training rows",
-            f"Tokens per row: p50 {p.get('p50')}, p90 {p.get('p90')}, p99 {p.get('p99')}, max {p.get('max')}",
-            f"Over max length: {self.over_length} ({self.over_length_action}; {self.dropped_over_length} dropped)",
-            f"Chinese share of the text: {self.chinese_share:.0%}; trained tokens: {self.trained_tokens}",
+            words("format", files=files),
+            words("examples", read=self.examples, empty=self.empty_replies_dropped,
+                  duplicates=self.duplicates_removed, rows=self.rows),
+            words("tokens", p50=p.get("p50"), p90=p.get("p90"), p99=p.get("p99"), max=p.get("max")),
+            words("over", over=self.over_length, action=self.over_length_action, dropped=self.dropped_over_length),
+            words("chinese", share=f"{self.chinese_share:.0%}", tokens=self.trained_tokens),
         ]
 
     def to_json(self) -> str:

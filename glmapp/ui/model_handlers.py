@@ -12,7 +12,8 @@ from glmapp.ui.i18n import ENGLISH, error_text, t
 
 def model_info_markdown(backend, lang: str = ENGLISH) -> str:
     try:
-        info = backend.info().as_markdown()
+        info = backend.info().as_markdown(lambda row: t(f"model.row.{row}", lang),
+                                           lambda key, **values: t(f"model.value.{key}", lang, **values))
     except GlmappError as e:  # the model is being reloaded
         return error_text(e, lang)
     return info + "\n\n" + t("model.memory", lang, memory=backend.memory())

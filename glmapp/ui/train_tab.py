@@ -101,11 +101,15 @@ class TrainHandlers:
             rows, report = build_rows(tokenizer, [self.data_file(choice, upload)], int(max_length), overlength)
         except GlmappError as e:
             return [], t("train.cannot_use", lang, error=e)
+        import pandas as pd
+
         table = []
         for row in rows[:PREVIEW_ROWS]:
             start = next(i for i, x in enumerate(row.labels) if x != -100)
             table.append([tokenizer.decode(row.input_ids[:start]), tokenizer.decode(row.input_ids[start:])])
-        return table, "\n".join(f"- {line}" for line in report.lines())
+        headers = [t("train.preview.prompt", lang), t("train.preview.reply", lang)]
+        lines = report.lines(lambda key, **values: t(f"train.report.{key}", lang, **values))
+        return pd.DataFrame(table, columns=headers), "\n".join(f"- {line}" for line in lines)
 
     def eval_file(self, choice: str | None) -> str | None:
         return self.data_file(choice, None) if choice else None
@@ -288,7 +292,8 @@ def create_train_tab(handlers: TrainHandlers, language=None) -> dict:
         w["eval"] = gr.Dropdown(label=ui("train.eval"),
                                 choices=handlers.data_choices(), value=None, elem_id="train-eval")
     w["preview_btn"] = gr.Button(ui("train.preview"), elem_id="train-preview")
-    w["table"] = gr.Dataframe(headers=["prompt (as the template renders it)", "trained reply"], interactive=False,
+    w["table"] = gr.Dataframe(headers=[t("train.preview.prompt", ENGLISH), t("train.preview.reply", ENGLISH)],
+                              interactive=False,
                               elem_id="train-table")
     w["report"] = gr.Markdown(elem_id="train-report")
     values = []

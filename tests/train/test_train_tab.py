@@ -30,9 +30,13 @@ def test_preview_renders_rows_with_the_template_and_reports(tmp_path, demo_v2):
     h = make(tmp_path, demo_v2)
     assert h.data_choices() == ["d.jsonl"]
     table, report = h.preview("", "d.jsonl", None, 1024, "truncate")
-    assert len(table) == 5 and table[0][0].startswith("[Round 1]") and "问：问题0" in table[0][0]
-    assert table[0][1].strip() == "固定的回答"
+    rows = table.values.tolist()
+    assert len(rows) == 5 and rows[0][0].startswith("[Round 1]") and "问：问题0" in rows[0][0]
+    assert rows[0][1].strip() == "固定的回答" and list(table.columns)[1] == "trained reply"
     assert "Detected format: d.jsonl: prompt (6 examples)" in report
+    zh_table, zh_report = h.preview("", "d.jsonl", None, 1024, "truncate", lang="zh-CN")
+    assert list(zh_table.columns) == ["提示（按模板渲染）", "训练的回答"] and zh_table.values.tolist() == rows
+    assert "检测到的格式：d.jsonl：prompt（6 个样本）" in zh_report and "Detected" not in zh_report
     (tmp_path / "outside.jsonl").write_text(json.dumps({"prompt": "q", "response": "a"}))
     _, bad = h.preview("", "../outside.jsonl", None, 1024, "truncate")  # exists, but outside the data folder
     assert bad.startswith("**Cannot use this data:**") and "No data file named" in bad

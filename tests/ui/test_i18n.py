@@ -210,10 +210,18 @@ def test_exported_page_chrome_in_the_readers_language():
 def test_model_tab_text_in_the_readers_language():
     from glmapp.ui.model_handlers import capabilities_note, model_info_markdown
 
-    backend = SimpleNamespace(info=lambda: SimpleNamespace(as_markdown=lambda: "| Dtype | float32 |"),
-                              memory=lambda: "1 GB")
-    assert model_info_markdown(backend).endswith("Memory in use: 1 GB")
-    assert model_info_markdown(backend, CHINESE).endswith("内存占用：1 GB")
+    from glmapp.backends.base import ModelInfo
+
+    info = ModelInfo(name="m", family="chatglm2", parameters=6_200_000_000, dtype="float16", device="cuda:0",
+                     weight_bytes=0, context_length=32768, demo=True)
+    backend = SimpleNamespace(info=lambda: info, memory=lambda: "1 GB")
+    english, chinese = model_info_markdown(backend), model_info_markdown(backend, CHINESE)
+    assert english.endswith("Memory in use: 1 GB") and chinese.endswith("内存占用：1 GB")
+    assert "| Parameters | 6,200.0 M |" in english and "| Weights in memory | unknown |" in english
+    assert "| Context | 32,768 tokens |" in english and "| Demo checkpoint | yes (random weights) |" in english
+    assert "| 参数量 | 6,200.0 M |" in chinese and "| 权重占用内存 | 未知 |" in chinese
+    assert "| 上下文长度 | 32,768 个 token |" in chinese and "| 演示检查点 | 是（随机权重） |" in chinese
+    assert "Family" not in chinese and info.as_markdown() == english.split("\n\n")[0]  # logs keep English
 
     def reloading():
         raise errors.ModelReloading("The model is being reloaded (see the Model tab); try again in a moment.")
