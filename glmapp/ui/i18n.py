@@ -120,6 +120,7 @@ async function glmappSetLanguage(lang, remember) {
   if (remember) localStorage.setItem(%(key)s, lang);
   document.cookie = %(cookie)s + "=" + lang + "; path=/; max-age=31536000; SameSite=Lax";
   document.documentElement.lang = lang;
+  document.title = (%(titles)s)[lang] || document.title;
   const names = [...performance.getEntriesByType("resource").map((e) => e.name),
                  ...[...document.querySelectorAll("link[rel=modulepreload]")].map((l) => l.href)];
   const core = names.find((n) => /\\/assets\\/core-[\\w-]+\\.js(\\?|$)/.test(n));
@@ -128,7 +129,8 @@ async function glmappSetLanguage(lang, remember) {
   }
   return lang;
 }
-""" % {"key": json.dumps(STORAGE_KEY), "cookie": json.dumps(COOKIE)}
+""" % {"key": json.dumps(STORAGE_KEY), "cookie": json.dumps(COOKIE),
+       "titles": json.dumps({lang: table(lang)["app.title"] for lang in LANGUAGES}, ensure_ascii=False)}
 
 PAGE_LOAD_JS = """
 async () => {

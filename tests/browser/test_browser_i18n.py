@@ -58,6 +58,8 @@ def test_page_reads_in_the_browser_language_with_server_text_too(browser, app_se
         assert page.locator("#send-btn").inner_text().strip() == send_label
         wait_text(page, "#demo-banner", banner)
         assert chosen_language(page) == ("zh-CN" if locale == "zh-CN" else "en")
+        page.wait_for_function("t => document.title === t",
+                               arg="glmapp · ChatGLM 对话" if locale == "zh-CN" else "glmapp · ChatGLM chat")
 
         set_number(page, "max-new-tokens", 8)
         page.locator("#chatbot").get_by_text(example).click()  # a starter in the page's language fills the box
