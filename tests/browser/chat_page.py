@@ -25,7 +25,7 @@ def request_id(stats: str) -> str:
     return stats.rsplit("req-", 1)[1].strip() if "req-" in stats else ""
 
 
-def wait_finished(page, previous: str = "", timeout: float = 90_000) -> str:
+def wait_finished(page, previous: str = "", timeout: float = 180_000) -> str:
     """Wait until the stats line shows a finished request other than the one in `previous`; return it."""
     page.wait_for_function(
         """([sel, prev]) => { const t = (document.querySelector(sel) || {}).innerText || "";

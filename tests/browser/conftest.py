@@ -33,18 +33,26 @@ def _free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, tmp: Path, *extra: str, port: int | None = None):
+    """`python app.py` on a free port: the demo checkpoint with the suite's limits and `extra` flags; `model`
+    instead of the demo (then `extra` are all the flags besides --model and --port); `env` added to the
+    environment; `wait_model`: return once the model is served (else once the page answers)."""
+
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None, model: str | None = None,
+                 env: dict | None = None, wait_model: bool = True):
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.comparisons = tmp / "comparisons.jsonl"
         self.log = tmp / "app.log"
-        cmd = [sys.executable, "app.py", "--demo", "--port", str(self.port), "--max-new-tokens", str(MAX_NEW_TOKENS),
-               "--max-input-tokens", str(MAX_INPUT_TOKENS), "--comparisons-file", str(self.comparisons),
-               "--data-dir", str(tmp / "data"), *extra]
+        if model is None:
+            flags = ["--demo", "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-input-tokens", str(MAX_INPUT_TOKENS),
+                     "--comparisons-file", str(self.comparisons), "--data-dir", str(tmp / "data"), *extra]
+        else:
+            flags = ["--model", model, *extra]
         self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._wait_ready()
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *flags], cwd=REPO_ROOT,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self._wait_ready(wait_model)
 
     def _wait_ready(self, model: bool = True) -> None:
         """Until the page answers and (with `model`) the model is served: the page comes up first and the model
@@ -114,7 +122,7 @@ def dialogs() -> list[str]:
 def page(browser, app_server, dialogs):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
-    page.set_default_timeout(60_000)  # generous: CI shares 2 cores; a wait that passes returns at once
+    page.set_default_timeout(120_000)  # generous: CI shares 2 cores; a wait that passes returns at once
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(app_server.url)
     page.locator("#chat-input textarea").wait_for()

@@ -259,7 +259,7 @@ def _anonymous_status(url: str, data: dict | None = None) -> int:
 def test_with_auth_an_anonymous_client_cannot_stop_a_logged_in_users_reply(browser, auth_server):
     context = browser.new_context()
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(120_000)
     joined = []  # (session_hash, event_id) of the user's events, as the page sends them
     page.on("requestfinished", lambda r: joined.append((json.loads(r.post_data or "{}").get("session_hash"),
                                                         (r.response().json() or {}).get("event_id")))

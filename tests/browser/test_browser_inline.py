@@ -18,7 +18,7 @@ def inline_server(tmp_path_factory):
 def test_a_chat_reply_reaches_the_browser_on_the_inline_engine(browser, inline_server):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(60_000)  # generous: CI shares 2 cores; a wait that passes returns at once
+    page.set_default_timeout(120_000)  # generous: CI shares 2 cores; a wait that passes returns at once
     try:
         page.goto(inline_server.url)
         page.locator("#chat-input textarea").wait_for()

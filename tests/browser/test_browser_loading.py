@@ -4,31 +4,18 @@ is served, and a checkpoint that cannot load shown in the page (issue #16). The 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from chat_page import send, set_number, wait_finished
-from conftest import REPO_ROOT, AppServer, _free_port
+from conftest import AppServer
 from fake_hub import FakeHub
 
 REPO = "org/loading-chatglm2"
 
 
-class ModelApp(AppServer):
-    """`python app.py --model MODEL` (no --demo), with its own environment; ready once the page answers."""
-
-    def __init__(self, tmp, model: str, env: dict | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = tmp / "app.log"
-        cmd = [sys.executable, "app.py", "--model", model, "--port", str(self.port), "--data-dir", str(tmp / "data"),
-               "--adapters-dir", str(tmp / "adapters"), "--max-new-tokens", "64"]
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        self._wait_ready(model=False)  # the page, not the model
+def model_app(tmp, model: str, env: dict | None = None) -> AppServer:
+    """`python app.py --model MODEL` (no --demo), returned once the page answers (the model may still load)."""
+    return AppServer(tmp, "--data-dir", str(tmp / "data"), "--adapters-dir", str(tmp / "adapters"),
+                     "--max-new-tokens", "64", model=model, env=env, wait_model=False)
 
 
 def open_page(browser, url):
@@ -42,7 +29,7 @@ def test_the_page_shows_the_download_and_opens_the_chat_when_the_model_is_ready(
                                                                                   artifacts):
     hub = FakeHub(REPO, demo_v2, hold=True)
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
-    server = ModelApp(tmp_path, REPO, env)
+    server = model_app(tmp_path, REPO, env)
     try:
         assert hub.half_sent.wait(120)
         page = open_page(browser, server.url)
@@ -76,7 +63,7 @@ def test_a_checkpoint_that_cannot_load_is_shown_in_the_page_with_the_fix(browser
         shutil.copytree(demo_v2, model)
         shard = sorted(model.glob("*.safetensors"))[-1]
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    server = ModelApp(tmp_path, str(model))
+    server = model_app(tmp_path, str(model))
     try:
         page = open_page(browser, server.url)
         page.wait_for_function("() => (document.querySelector('#loading-banner')?.innerText || '')"

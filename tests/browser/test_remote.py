@@ -170,7 +170,7 @@ def test_the_web_app_on_a_remote_model_chats_compares_two_adapters_and_records_a
                                                                                        artifacts):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(120_000)
     try:
         page.goto(front_end.url)
         page.locator("#chat-input textarea").wait_for()

@@ -3,30 +3,12 @@ against a P-tuning v2 prefix adapter in one batch (greedy columns: the prefix ch
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from chat_page import choose, open_tab, run_compare, send, set_number, wait_finished, wait_model_info
-from conftest import MAX_INPUT_TOKENS, REPO_ROOT, AppServer, _free_port
+from conftest import MAX_INPUT_TOKENS, AppServer
 
 from glmapp.demo import make_demo
 from tests.test_v1_ptuning import make_ptuning
-
-
-class V1App(AppServer):
-    """AppServer on `--model <v1 demo>` (the fixture's server always runs the v2 demo)."""
-
-    def __init__(self, tmp, model, adapters_dir):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.comparisons, self.log = tmp / "comparisons.jsonl", tmp / "app.log"
-        cmd = [sys.executable, "app.py", "--model", str(model), "--port", str(self.port), "--max-new-tokens", "64",
-               "--max-input-tokens", str(MAX_INPUT_TOKENS), "--comparisons-file", str(self.comparisons),
-               "--data-dir", str(tmp / "data"), "--adapters-dir", str(adapters_dir)]
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log_file, stderr=subprocess.STDOUT)
-        self._wait_ready()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +16,9 @@ def v1_app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("v1-app")
     base = make_demo(tmp / "chatglm1-demo", family="chatglm1")
     make_ptuning(base, tmp / "adapters" / "prefix", projection=True, seed=3)
-    server = V1App(tmp, base, tmp / "adapters")
+    server = AppServer(tmp, "--max-new-tokens", "64", "--max-input-tokens", str(MAX_INPUT_TOKENS),
+                       "--comparisons-file", str(tmp / "comparisons.jsonl"), "--data-dir", str(tmp / "data"),
+                       "--adapters-dir", str(tmp / "adapters"), model=str(base))
     yield server
     server.stop()
 
@@ -42,7 +26,7 @@ def v1_app(tmp_path_factory):
 def test_v1_demo_chats_and_compares_a_ptuning_adapter_with_the_base(browser, v1_app, artifacts):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(120_000)
     try:
         page.goto(v1_app.url)
         page.locator("#chat-input textarea").wait_for()
