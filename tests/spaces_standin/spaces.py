@@ -24,7 +24,8 @@ def _log(line: str) -> None:
             f.write(line + "\n")
 
 
-def _worker(fn, args, kwargs, conn, parent: int, seconds) -> None:
+def _worker(fn, args, kwargs, conn, parent: int, seconds, inherited) -> None:
+    inherited.close()  # the fork's copy of the app's read end: else a gone app never breaks the pipe
     _log(f"worker={os.getpid()} app={parent} duration={seconds}")
     try:
         if inspect.isgeneratorfunction(fn):
@@ -34,7 +35,10 @@ def _worker(fn, args, kwargs, conn, parent: int, seconds) -> None:
             conn.send(("item", pickle.dumps(fn(*args, **kwargs))))
         conn.send(("end", None))
     except BaseException as e:  # noqa: BLE001 - sent back as ZeroGPU does
-        conn.send(("error", pickle.dumps(e)))
+        try:
+            conn.send(("error", pickle.dumps(e)))
+        except OSError:  # the app is gone (it stopped reading): nothing to tell
+            pass
     finally:
         conn.close()
         os._exit(0)  # a forked worker leaves without running the app's exit handlers
@@ -44,7 +48,8 @@ def _run(fn, duration, args, kwargs):
     seconds = duration(*args, **kwargs) if callable(duration) else duration
     pickle.dumps((args, kwargs))  # ZeroGPU sends the arguments to its worker: they must pickle
     receive, send = _FORK.Pipe(duplex=False)
-    process = _FORK.Process(target=_worker, args=(fn, args, kwargs, send, os.getpid(), seconds), daemon=True)
+    process = _FORK.Process(target=_worker, args=(fn, args, kwargs, send, os.getpid(), seconds, receive),
+                            daemon=True)
     process.start()
     send.close()
     try:
