@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "train":  # a program, not a caller's process: it may re-execute
+        from glmapp.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     try:
         return args.func(args)
     except GlmappError as e:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmapp.allocator import with_tcmalloc
 from glmapp.errors import GlmappError
 from glmapp.train.config import TrainConfig, write_yaml
 from glmapp.train.status import LOG_FILE, STATE_FILE
@@ -81,7 +82,7 @@ class JobRunner:
             with open(stderr_file, "w") as err:
                 process = subprocess.Popen([sys.executable, "-m", "glmapp", "train", "--config", str(config_file)],
                                            stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                           env=with_tcmalloc({**os.environ, "PYTHONUNBUFFERED": "1"}))
             self.job = TrainJob(name, Path(config.out), config_file, stderr_file, process)
             return self.job
 

@@ -8,9 +8,11 @@ Notable choices:
   q/k/v and the attention output, the MLP's gate/up products, the LoRA inputs and dropout masks), in the
   activation dtype; attention runs through SDPA's flash/memory-efficient kernels, so no [t, t] scores.
   With gradient checkpointing a layer keeps only its input and one layer is recomputed at a time. The
-  logits and the loss's fp32 log-softmax and gradients (about 16-20 bytes per vocabulary entry per token)
+  logits and the loss's fp32 log-softmax and gradients (about 14-16 bytes per vocabulary entry per token)
   are counted apart: with a small model and a large vocabulary they are most of it.
 - `overhead` is the process itself (Python, torch, the CUDA context), not measured per machine.
+- On CPU the figure is what the job holds under tcmalloc, which training jobs use when the system has it
+  (`glmapp.allocator`); under glibc's malloc a job can hold up to three times as much, and the check says so.
 - What is free: on CPU the available RAM (psutil), on CUDA the device's free memory (the served model and
   its KV cache already hold theirs). The check leaves 10% of it as headroom.
 """
@@ -94,7 +96,7 @@ def estimate(config: TrainConfig, model_config, device: str, dtype: str, checkpo
     per_layer = (4 * s["H"] + s["qkv"] + (s["qkv"] - s["kv"] // 2) + s["qkv"] + s["attn"] + 2 * s["F"] + 3 * s["F"]
                  + sum(2 * linears[t][0] for t in targets))
     layers = (s["L"] * s["H"] + per_layer) if checkpointing else s["L"] * per_layer
-    logits = tokens * s["V"] * (a + 16)  # logits, their fp32 copy and log-softmax, and the gradients in backward
+    logits = tokens * s["V"] * (a + 12)  # logits, the loss's fp32 shifted copy and log-softmax, one gradient
     activations = int(tokens * (layers + 2 * s["H"]) * a + logits)
     return MemoryEstimate(device, weights, int(adapter), activations, int(OVERHEAD[device]),
                           f"batch {config.batch_size} × {config.max_length} tokens")
@@ -114,6 +116,7 @@ def free_memory(device) -> int:
 def check(config: TrainConfig, model_folder) -> str:
     """Raise TrainMemoryError when the job `config` describes will not fit beside what runs here; else a line
     saying what it needs of what is free. `model_folder`: the local folder of `config.model` (its config.json)."""
+    from glmapp.allocator import tcmalloc_path
     from glmapp.checkpoint import read_config, resolve_device
     from glmapp.train.run import model_dtype
 
@@ -127,8 +130,10 @@ def check(config: TrainConfig, model_folder) -> str:
     need = estimate(config, model_config, device.type, dtype, checkpointing)
     free = free_memory(device)
     where = "of RAM is available" if device.type == "cpu" else f"is free on {device}"
+    glibc = "" if device.type != "cpu" or tcmalloc_path() else (
+        " (with glibc's malloc a CPU job can hold up to three times this; install libtcmalloc-minimal4)")
     if need.total <= free * HEADROOM:
-        return f"Needs {need.describe(config.quant, dtype)}; {gb(free)} {where}."
+        return f"Needs {need.describe(config.quant, dtype)}{glibc}; {gb(free)} {where}."
     advice = []
     if need.activations >= need.weights:
         advice.append("a smaller batch size (raise grad accumulation to keep the same global batch)")
@@ -138,5 +143,5 @@ def check(config: TrainConfig, model_folder) -> str:
     if config.quant in ("none", "int8", "bnb-int8"):
         advice.append("a 4-bit base (quant int4 or bnb-nf4)")
     advice.append("stopping the chat server and training from the command line")
-    raise TrainMemoryError(f"This job needs {need.describe(config.quant, dtype)}, but only {gb(free)} {where} "
+    raise TrainMemoryError(f"This job needs {need.describe(config.quant, dtype)}{glibc}, but only {gb(free)} {where} "
                            f"beside the served model. Try {'; '.join(advice)}.")

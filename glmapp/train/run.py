@@ -178,6 +178,7 @@ def _read_log(out: Path) -> list[dict]:
 
 def train(config: TrainConfig) -> Path:
     """Run the training `config` describes; returns the adapter folder."""
+    from glmapp import allocator
     from glmapp.checkpoint import read_config, resolve
     from glmapp.tokenizer import ChatGLMTokenizer
     from glmapp.train.log import LogCallback
@@ -194,6 +195,7 @@ def train(config: TrainConfig) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:
         for line in data_report.lines():
             _log(line)
+        _log(allocator.describe())
     eval_rows = build_rows(tokenizer, [config.eval], config.max_length, config.overlength)[0] if config.eval else []
     model, tokenizer = load_model(config)
     device = model.device

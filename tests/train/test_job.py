@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from glmapp import allocator
 from glmapp.adapters import list_adapters
 from glmapp.train.config import TrainConfig
 from glmapp.train.job import JobRunner, TrainBusy
@@ -48,6 +49,7 @@ def test_stop_leaves_an_incomplete_run_the_picker_shows_with_resume(tmp_path, de
     job = runner.start(config, "long")
     wait_for(lambda: (runner.progress() or {}).get("step", 0) >= 6 or not job.running())
     assert job.running(), job.stderr_file.read_text()
+    assert allocator.in_use(job.process.pid) == "tcmalloc"  # the job's process starts with it (test.sh installs it)
     assert "training in progress at step" in {a.name: a.error for a in list_adapters(adapters)}["long"]
     assert runner.stop(grace_s=60)
     assert not job.running()

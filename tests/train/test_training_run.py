@@ -111,13 +111,17 @@ def test_resume_after_sigkill_gives_the_same_losses_and_adapter(tmp_path, demo_v
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run = _run([*common, "--out", str(whole)], env, tmp_path / "whole.log")
     assert run.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()
-    run = _run([*common, "--out", str(cut)], env, tmp_path / "cut.log")
+    # The interrupted run keeps glibc's malloc, the whole one re-executes itself under tcmalloc: same losses.
+    system = {**env, "GLMAPP_ALLOCATOR": "system"}
+    assert "Memory allocator: tcmalloc" in (tmp_path / "whole.log").read_text()
+    run = _run([*common, "--out", str(cut)], system, tmp_path / "cut.log")
     deadline = time.monotonic() + 300
     while not (cut / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file():
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
     assert run.wait(timeout=60) == -signal.SIGKILL
+    assert "Memory allocator: glibc malloc (it can hold up to three times" in (tmp_path / "cut.log").read_text()
     assert not (cut / "adapter_config.json").exists()  # nothing the picker would offer
     shown = {a.name: a for a in list_adapters(tmp_path)}
     assert shown["whole"].error is None
