@@ -2,7 +2,7 @@
 
     python bench/llama_cpp.py [--size mid] [--vocab 65024] [--types f32,bf16,q8_0,q4_0] [--rounds 3]
                               [--threads 2] [--prompt-tokens 32] [--new-tokens 64] [--check-tokens 20]
-                              [--prefill-tokens 1024]
+                              [--prefill-tokens 1024] [--output same|full]
 
 Needs `llama_cpp` (not a glmapp dependency; build it with
 `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36`, about 10 minutes on 2 cores).
@@ -21,6 +21,8 @@ Speed: for each type, `--rounds` rounds alternating ours and llama.cpp (order fl
 after the first (prefill excluded), the same formula for both; the best round is reported, with the ratio.
 `--prefill-tokens N` also times a prompt of N tokens up to its first new token (ours: the engine's
 submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
+`--output same` (default): the output layer is quantized like the other weights on both sides (llama.cpp's
+file as `--type`, ours through the engine's `output_quant`); `--output full`: both keep it in bf16.
 llama.cpp runs with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
 (prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
 """
@@ -84,9 +86,9 @@ def prompt_ids(tokenizer, n: int, text: str = PROMPT) -> list[int]:
 
 
 class Ours:
-    def __init__(self, path: Path, dtype: str, quant: str, threads: int):
+    def __init__(self, path: Path, dtype: str, quant: str, threads: int, output_quant: str = "none"):
         self.model, self.tok = glmapp.load(str(path), device="cpu", dtype=dtype, quant=quant)
-        self.model.engine_config = EngineConfig(num_threads=threads)
+        self.model.engine_config = EngineConfig(num_threads=threads, output_quant=output_quant)
         self.backend = None
 
     def start(self):
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check-tokens", type=int, default=20)
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="also time the prefill of a prompt this long (tokens/s up to the first new token), 0 = off")
+    ap.add_argument("--output", choices=("same", "full"), default="same",
+                    help="same: both quantize the output layer like the other weights (llama.cpp's file and our "
+                         "engine's --output-quant); full: both keep it in bf16 (f32 for f32)")
     ap.add_argument("--check-only", action="store_true", help="only the greedy-token check, no timing")
     args = ap.parse_args(argv)
     types = args.types.split(",")
@@ -165,9 +170,11 @@ def main(argv=None) -> int:
         with single_threaded():
             path = make_checkpoint(tmp, args.size, args.vocab)
         for type_ in types:
-            gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_).path
             dtype, quant = OURS[type_]
-            ours = Ours(path, dtype, quant, args.threads)
+            quantized = quant in ("int8", "int4")
+            output_type = None if args.output == "same" or not quantized else "bf16"
+            gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_, output_type=output_type).path
+            ours = Ours(path, dtype, quant, args.threads, quant if args.output == "same" and quantized else "none")
             ids = prompt_ids(ours.tok, args.prompt_tokens)
             longest = max(args.prompt_tokens, args.prefill_tokens)
             theirs = LlamaCpp(gguf_path, args.threads, n_ctx=longest + args.new_tokens + 16)

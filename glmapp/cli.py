@@ -89,7 +89,7 @@ def backend_for_cli(args):
     from glmapp.host import ModelHost
 
     model, tokenizer = load_for_cli(args)
-    config = EngineConfig(kv_cache_mb=args.kv_cache_mb, compile=args.compile)
+    config = EngineConfig(kv_cache_mb=args.kv_cache_mb, compile=args.compile, output_quant=args.output_quant)
     host = ModelHost(model, tokenizer, str(model.config.name_or_path), adapters_dir=args.adapters_dir,
                      engine_config=config)
     print(f"glmapp chat: {host.name} ({tokenizer.family}, {model.dtype}, {model.device}). "
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KV cache budget (default: 90%% of free GPU memory, 512 MB on CPU)")
     chat.add_argument("--compile", action="store_true",
                       help="torch.compile the decode step (CUDA: minutes of warm-up for faster decoding)")
+    chat.add_argument("--output-quant", choices=("none", "int8", "int4"), default="none",
+                      help="CPU decoding reads an int8 or int4 copy of the output layer (default: %(default)s)")
     chat.add_argument("--adapters-dir", default="adapters", help="folder of LoRA adapters (default: %(default)s)")
     chat.add_argument("--adapter", default=None, help="LoRA adapter: folder name in --adapters-dir, or a hub id")
     chat.add_argument("--backend-url", action="append", default=None, metavar="URL",

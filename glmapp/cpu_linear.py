@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmapp import quant_kernels
+from glmapp.errors import QuantizationError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,47 @@ class PackedLinear(nn.Linear):
         self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=requires_grad)
 
 
+class QuantizedOutputLinear(nn.Linear):
+    """The output layer while `pack(output_bits=)` holds a W8A16/W4A16 copy of its weight: decoding reads the
+    copy (a quarter or an eighth of the bf16 bytes), everything else (saving, merging, training, another
+    engine) sees the unchanged full-precision `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = self.__dict__.get("quantized")  # not a submodule: state_dict and .to() never see it
+        if quantized is None or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        return quantized(x)
+
+    def _apply(self, fn, recurse=True):
+        _unquantize_output(self)  # moved or cast: the copy would be stale
+        return super()._apply(fn, recurse)
+
+
+def _quantize_output(m: nn.Linear, bits: int) -> bool:
+    """Give the plain CPU output layer `m` a `bits`-bit copy that its forward uses; False when it cannot."""
+    from glmapp.quant import QuantizedLinear
+
+    if type(m) is not nn.Linear or m.weight.device.type != "cpu" or not m.weight.dtype.is_floating_point:
+        return False
+    try:
+        quantized = QuantizedLinear.from_float(m, bits)
+    except QuantizationError as e:
+        log.warning("output layer stays in %s (%s)", m.weight.dtype, e)
+        return False
+    quant_kernels.to_kernel_layout(quantized)  # int4: ATen's CPU kernel layout, as the layers' weights
+    m.__dict__["quantized"] = quantized
+    m.__class__ = QuantizedOutputLinear
+    return True
+
+
+def _unquantize_output(m: nn.Module) -> bool:
+    if type(m) is not QuantizedOutputLinear:
+        return False
+    m.__class__ = nn.Linear  # the class first: a forward meanwhile takes the full-precision path
+    m.__dict__.pop("quantized", None)
+    return True
+
+
 def _packed(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), ROWS_HINT)
 
@@ -118,11 +160,16 @@ def _int4_linears(model: nn.Module):
     return [m for m in model.modules() if getattr(m, "bits", None) == 4 and hasattr(m, "_int4_pack")]
 
 
-def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_features: int = PACK_MIN_IN_FEATURES) -> int:
+def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_features: int = PACK_MIN_IN_FEATURES,
+         output_bits: int | None = None) -> int:
     """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place whose weight is big enough for packing to
     pay (see `PACK_MIN_ELEMENTS`; tests lower the bounds to pack small ones), and put CPU int4 weights in their
-    kernel's layout; -> how many linears were packed or laid out."""
+    kernel's layout; with `output_bits` (8 or 4) the output layer gets a quantized copy that decoding reads
+    instead (`QuantizedOutputLinear`); -> how many linears were packed, laid out or quantized."""
     count = sum(quant_kernels.to_kernel_layout(m) for m in _int4_linears(model))
+    if output_bits:
+        with torch.no_grad():
+            count += _quantize_output(model.transformer.output_layer, output_bits)
     with torch.no_grad():
         for m in _plain_linears(model):
             w = m.weight
@@ -148,6 +195,7 @@ def unpack(model: nn.Module) -> int:
     """Give every `PackedLinear` of `model` its plain weight back, and int4 weights their official layout;
     -> how many were unpacked."""
     count = sum(quant_kernels.to_official_layout(m) for m in _int4_linears(model))
+    count += sum(_unquantize_output(m) for m in list(model.modules()))
     with torch.no_grad():
         for m in model.modules():
             if type(m) is not PackedLinear:
@@ -161,5 +209,5 @@ def unpack(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return (any(type(m) is PackedLinear for m in model.modules())
+    return (any(type(m) in (PackedLinear, QuantizedOutputLinear) for m in model.modules())
             or any(quant_kernels.in_kernel_layout(m) for m in _int4_linears(model)))

@@ -178,3 +178,41 @@ def test_weight_readers_work_on_a_packed_model(demo_v2, tmp_path):
         quantize_model(model, "int8")  # unpacks, then quantizes the plain weights
         assert not cpu_linear.is_packed(model)
         torch.testing.assert_close(model(ids).logits, want, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.25)])
+def test_a_quantized_output_layer_is_close_and_leaves_the_model_as_it_was(model_tok, tmp_path, bits, tol):
+    model, tok = model_tok
+    out = model.transformer.output_layer
+    weight = out.weight.detach().clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, out.in_features, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
+    with torch.inference_mode():
+        want = out(x)
+        assert cpu_linear.pack(model, output_bits=bits) >= 1
+        assert type(out) is cpu_linear.QuantizedOutputLinear and cpu_linear.is_packed(model)
+        got = out(x)
+        assert not torch.equal(got, want)  # the quantized copy answered
+        # Per-row scales: each logit is off by a small share of its row's scale of the whole output.
+        assert ((got - want).abs().max() / want.abs().max()).item() < tol
+        assert model.state_dict().keys() == state.keys()  # the copy is not a parameter or a buffer
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    x.requires_grad_(True)
+    torch.testing.assert_close(out(x), want)  # a backward (training) sees the full-precision weight
+    cpu_linear.unpack(model)
+    assert type(out) is nn.Linear and "quantized" not in out.__dict__ and torch.equal(out.weight, weight)
+
+
+def test_the_engine_quantizes_the_output_layer_while_it_runs_when_asked(model_tok):
+    model, tok = model_tok
+    weight = model.transformer.output_layer.weight.detach().clone()
+    engine = Engine(model, tok, EngineConfig(output_quant="int4"))
+    try:
+        assert type(model.transformer.output_layer) is cpu_linear.QuantizedOutputLinear
+        assert len(_generate(engine, tok, "请介绍一下长城。", n=8)) == 8
+    finally:
+        engine.shutdown()
+    assert type(model.transformer.output_layer) is nn.Linear
+    assert torch.equal(model.transformer.output_layer.weight, weight)
+    with pytest.raises(ValueError, match="output_quant must be one of none, int8, int4 .got 'int3'."):
+        EngineConfig(output_quant="int3")

@@ -67,6 +67,9 @@ class RequestState:
     first_token: float | None = None
 
 
+OUTPUT_QUANT = {"none": None, "int8": 8, "int4": 4}  # EngineConfig.output_quant -> bits
+
+
 @dataclass
 class EngineConfig:
     kv_cache_mb: float | None = None  # None: 90% of free GPU memory, or 512 MB on CPU
@@ -80,11 +83,16 @@ class EngineConfig:
     prepack: bool | None = None  # oneDNN-packed CPU linears while the engine runs (None: on CPU unless compiling)
     oom_regrow_steps: int = 16  # successful steps after an out-of-memory before the batch limits double back
     inline: bool = False  # no engine thread: readers run the steps (glmapp.engine.inline, for ZeroGPU)
+    # "int8"/"int4": while the engine runs on CPU, decoding reads a quantized copy of the output layer (its
+    # biggest weight with a 65k vocabulary); "none" keeps it as loaded. bench/RESULTS.md "Quantized output layer".
+    output_quant: str = "none"
 
     def __post_init__(self):
         if (self.block_size < 1 or self.max_seqs < 1 or (self.max_batch_tokens or 1) < 1
                 or self.oom_regrow_steps < 1):
             raise ValueError("block_size, max_seqs, max_batch_tokens and oom_regrow_steps must be positive")
+        if self.output_quant not in OUTPUT_QUANT:
+            raise ValueError(f"output_quant must be one of {', '.join(OUTPUT_QUANT)} (got {self.output_quant!r})")
 
 
 def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
@@ -257,7 +265,7 @@ class Engine:
         use = cfg.prepack if cfg.prepack is not None else not cfg.compile
         if not use or self.cache.k.device.type != "cpu":
             return 0
-        return cpu_linear.pack(self.model)
+        return cpu_linear.pack(self.model, output_bits=OUTPUT_QUANT[cfg.output_quant])
 
     def _loop(self) -> None:
         died: BaseException | None = None

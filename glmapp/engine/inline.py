@@ -27,7 +27,7 @@ import torch
 from glmapp import cpu_linear, quant_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.cpu_threads import claim_compute_threads, single_threaded
-from glmapp.engine.engine import Engine, EngineConfig, _kv_budget_bytes
+from glmapp.engine.engine import OUTPUT_QUANT, Engine, EngineConfig, _kv_budget_bytes
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
 from glmapp.engine.request import Delta
 from glmapp.engine.runner import ModelRunner
@@ -83,7 +83,8 @@ class InlineEngine:
         self.error_count = 0
         self.decode_rate = DecodeRate()
         use_pack = self.config.prepack if self.config.prepack is not None else not self.config.compile
-        self.packed_linears = cpu_linear.pack(model) if use_pack and self.device.type == "cpu" else 0
+        self.packed_linears = (cpu_linear.pack(model, output_bits=OUTPUT_QUANT[self.config.output_quant])
+                               if use_pack and self.device.type == "cpu" else 0)
 
     @property
     def capacity_tokens(self) -> int:

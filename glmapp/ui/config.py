@@ -47,6 +47,9 @@ class AppConfig:
                                    "GLMAPP_KV_CACHE_MB")
     compile: bool = _opt(False, "torch.compile the decode step (CUDA: minutes of warm-up for faster decoding)",
                          "GLMAPP_COMPILE")
+    output_quant: str = _opt("none", "CPU decoding reads an int8 or int4 copy of the output layer (none, int8, int4): "
+                                     "faster with a large vocabulary, at some loss of logit precision",
+                             "GLMAPP_OUTPUT_QUANT")
     engine: str = _opt("auto", "threaded (one engine thread batches all users), inline (each handler runs the steps "
                                "of its own requests: ZeroGPU, where CUDA exists only inside a decorated call) or auto "
                                "(inline when the spaces package is importable and SPACES_ZERO_GPU is set)",
@@ -102,6 +105,8 @@ class AppConfig:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant!r}).")
         if self.engine not in ENGINE_MODES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_MODES)} (got {self.engine!r}).")
+        if self.output_quant not in ("none", "int8", "int4"):
+            raise ConfigError(f"--output-quant must be one of none, int8, int4 (got {self.output_quant!r}).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r}).")
         for name in ("max_concurrency", "max_new_tokens"):
@@ -124,7 +129,7 @@ class AppConfig:
     def engine_config(self):
         from glmapp.engine.engine import EngineConfig
 
-        return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile,
+        return EngineConfig(kv_cache_mb=self.kv_cache_mb, compile=self.compile, output_quant=self.output_quant,
                             inline=engine_mode(self.engine) == "inline")
 
     def open_store(self):

@@ -320,6 +320,9 @@ def test_engine_settings_reach_the_engine_and_survive_a_reload():
     assert load_config([], {}).engine_config().kv_cache_mb is None
     with pytest.raises(ConfigError, match="--kv-cache-mb must be at least 1"):
         load_config(["--kv-cache-mb", "0"], {})
+    assert load_config([], {"GLMAPP_OUTPUT_QUANT": "int4"}).engine_config().output_quant == "int4"
+    with pytest.raises(ConfigError, match=r"--output-quant must be one of none, int8, int4 \(got 'q4'\)"):
+        load_config(["--output-quant", "q4"], {})
     manager = LocalBackend.load(demo=True, engine_config=load_config(["--kv-cache-mb", "3"], {}).engine_config())
     try:
         model = manager.model
