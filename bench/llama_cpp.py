@@ -23,7 +23,8 @@ after the first (prefill excluded), the same formula for both; the best round is
 submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
 `--output same` (default): the output layer is quantized like the other weights on both sides (llama.cpp's
 file as `--type`, ours through the engine's `output_quant`); `--output full`: both keep it in bf16.
-llama.cpp runs with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
+llama.cpp runs in a process of its own (its OpenMP threads stay out of our engine's way)
+with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
 (prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
 """
 
@@ -133,6 +134,38 @@ class LlamaCpp:
         return out, (n - 1) / span
 
 
+def _serve_llama_cpp(conn, gguf_path: str, threads: int, n_ctx: int) -> None:
+    llm = LlamaCpp(Path(gguf_path), threads, n_ctx)
+    conn.send("ready")
+    while (call := conn.recv()) is not None:
+        out, tps = llm.generate(*call)
+        conn.send((out, tps, llm.prefill_seconds))
+
+
+class LlamaCppProcess:
+    """`LlamaCpp` in a process of its own: ggml computes on the calling thread with its own OpenMP runtime, and
+    our engine's OpenMP team must be the only one busy in our process (`glmapp.cpu_threads`)."""
+
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve_llama_cpp, args=(child, str(gguf_path), threads, n_ctx), daemon=True)
+        self.process.start()
+        if not self.conn.poll(600) or self.conn.recv() != "ready":
+            raise RuntimeError("llama.cpp's process did not start")
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        self.conn.send((list(ids), n))
+        out, tps, self.prefill_seconds = self.conn.recv()
+        return out, tps
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=30)
+
+
 def agree(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -160,9 +193,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check-only", action="store_true", help="only the greedy-token check, no timing")
     args = ap.parse_args(argv)
     types = args.types.split(",")
-    import llama_cpp
+    from importlib.metadata import version  # llama_cpp itself is loaded in its own process only
 
-    print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, threads {args.threads}, "
+    print(f"torch {torch.__version__}, llama-cpp-python {version('llama-cpp-python')}, threads {args.threads}, "
           f"load average {os.getloadavg()}", flush=True)
     rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="glmapp-bench-llama-") as tmp:
@@ -173,11 +206,13 @@ def main(argv=None) -> int:
             dtype, quant = OURS[type_]
             quantized = quant in ("int8", "int4")
             output_type = None if args.output == "same" or not quantized else "bf16"
-            gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_, output_type=output_type).path
+            with single_threaded():  # parallel torch work here would give this thread an OpenMP team of its
+                # own beside the engine thread's, and the engine then decoded 35% slower on 2 threads
+                gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_, output_type=output_type).path
             ours = Ours(path, dtype, quant, args.threads, quant if args.output == "same" and quantized else "none")
             ids = prompt_ids(ours.tok, args.prompt_tokens)
             longest = max(args.prompt_tokens, args.prefill_tokens)
-            theirs = LlamaCpp(gguf_path, args.threads, n_ctx=longest + args.new_tokens + 16)
+            theirs = LlamaCppProcess(gguf_path, args.threads, n_ctx=longest + args.new_tokens + 16)
             long_ids = prompt_ids(ours.tok, args.prefill_tokens, LONG_PROMPT) if args.prefill_tokens else None
             ours.start()
             a, _ = ours.generate(ids, args.check_tokens)
@@ -190,7 +225,7 @@ def main(argv=None) -> int:
             if type_ == "f32" and same < args.check_tokens:
                 failed = True
             if args.check_only:
-                del theirs
+                theirs.close()
                 continue
             speeds = {"ours": [], "llama.cpp": []}
             prefill = {"ours": [], "llama.cpp": []}
@@ -219,7 +254,8 @@ def main(argv=None) -> int:
                       f"{speeds['llama.cpp'][-1]:.1f} tok/s{extra}, load average {os.getloadavg()[0]:.2f}", flush=True)
             rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same,
                          max(prefill["ours"], default=0.0), max(prefill["llama.cpp"], default=0.0)))
-            del theirs, ours
+            theirs.close()
+            del ours
     if rows:
         print(f"\nbest of {args.rounds} alternating rounds, {args.new_tokens} new tokens after {args.prompt_tokens} "
               f"prompt tokens, batch 1, {args.threads} threads")
