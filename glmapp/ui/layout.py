@@ -255,7 +255,10 @@ def wire_conversations(demo, conv: ConversationHandlers, w: dict, chat: dict, ad
     conversation sets the tab's adapter in both pickers (Chat tab and Model tab)."""
     quick = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     owner, conversation, query = w["owner"], w["conversation"], w["search"]
-    demo.load(conv.page_load, [owner, query], [owner, w["list"], chat["textbox"], loading_timer], **quick)
+    # Not queued: through the queue, on a Space start (ZeroGPU mode) under load, its answer never reached the page
+    # and the chat box stayed closed (reproduced 3 of 3 beside a CPU hog; 0 of 3 unqueued).
+    demo.load(conv.page_load, [owner, query], [owner, w["list"], chat["textbox"], loading_timer], queue=False,
+              **quick)
     query.change(conv.search, [query, conversation, owner], w["list"], **quick)
     fresh = [chat["chatbot"], chat["messages"], chat["textbox"], chat["stats"], conversation, w["title"], w["info"],
              chat["bar"], w["focus"], w["list"]]
