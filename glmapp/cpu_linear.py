@@ -80,7 +80,7 @@ class PackedLinear(nn.Linear):
 
 class QuantizedOutputLinear(nn.Linear):
     """The output layer while `pack(output_bits=)` holds a W8A16/W4A16 copy of its weight: decoding reads the
-    copy (a quarter or an eighth of the bf16 bytes), everything else (saving, merging, training, another
+    copy (half or a quarter of the bf16 bytes), everything else (saving, merging, training, another
     engine) sees the unchanged full-precision `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,10 @@ def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_feature
     count = sum(quant_kernels.to_kernel_layout(m) for m in _int4_linears(model))
     if output_bits:
         with torch.no_grad():
-            count += _quantize_output(model.transformer.output_layer, output_bits)
+            # v1 (ChatGLM-6B) projects through `lm_head`, tied to the embedding; v2/v3 through output_layer
+            head = model.lm_head if isinstance(getattr(model, "lm_head", None), nn.Linear) \
+                else model.transformer.output_layer
+            count += _quantize_output(head, output_bits)
     with torch.no_grad():
         for m in _plain_linears(model):
             w = m.weight

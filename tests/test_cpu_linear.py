@@ -216,3 +216,17 @@ def test_the_engine_quantizes_the_output_layer_while_it_runs_when_asked(model_to
     assert torch.equal(model.transformer.output_layer.weight, weight)
     with pytest.raises(ValueError, match="output_quant must be one of none, int8, int4 .got 'int3'."):
         EngineConfig(output_quant="int3")
+
+
+def test_chatglm1s_tied_lm_head_gets_the_quantized_copy_and_stays_tied(make_checkpoint):
+    model, tok = glmapp.load(str(make_checkpoint("chatglm1")))
+    head, embedding = model.lm_head, model.transformer.word_embeddings
+    x = torch.randn(2, head.in_features, generator=torch.Generator().manual_seed(2)).to(head.weight.dtype)
+    with torch.inference_mode():
+        want = head(x)
+        assert cpu_linear.pack(model, output_bits=8) >= 1
+        assert type(head) is cpu_linear.QuantizedOutputLinear and head.weight is embedding.weight
+        got = head(x)
+        assert not torch.equal(got, want) and ((got - want).abs().max() / want.abs().max()).item() < 0.02
+    cpu_linear.unpack(model)
+    assert type(head) is nn.Linear and head.weight is embedding.weight
