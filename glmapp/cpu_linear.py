@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmapp import quant_kernels
+from glmapp import cpu_kernels, quant_kernels
 from glmapp.errors import QuantizationError
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,20 @@ class PackedLinear(nn.Linear):
         self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=requires_grad)
 
 
+class GemvLinear(nn.Linear):
+    """A plain bf16 `nn.Linear` whose few-row calls (decoding) run glmapp's CPU kernel (`cpu_kernels`), which reads
+    the weight as it lies; more rows (prefill) go to `F.linear`. Nothing else changes: state_dict, `.to()`,
+    training and merging see an ordinary linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype and cpu_kernels.usable(cpu_kernels.W_BF16, x, w):
+            y = cpu_kernels.linear(cpu_kernels.W_BF16, x, w, None, self.bias)
+            if y is not None:
+                return y
+        return F.linear(x, w, self.bias)
+
+
 class QuantizedOutputLinear(nn.Linear):
     """The output layer while `pack(output_bits=)` holds a W8A16/W4A16 copy of its weight: decoding reads the
     copy (half or a quarter of the bf16 bytes), everything else (saving, merging, training, another
@@ -94,7 +108,7 @@ class QuantizedOutputLinear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
-def _quantize_output(m: nn.Linear, bits: int) -> bool:
+def _quantize_output(m: nn.Linear, bits: int, gemv: bool) -> bool:
     """Give the plain CPU output layer `m` a `bits`-bit copy that its forward uses; False when it cannot."""
     from glmapp.quant import QuantizedLinear
 
@@ -105,7 +119,8 @@ def _quantize_output(m: nn.Linear, bits: int) -> bool:
     except QuantizationError as e:
         log.warning("output layer stays in %s (%s)", m.weight.dtype, e)
         return False
-    quant_kernels.to_kernel_layout(quantized)  # int4: ATen's CPU kernel layout, as the layers' weights
+    if not gemv:
+        quant_kernels.to_kernel_layout(quantized)  # int4: ATen's CPU kernel layout, as the layers' weights
     m.__dict__["quantized"] = quantized
     m.__class__ = QuantizedOutputLinear
     return True
@@ -161,21 +176,31 @@ def _int4_linears(model: nn.Module):
 
 
 def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_features: int = PACK_MIN_IN_FEATURES,
-         output_bits: int | None = None) -> int:
-    """Pack every plain CPU fp32/bf16 `nn.Linear` of `model` in place whose weight is big enough for packing to
-    pay (see `PACK_MIN_ELEMENTS`; tests lower the bounds to pack small ones), and put CPU int4 weights in their
-    kernel's layout; with `output_bits` (8 or 4) the output layer gets a quantized copy that decoding reads
-    instead (`QuantizedOutputLinear`); -> how many linears were packed, laid out or quantized."""
-    count = sum(quant_kernels.to_kernel_layout(m) for m in _int4_linears(model))
+         output_bits: int | None = None, gemv: bool | None = None) -> int:
+    """Prepare the CPU linears of `model` for serving, in place; -> how many linears were changed.
+
+    With glmapp's CPU kernels (`gemv`, default: when `cpu_kernels.available()`): bf16 linears become `GemvLinear`s
+    (same weight), int4 weights keep the official layout those kernels read. Without them: every plain CPU
+    fp32/bf16 `nn.Linear` whose weight is big enough for packing to pay (see `PACK_MIN_ELEMENTS`; tests lower the
+    bounds to pack small ones) is oneDNN-packed, and CPU int4 weights are put in ATen's int4 kernel layout.
+    fp32 linears are packed either way. With `output_bits` (8 or 4) the output layer gets a quantized copy that
+    decoding reads instead (`QuantizedOutputLinear`)."""
+    gemv = cpu_kernels.available() if gemv is None else gemv
+    count = 0 if gemv else sum(quant_kernels.to_kernel_layout(m) for m in _int4_linears(model))
     if output_bits:
         with torch.no_grad():
             # v1 (ChatGLM-6B) projects through `lm_head`, tied to the embedding; v2/v3 through output_layer
             head = model.lm_head if isinstance(getattr(model, "lm_head", None), nn.Linear) \
                 else model.transformer.output_layer
-            count += _quantize_output(head, output_bits)
+            count += _quantize_output(head, output_bits, gemv)
     with torch.no_grad():
         for m in _plain_linears(model):
             w = m.weight
+            if gemv and w.device.type == "cpu" and w.dtype == torch.bfloat16 and (
+                    m.bias is None or m.bias.dtype == w.dtype):
+                m.__class__ = GemvLinear
+                count += 1
+                continue
             if w.device.type != "cpu" or w.is_mkldnn or supported(w.dtype):
                 continue
             if w.numel() < min_elements or w.shape[1] < min_in_features:
@@ -199,6 +224,10 @@ def unpack(model: nn.Module) -> int:
     -> how many were unpacked."""
     count = sum(quant_kernels.to_official_layout(m) for m in _int4_linears(model))
     count += sum(_unquantize_output(m) for m in list(model.modules()))
+    for m in model.modules():
+        if type(m) is GemvLinear:
+            m.__class__ = nn.Linear
+            count += 1
     with torch.no_grad():
         for m in model.modules():
             if type(m) is not PackedLinear:
@@ -212,5 +241,5 @@ def unpack(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return (any(type(m) in (PackedLinear, QuantizedOutputLinear) for m in model.modules())
+    return (any(type(m) in (PackedLinear, QuantizedOutputLinear, GemvLinear) for m in model.modules())
             or any(quant_kernels.in_kernel_layout(m) for m in _int4_linears(model)))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from glmapp import cpu_linear
+from glmapp import cpu_kernels, cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,18 @@ DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, run
 # CPU bounds: the last row count of 1/8/16/32/64 at which the kernel was the fastest on both of the mid
 # model's big linears (bench/RESULTS.md). CUDA bounds are guesses to measure: tinygemm loses to a
 # dense GEMM past ~64 rows in torchao's A6000 numbers (torchao/prototype/hqq/README.md).
+# "gemv" (glmapp's own few-row kernels, `cpu_kernels`) comes first on CPU where it is built; it reads the official
+# layout, so `cpu_linear.pack` leaves int4 weights official then and tinygemm/layout_dense are not usable.
+_GEMV8, _GEMV4 = (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT8], "gemv"), (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT4], "gemv")
 DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("cpu", 8, torch.float32): ((16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
-    ("cpu", 8, torch.bfloat16): ((32, "int8pack"), (None, "rowscale")),
-    ("cpu", 4, torch.float32): ((32, "tinygemm_bf16"), (None, "layout_dense"), (32, "nibbles_int8pack_bf16"),
+    ("cpu", 8, torch.float32): (_GEMV8, (16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
+    ("cpu", 8, torch.bfloat16): (_GEMV8, (32, "int8pack"), (None, "rowscale")),
+    ("cpu", 8, torch.float16): (_GEMV8,),
+    ("cpu", 4, torch.float32): (_GEMV4, (32, "tinygemm_bf16"), (None, "layout_dense"), (32, "nibbles_int8pack_bf16"),
                                 (None, "split_bf16"), (None, "split")),
-    ("cpu", 4, torch.bfloat16): ((32, "tinygemm"), (None, "layout_dense"), (16, "nibbles_int8pack"), (None, "split")),
+    ("cpu", 4, torch.bfloat16): (_GEMV4, (32, "tinygemm"), (None, "layout_dense"), (16, "nibbles_int8pack"),
+                                 (None, "split")),
+    ("cpu", 4, torch.float16): (_GEMV4,),
     ("cuda", 8, torch.bfloat16): ((8, "int8pack"),),
     ("cuda", 8, torch.float16): ((8, "int8pack"),),
     ("cuda", 8, torch.float32): ((8, "int8pack"),),
@@ -126,6 +132,14 @@ def layout_dense(m, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, q.mul_(m.weight_scale.to(x.dtype)[:, None]))
 
 
+def gemv(m, x: torch.Tensor) -> torch.Tensor:
+    """int8/int4 through glmapp's own few-row CPU kernel (`cpu_kernels`), on the official weight as it is."""
+    y = cpu_kernels.linear(cpu_kernels.W_INT8 if m.bits == 8 else cpu_kernels.W_INT4, x, m.weight, m.weight_scale)
+    if y is None:
+        raise RuntimeError(f"glmapp's CPU kernel refused a {tuple(m.weight.shape)} weight")
+    return y
+
+
 def in_bf16(kernel):
     """`kernel` run on x rounded to bf16, the result back in x's dtype: for fp32 activations on CPU, where
     ATen's packed kernels are fast in bf16 only. bf16 keeps 8 mantissa bits: its rounding (2^-9 relative)
@@ -142,7 +156,7 @@ KERNELS = {DEQUANTIZE: dequantize_linear, "rowscale": rowscale, "split": split, 
            "nibbles_int8pack": nibbles_int8pack, "tinygemm": tinygemm,
            "int8pack_bf16": in_bf16(int8pack), "nibbles_int8pack_bf16": in_bf16(nibbles_int8pack),
            "tinygemm_bf16": in_bf16(tinygemm), "layout_dense": layout_dense,
-           "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split)}
+           "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split), "gemv": gemv}
 
 
 # ---- tinygemm's copy of an int4 weight ---------------------------------------------------------------
@@ -362,6 +376,9 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
     """May `kernel` run this module's weight on this device, for activations of `dtype`?"""
     if (kernel, device.type) in _BROKEN:
         return False
+    if kernel == "gemv":
+        return (device.type == "cpu" and not in_kernel_layout(m) and m.weight.is_contiguous()
+                and m.in_features % (64 if m.bits == 4 else 32) == 0 and cpu_kernels.available())
     if kernel.startswith("int8pack") and m.in_features % INT8PACK_K_MULTIPLE:
         return False
     if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import glmapp
-from glmapp import quant_kernels
+from glmapp import cpu_kernels, quant_kernels
 from glmapp.checkpoint import build_empty, load_model, write_int4_checkpoint, write_weights
 from glmapp.demo import demo_config, random_state_dict
 from glmapp.host import QuantizationSwitchFailed, switch_quantization
@@ -264,6 +264,12 @@ def fresh_kernels(monkeypatch):
 
 
 @pytest.fixture()
+def no_cpu_kernels(monkeypatch):
+    """As on a machine where glmapp's own CPU kernels cannot be built (ATen's kernels run)."""
+    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+
+
+@pytest.fixture()
 def packed_copy_on_cpu(monkeypatch):
     monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", True)
 
@@ -297,7 +303,8 @@ def test_each_kernel_matches_the_dequantized_weight(kernel, bits, dtype, rows):
     (4, torch.bfloat16, 33, True, "split"),
     (4, torch.float16, 1, True, "dequantize"),
 ])
-def test_cpu_dispatch_follows_the_measured_table(monkeypatch, fresh_kernels, bits, dtype, rows, copy, expected):
+def test_cpu_dispatch_follows_the_measured_table(monkeypatch, fresh_kernels, no_cpu_kernels, bits, dtype, rows, copy,
+                                                 expected):
     monkeypatch.setitem(quant_kernels.INT4_PACKED_COPY, "cpu", copy)
     m = quantized(bits, dtype, bias=True)
     x = torch.randn(rows, 1, m.in_features).to(dtype)
@@ -308,6 +315,60 @@ def test_cpu_dispatch_follows_the_measured_table(monkeypatch, fresh_kernels, bit
     assert y.shape == (rows, 1, m.out_features) and y.dtype == dtype and relative_error(y, reference) <= tolerance
     assert not quant_kernels._BROKEN  # the chosen kernel ran; nothing fell back
     assert (expected == "tinygemm") == (m.packed_bytes() > 0)
+
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="glmapp's CPU kernels do not build here")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits,dtype,rows,expected", [
+    (8, torch.float32, 1, "gemv"),  # glmapp's own kernel first, up to its measured row bound
+    (8, torch.float32, 2, "int8pack_bf16"),
+    (8, torch.bfloat16, 1, "gemv"),
+    (8, torch.bfloat16, 2, "int8pack"),
+    (8, torch.float16, 1, "gemv"),  # fp32 sums: no fp16 overflow
+    (8, torch.float16, 2, "dequantize"),
+    (4, torch.float32, 8, "gemv"),
+    (4, torch.bfloat16, 8, "gemv"),
+    (4, torch.bfloat16, 9, "nibbles_int8pack"),
+    (4, torch.float16, 8, "gemv"),
+    (4, torch.float16, 9, "dequantize"),
+])
+def test_cpu_dispatch_takes_glmapps_kernel_for_few_rows(fresh_kernels, bits, dtype, rows, expected):
+    m = quantized(bits, dtype, bias=True)
+    x = torch.randn(rows, 1, m.in_features).to(dtype)
+    assert quant_kernels.choose(m, x[:, 0]) == expected
+    y = m(x)
+    reference = F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float())
+    assert y.shape == (rows, 1, m.out_features) and y.dtype == dtype
+    assert relative_error(y, reference) <= TOLERANCE[torch.bfloat16]  # int4 sums bf16 activations
+    assert not quant_kernels._BROKEN
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_glmapps_kernel_matches_the_dequantized_weight_at_any_row_count(bits, dtype, rows):
+    for out_features, in_features in ((256, 512), (37, 192), (1, 64 if bits == 4 else 32)):
+        m = quantized(bits, dtype, out_features, in_features, seed=rows)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
+        y = quant_kernels.KERNELS["gemv"](m, x)
+        assert y.dtype == dtype and y.shape == reference.shape
+        assert relative_error(y, reference) <= (TOLERANCE[dtype] if bits == 8 and dtype == torch.float32
+                                                else TOLERANCE[torch.bfloat16]), (out_features, in_features)
+
+
+@needs_cpu_kernels
+def test_glmapps_kernel_is_not_chosen_for_shapes_it_refuses(fresh_kernels):
+    m = quantized(4, torch.bfloat16, 64, 160)  # int4 needs K % 64
+    x = torch.randn(1, 160, dtype=torch.bfloat16)
+    assert quant_kernels.choose(m, x) != "gemv"
+    with pytest.raises(RuntimeError, match="refused"):
+        quant_kernels.KERNELS["gemv"](m, x)
+    quant_kernels.to_kernel_layout(big := quantized(4, torch.bfloat16))  # ATen's layout: not what it reads
+    assert quant_kernels.choose(big, torch.randn(1, 512, dtype=torch.bfloat16)) == "tinygemm"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -321,7 +382,7 @@ def test_int8pack_is_never_given_a_k_it_gets_wrong(fresh_kernels, dtype, bits, i
     assert relative_error(m(x), reference) <= TOLERANCE[torch.bfloat16]
 
 
-def test_tinygemm_needs_a_shape_its_packers_accept(packed_copy_on_cpu):
+def test_tinygemm_needs_a_shape_its_packers_accept(packed_copy_on_cpu, no_cpu_kernels):
     x = torch.randn(1, 512, dtype=torch.bfloat16)
     assert quant_kernels.choose(quantized(4, torch.bfloat16, 200, 512), x) == "nibbles_int8pack"  # N % 16
     # K % 32 rules out tinygemm; K/2 = 40 rules out the nibble planes (int8pack needs K % 16, see above)
@@ -359,7 +420,7 @@ def test_tinygemm_inputs_unpack_to_the_official_dequantization(dtype, in_feature
     assert torch.equal(w, dequantize(m.weight, m.weight_scale.to(torch.bfloat16), 4))
 
 
-def test_the_packed_copy_follows_new_weights_and_never_enters_the_state_dict(packed_copy_on_cpu):
+def test_the_packed_copy_follows_new_weights_and_never_enters_the_state_dict(packed_copy_on_cpu, no_cpu_kernels):
     m, other, third = (quantized(4, torch.bfloat16, seed=s, bias=True) for s in (0, 1, 2))
     layout = {k: (v.dtype, v.shape) for k, v in m.state_dict().items()}
     x = torch.randn(1, 512).to(torch.bfloat16)
@@ -384,7 +445,8 @@ def test_the_packed_copy_follows_new_weights_and_never_enters_the_state_dict(pac
 
 
 @pytest.mark.parametrize("error", [RuntimeError, NotImplementedError, AttributeError])
-def test_a_kernel_failing_at_first_use_is_switched_off_with_one_warning(monkeypatch, caplog, fresh_kernels, error):
+def test_a_kernel_failing_at_first_use_is_switched_off_with_one_warning(monkeypatch, caplog, fresh_kernels, error,
+                                                                       no_cpu_kernels):
     calls = []
 
     def unavailable(*args):
@@ -402,7 +464,7 @@ def test_a_kernel_failing_at_first_use_is_switched_off_with_one_warning(monkeypa
     assert relative_error(y, reference) <= TOLERANCE[torch.bfloat16] and torch.equal(y, again)
 
 
-def test_after_a_first_success_kernel_errors_propagate(monkeypatch, fresh_kernels):
+def test_after_a_first_success_kernel_errors_propagate(monkeypatch, fresh_kernels, no_cpu_kernels):
     m = quantized(8, torch.bfloat16)
     x = torch.randn(1, 512).to(torch.bfloat16)
     m(x)

@@ -64,7 +64,7 @@ def test_pack_and_unpack_convert_int4_linears_and_leave_int8_alone():
     x = torch.randn(1, 512).to(torch.bfloat16)
     with torch.no_grad():
         before = model[0](x)
-        assert cpu_linear.pack(model) == 1
+        assert cpu_linear.pack(model, gemv=False) == 1
         assert model[0].weight.dtype == torch.uint8 and model[1].weight.dtype == torch.int8
         assert cpu_linear.is_packed(model)
         assert torch.equal(model[0](x), before) or (model[0](x) - before).abs().max() <= 0.02 * before.abs().max()

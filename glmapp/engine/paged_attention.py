@@ -32,6 +32,8 @@ import logging
 
 import torch
 
+from glmapp import cpu_kernels
+
 tl = None  # triton.language, imported by `_kernels` on first use
 
 PARTITION_SIZE = 512  # tokens per split-K program, a power of two >= 16 (tests shrink it)
@@ -59,6 +61,13 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, bloc
 def paged_decode_rows(q, k_cache, v_cache, row_slots: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
     """Decode attention row by row over exactly each row's context slots (`row_slots[b]`, in order): no
     padding, no mask, no padded slot read. The CPU path where rows are few or long (see `rows_cheaper`)."""
+    if (scale is None and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype
+            and cpu_kernels.fused_usable(q, k_cache)):
+        return cpu_kernels.attend(q, k_cache, v_cache, row_slots)  # the same computation in one call
+    return paged_decode_rows_torch(q, k_cache, v_cache, row_slots, scale)
+
+
+def paged_decode_rows_torch(q, k_cache, v_cache, row_slots: list[torch.Tensor], scale: float | None = None):
     b, h, d = q.shape
     g = k_cache.shape[1]
     scale = d ** -0.5 if scale is None else scale

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from glmapp.adapters import AdapterManager
+from glmapp.engine.cpu_decode import FusedDecode
 from glmapp.engine.kv_cache import PagedKVCache
 from glmapp.engine.paged_attention import paged_decode, paged_decode_rows, rows_cheaper
 from glmapp.engine.sampling import sample
@@ -75,6 +76,10 @@ class ModelRunner:
         self._block_offsets = torch.arange(cache.block_size)
         self.adapters = AdapterManager.of(model)
         self.v1 = getattr(model.config, "family", None) == "chatglm1"
+        # CPU decode-only steps with every layer in one C call (cpu_decode.py), where the kernels take the model
+        self.fused = FusedDecode(model, cache) if self.device.type == "cpu" else None
+        if self.fused is not None and (why := FusedDecode.supported(model, cache)) is not None:
+            self.fused.off_reason, self.fused = why, None
 
     def v1_context(self, prompt_ids: list[int]) -> tuple[int, int] | None:
         """v1: (context length, mask position) of a prompt, for `Sequence.v1_context`; None for v2/v3."""
@@ -113,6 +118,11 @@ class ModelRunner:
                 logits = self.static.run(work)
             return self._sample(logits, [w.seq for w in work])
         self._place_prefixes(work)
+        if self.fused is not None and all(w.num_tokens == 1 and w.samples and w.seq.num_computed > 0
+                                          and (w.seq.adapter is None or w.seq.prefix is not None) for w in work):
+            logits = self._fused_step(work)
+            if logits is not None:
+                return self._sample(logits, [w.seq for w in work])
         ids, positions, slots, prefills, decode_rows, logits_index = [], [], [], [], [], []
         adapter_rows: dict[str, list[int]] = {}
         n_tokens = 0
@@ -152,6 +162,19 @@ class ModelRunner:
         if not logits_index:
             return []
         return self._sample(logits, [w.seq for w in work if w.samples])
+
+    def _fused_step(self, work) -> torch.Tensor | None:
+        """Logits of a decode-only step without adapter rows through `FusedDecode`, or None (not covered now)."""
+        ids, positions, writes, rows = [], [], [], []
+        for w in work:
+            seq, start = w.seq, w.seq.num_computed
+            p = seq.prefix_len  # token i is at KV position p + i; its rotary position stays i
+            ids.append(seq.token_slice(start, start + 1)[0])
+            positions.append(start)
+            writes.append(self._slots(seq.block_table, p + start, p + start + 1))
+            rows.append(self._slots(seq.block_table, 0, p + start + 1))
+        with self.adapters.rows([]):  # base rows only; holds adapter installs off until the step is done
+            return self.fused.logits(ids, positions, torch.cat(writes), rows)
 
     def _place_prefixes(self, work) -> None:
         """Fill new prefix blocks from the adapter's keys/values; copy a partial last one into a new sequence."""

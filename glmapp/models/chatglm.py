@@ -21,6 +21,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from glmapp import cpu_kernels
+
 
 class ChatGLMConfig(PreTrainedConfig):
     """Keys and class defaults of the official `configuration_chatglm.py` (spec §1), plus `family`."""
@@ -100,6 +102,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Spec §3.4: the whole computation runs in fp32 and is cast back once.
+        if cpu_kernels.fused_usable(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -165,7 +169,10 @@ class SelfAttention(nn.Module):
         # so q and k are adjacent and get their rotary embedding in one go.
         heads, groups, d = self.num_heads, self.num_groups, self.head_dim
         qkv = self.query_key_value(x)
-        qk = apply_rotary(qkv[..., : (heads + groups) * d].unflatten(-1, (heads + groups, d)), rotations)
+        if cpu_kernels.fused_usable(qkv):
+            qk = cpu_kernels.rope(qkv, heads + groups, d, rotations)
+        else:
+            qk = apply_rotary(qkv[..., : (heads + groups) * d].unflatten(-1, (heads + groups, d)), rotations)
         q, k = qk.split([heads, groups], dim=2)
         return q, k, qkv[..., (heads + groups) * d:].unflatten(-1, (groups, d))
 
@@ -198,7 +205,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # spec §3.10: SiLU on the FIRST half
+        h = self.dense_h_to_4h(x)
+        if cpu_kernels.fused_usable(h):
+            return self.dense_4h_to_h(cpu_kernels.swiglu(h))
+        gate, up = h.chunk(2, dim=-1)  # spec §3.10: SiLU on the FIRST half
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 

@@ -1,0 +1,172 @@
+"""A CPU decode step whose layers run in one call to glmapp's kernels (`cpu_kernels.c: glm_decode_layers`).
+
+After the linears were made to stream at memory speed, the rest of a CPU decode step was Python and torch
+dispatch: ~20 module calls and small ops per layer (4-5 ms of a 12 ms int4 step on the mid model). For decode
+rows of ChatGLM2/3 without adapter rows, `FusedDecode.logits` runs the embedding and rotary angles in torch,
+every layer in C (norms, QKV, rotary, the cache write, attention over each row's slots, dense, SwiGLU MLP,
+residuals), then the final norm and the output layer as modules (so a quantized output layer copy is used).
+The C layers call the same kernels as the per-op path (GemvLinear, the "gemv" quantized kernel, the fused
+norm/rotary/SwiGLU/attention), in the same dtype with the same roundings, so both paths give the same logits.
+
+The plan (pointers to every layer's weights and cache) is built once and checked cheaply at every step: a
+module or tensor that was replaced since (an adapter wrapped a linear, weights reloaded) rebuilds it, and a
+layer the kernels do not take (fp32 or oneDNN-packed weights, LoRA deltas, other shapes) turns the path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from glmapp import cpu_kernels
+from glmapp.cpu_linear import GemvLinear
+
+log = logging.getLogger(__name__)
+
+_VP, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _INT), ("w", _VP), ("scale", _VP), ("bias", _VP), ("skind", _INT), ("bkind", _INT),
+                ("N", _LONG), ("K", _LONG)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm1", _VP), ("norm2", _VP), ("nkind", _INT), ("qkv", _Linear), ("dense", _Linear),
+                ("up", _Linear), ("down", _Linear), ("kc", _VP), ("vc", _VP)]
+
+
+def _bind(lib) -> None:
+    if getattr(lib, "_decode_bound", False):
+        return
+    lib.glm_decode_layers.restype = ctypes.c_int
+    lib.glm_decode_layers.argtypes = [ctypes.POINTER(_Layer), _LONG, _VP, _INT, _LONG, _LONG, _LONG, _LONG, _LONG,
+                                      _LONG, _VP, _VP, _VP, _VP, _INT, ctypes.c_float, ctypes.c_float]
+    lib._decode_bound = True
+
+
+def _linear(module, dtype: torch.dtype) -> tuple[_Linear, tuple] | None:
+    """The C description of a linear and the (module, tensors) it depends on, or None when the kernels do not
+    take it."""
+    from glmapp.adapters import LoraLinear
+    from glmapp.quant import QuantizedLinear
+
+    if type(module) is LoraLinear:  # fused steps have no adapter rows: the wrapper would only call its base
+        module = module.base
+    k = module.in_features
+    if type(module) is GemvLinear and module.weight.dtype == dtype == torch.bfloat16 and k % 32 == 0:
+        w, scale, kind = module.weight, None, cpu_kernels.W_BF16
+    elif (type(module) is QuantizedLinear and module.weight.dtype == torch.int8 and module.weight.device.type == "cpu"
+          and k % (64 if module.bits == 4 else 32) == 0):
+        w, scale = module.weight, module.weight_scale
+        kind = cpu_kernels.W_INT8 if module.bits == 8 else cpu_kernels.W_INT4
+    else:
+        return None
+    bias = module.bias
+    tensors = tuple(t for t in (w, scale, bias) if t is not None)
+    if any(not t.is_contiguous() or t.dtype not in cpu_kernels.DTYPES and t is not w for t in tensors):
+        return None
+    dt = cpu_kernels.DTYPES
+    desc = _Linear(kind, w.data_ptr(), 0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                   0 if scale is None else dt[scale.dtype], 0 if bias is None else dt[bias.dtype],
+                   module.out_features, k)
+    return desc, (module, type(module)) + tensors
+
+
+class FusedDecode:
+    """Decode-only steps of a ChatGLM2/3 model on CPU, layers in one C call (see the module docstring)."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self._plan: ctypes.Array | None = None
+        self._deps: list[tuple] = []
+        self.off_reason: str | None = None
+        self.steps = 0  # steps run here (tests and benchmarks read it)
+
+    @staticmethod
+    def supported(model, cache) -> str | None:
+        """None when the fused path can serve this model and cache, else why not (decided once per engine)."""
+        c = model.config
+        if getattr(c, "family", None) == "chatglm1":
+            return "ChatGLM-6B (v1) layers differ"
+        if not cpu_kernels.available():
+            return "glmapp's CPU kernels are unavailable"
+        if cache.k.device.type != "cpu" or not cache.k.is_contiguous() or not cache.v.is_contiguous():
+            return "the KV cache is not a contiguous CPU tensor"
+        if (not c.rmsnorm or c.apply_residual_connection_post_layernorm or not c.post_layer_norm
+                or c.add_bias_linear or c.num_attention_heads % c.num_kv_groups):
+            return "this configuration's layer structure is not the fused one"
+        if model.dtype not in cpu_kernels.DTYPES or cache.k.dtype not in cpu_kernels.DTYPES:
+            return f"dtype {model.dtype}"
+        return None
+
+    def _valid(self) -> bool:
+        for dep in self._deps:
+            module, cls = dep[0], dep[1]
+            if type(module) is not cls:
+                return False
+            current = (getattr(module, "weight", None), getattr(module, "weight_scale", None),
+                       getattr(module, "bias", None))
+            if any(all(t is not c for c in current) for t in dep[2:]):
+                return False
+        return True
+
+    def _build(self) -> ctypes.Array | None:
+        model, cache = self.model, self.cache
+        dtype = model.dtype
+        layers = model.transformer.encoder.layers
+        plan = (_Layer * len(layers))()
+        deps = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attention, layer.mlp
+            linears = []
+            for module in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h):
+                described = _linear(module, dtype)
+                if described is None:
+                    self._plan, self._deps = None, []
+                    return None
+                linears.append(described[0])
+                deps.append(described[1])
+            n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            if n1.dtype != n2.dtype or not (n1.is_contiguous() and n2.is_contiguous()):
+                return None
+            deps += [(layer.input_layernorm, type(layer.input_layernorm), n1),
+                     (layer.post_attention_layernorm, type(layer.post_attention_layernorm), n2)]
+            plan[i] = _Layer(n1.data_ptr(), n2.data_ptr(), cpu_kernels.DTYPES[n1.dtype], *linears,
+                             cache.k[i].data_ptr(), cache.v[i].data_ptr())
+        self._plan, self._deps = plan, deps
+        return plan
+
+    def plan(self) -> ctypes.Array | None:
+        """The current plan, rebuilt when the model's modules or tensors changed; None when a layer is not fused."""
+        if self._plan is None or not self._valid():
+            self._build()
+        return self._plan
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int], positions: list[int], write_slots: torch.Tensor,
+               row_slots: list[torch.Tensor]) -> torch.Tensor | None:
+        """Logits [rows, vocab] of one decode step (one new token per row), or None when the plan does not
+        cover the model now (the caller runs the per-op path)."""
+        plan = self.plan()
+        if plan is None:
+            return None
+        lib = cpu_kernels.library()
+        _bind(lib)
+        model, c = self.model.transformer, self.model.config
+        x = model.embedding(torch.tensor([ids])).contiguous()  # [1, M, H], updated in place by the layers
+        rotations = model.rotary_pos_emb(torch.tensor([positions]), x.dtype).contiguous()
+        slots = torch.cat(row_slots).to(torch.int64).contiguous()
+        offsets = torch.tensor([0] + [len(s) for s in row_slots], dtype=torch.int64).cumsum(0)
+        write = write_slots.to(torch.int64).contiguous()
+        heads, groups, d = c.num_attention_heads, c.num_kv_groups, c.kv_channels
+        rc = lib.glm_decode_layers(plan, len(plan), x.data_ptr(), cpu_kernels.DTYPES[x.dtype], len(ids), x.shape[-1],
+                                   heads, groups, d, rotations.shape[-2], rotations.data_ptr(), write.data_ptr(),
+                                   slots.data_ptr(), offsets.data_ptr(), cpu_kernels.DTYPES[self.cache.k.dtype],
+                                   c.layernorm_epsilon, d ** -0.5)
+        if rc != 0:
+            raise MemoryError("the fused decode step could not allocate its buffers")
+        self.steps += 1
+        return model.output_layer(model.encoder.final_layernorm(x[0]))

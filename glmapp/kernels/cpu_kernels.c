@@ -1,0 +1,528 @@
+/* Few-row linears for CPU decoding: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n].
+ *
+ * Built by glmapp/cpu_kernels.py on the user's machine (cc -O3 -march=native -fopenmp -ffp-contract=off), loaded with ctypes.
+ * Weights are read as the model holds them, no second copy: bf16 [N, K]; int8 [N, K] with a scale per row;
+ * int4 in ChatGLM's official packing [N, K/2] (column 2j in the high nibble, 2j+1 in the low one, both
+ * signed) with a scale per row. Decoding reads every weight once per token, so these loops are written to
+ * stream weights at memory speed: rows are taken 4 at a time (one load of x serves 4 rows), and for
+ * several activation rows the weight tile is reused from L1/L2 instead of being read from memory again.
+ * Accumulation is fp32; the scale is applied once per output, then the bias, then the cast to y's dtype.
+ *
+ * Threads: OpenMP over tiles of output rows. The library links libgomp by soname, so in a process that
+ * imported torch it shares torch's OpenMP runtime (and the calling thread's team and thread count).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };      /* activation, scale, bias and output dtypes */
+enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };  /* weight kinds */
+#define PARALLEL_MIN (1L << 16)  /* smaller calls run on the calling thread alone (no OpenMP team) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's cast */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {  /* subnormal: normalise */
+            exp = 113;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) {  /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    int32_t exp = (int32_t)((u >> 23) & 0xff) - 127 + 15;
+    uint32_t man = u & 0x7fffffu;
+    if (((u >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        uint32_t shift = (uint32_t)(14 - exp), half = 1u << (shift - 1);
+        uint32_t r = man >> shift, rest = man & ((1u << shift) - 1);
+        if (rest > half || (rest == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = (uint32_t)exp << 10 | (man >> 13), rest = man & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+
+static inline float load_as_f32(const void *p, int kind, long i) {
+    if (kind == F32) return ((const float *)p)[i];
+    if (kind == BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void store_from_f32(void *p, int kind, long i, float v) {
+    if (kind == F32) ((float *)p)[i] = v;
+    else if (kind == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((uint16_t *)p)[i] = f32_to_f16(v);
+}
+
+/* One weight row's dot product with one activation row. Rows are read front to back, one at a time: a single
+ * forward stream is what the hardware prefetcher serves best (interleaving 4 rows read 30% slower), and 4
+ * accumulators hide the FMA latency. xf: the activation row in fp32; xe/xo: its even/odd columns (int4);
+ * xb: in bf16 (bf16 weights). K is a multiple of 32 (64 for int4). */
+#ifdef __AVX512F__
+#define SUM4(a) _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])))
+#define ZERO4(a) __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}
+#endif
+
+static inline float dot_bf16(const uint16_t *w, const float *xf, const uint16_t *xb, long K) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    (void)xf;
+    ZERO4(a);
+    long k = 0;
+    for (; k + 128 <= K; k += 128)
+        for (int u = 0; u < 4; u++)
+            a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_loadu_si512(xb + k + 32 * u),
+                                    (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
+    for (; k < K; k += 32)
+        a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(w + k));
+    return SUM4(a);
+#elif defined(__AVX512F__)
+    (void)xb;
+#define BF16X16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    ZERO4(a);
+    long k = 0;
+    for (; k + 64 <= K; k += 64)
+        for (int u = 0; u < 4; u++)
+            a[u] = _mm512_fmadd_ps(BF16X16(w + k + 16 * u), _mm512_loadu_ps(xf + k + 16 * u), a[u]);
+    for (; k < K; k += 16)
+        a[0] = _mm512_fmadd_ps(BF16X16(w + k), _mm512_loadu_ps(xf + k), a[0]);
+#undef BF16X16
+    return SUM4(a);
+#else
+    (void)xb;
+    float acc = 0.0f;
+    for (long k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * xf[k];
+    return acc;
+#endif
+}
+
+static inline float dot_int8(const int8_t *w, const float *xf, long K) {
+#ifdef __AVX512F__
+#define I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+    ZERO4(a);
+    long k = 0;
+    for (; k + 64 <= K; k += 64)
+        for (int u = 0; u < 4; u++)
+            a[u] = _mm512_fmadd_ps(I8X16(w + k + 16 * u), _mm512_loadu_ps(xf + k + 16 * u), a[u]);
+    for (; k < K; k += 16)
+        a[0] = _mm512_fmadd_ps(I8X16(w + k), _mm512_loadu_ps(xf + k), a[0]);
+#undef I8X16
+    return SUM4(a);
+#else
+    float acc = 0.0f;
+    for (long k = 0; k < K; k++) acc += (float)w[k] * xf[k];
+    return acc;
+#endif
+}
+
+static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, const uint16_t *xeb,
+                             const uint16_t *xob, long K) {
+    long half = K / 2;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    /* 32 bytes -> 32 words (one byte each) -> high and low nibbles (0..15) -> their signed values as bf16 through
+     * a 16-entry table (vpermw) -> bf16 dot products with the even and odd columns of x */
+    (void)xe, (void)xo;
+    const __m512i table = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0, (short)0xc0e0,
+        (short)0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+#define I4STEP(j, acc)                                                                                      \
+    do {                                                                                                    \
+        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + (j))));                    \
+        __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);                              \
+        __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);                            \
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xeb + (j)), (__m512bh)hi);                  \
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xob + (j)), (__m512bh)lo);                  \
+    } while (0)
+    ZERO4(a);
+    long j = 0;
+    for (; j + 128 <= half; j += 128)
+        for (int u = 0; u < 4; u++) I4STEP(j + 32 * u, a[u]);
+    for (; j < half; j += 32) I4STEP(j, a[0]);
+#undef I4STEP
+    return SUM4(a);
+#elif defined(__AVX512F__)
+    (void)xeb, (void)xob;
+    /* each byte sign-extended to 32 bits: >> 4 is the high nibble (even column), (<< 28) >> 28 the low one */
+#define I4STEP(j, acc)                                                                                  \
+    do {                                                                                                \
+        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + (j))));                   \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), _mm512_loadu_ps(xe + (j)), acc); \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)),       \
+                              _mm512_loadu_ps(xo + (j)), acc);                                          \
+    } while (0)
+    ZERO4(a);
+    long j = 0;
+    for (; j + 64 <= half; j += 64)
+        for (int u = 0; u < 4; u++) I4STEP(j + 16 * u, a[u]);
+    for (; j < half; j += 16) I4STEP(j, a[0]);
+#undef I4STEP
+    return SUM4(a);
+#else
+    (void)xeb, (void)xob;
+    float acc = 0.0f;
+    for (long j = 0; j < half; j++) {
+        int b = w[j];
+        acc += (float)(b >> 4) * xe[j] + (float)(((b & 0xF) ^ 8) - 8) * xo[j];
+    }
+    return acc;
+#endif
+}
+
+static inline float dot_row(int wkind, const void *w, long n, long K, const float *xf, const float *xe,
+                            const float *xo, const uint16_t *xb) {
+    if (wkind == W_BF16) return dot_bf16((const uint16_t *)w + n * K, xf, xb, K);
+    if (wkind == W_INT8) return dot_int8((const int8_t *)w + n * K, xf, K);
+    return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, xb + K, xb + K + K / 2, K);
+}
+
+
+/* The same for R = 2..4 activation rows at once: each chunk of the weight row is loaded (and, for int4,
+ * decoded) once and multiplied with every activation row, so a few streams decode at about the cost of one.
+ * xf/xb/xeb/xob hold the rows' buffers (see glm_gemv). */
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define MULTI_ROWS 1
+static inline __attribute__((always_inline)) void dot_rows(int wkind, const void *wrow, long K, int R,
+                                                           float *const *xf, uint16_t *const *xb, float *out) {
+    __m512 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    if (wkind == W_BF16) {
+        const uint16_t *w = (const uint16_t *)wrow;
+        for (long k = 0; k < K; k += 32) {
+            int c = (k >> 5) & 1;
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+            for (int r = 0; r < R; r++)
+                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + k), wv);
+        }
+    } else if (wkind == W_INT8) {
+        const int8_t *w = (const int8_t *)wrow;
+        for (long k = 0; k < K; k += 16) {
+            int c = (k >> 4) & 1;
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][c]);
+        }
+    } else {
+        const int8_t *w = (const int8_t *)wrow;
+        const __m512i table = _mm512_set_epi16(
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0, (short)0xc0e0,
+            (short)0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+        const __m512i low4 = _mm512_set1_epi16(0x0f);
+        long half = K / 2;
+        for (long j = 0; j < half; j += 32) {
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
+            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);
+            for (int r = 0; r < R; r++) {
+                const uint16_t *xeb = xb[r] + K, *xob = xeb + half;
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xeb + j), hi);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(xob + j), lo);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#endif
+
+/* 512 when the AVX-512 loops were compiled in (1512 with AVX512-BF16 dot products), 0 for the scalar ones. */
+int glm_gemv_isa(void) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    return 1512;
+#elif defined(__AVX512F__)
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+/* y [M, N] (ykind) = x [M, K] (xkind) @ w.T * scale + bias. Rows of x and y are contiguous.
+ * Returns 0, or -1 for a shape the loops do not take (K not a multiple of 32, of 64 for int4), -2 when out of
+ * memory. */
+int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void *bias, int bkind,
+             const void *x, int xkind, void *y, int ykind, long M, long N, long K) {
+    if (K % 32 != 0 || (wkind == W_INT4 && K % 64 != 0) || M <= 0 || N <= 0) return -1;
+    /* activations in the forms the loops read: fp32, its even/odd halves (int4), bf16 (bf16 weights) */
+    long per_row = 2 * K;  /* floats: xf[K] + xe[K/2] + xo[K/2] */
+    float *buf = (float *)aligned_alloc(64, (size_t)(M * per_row * sizeof(float) + M * K * 4 + 64));
+    if (!buf) return -2;
+    uint16_t *xbuf = (uint16_t *)(buf + M * per_row);
+    for (long m = 0; m < M; m++) {
+        float *xf = buf + m * per_row, *xe = xf + K, *xo = xe + K / 2;
+        uint16_t *xb = xbuf + m * 2 * K, *xeb = xb + K, *xob = xeb + K / 2;
+        for (long k = 0; k < K; k++) {
+            float v = load_as_f32(x, xkind, m * K + k);
+            xf[k] = v;
+            xb[k] = xkind == BF16 ? ((const uint16_t *)x)[m * K + k] : f32_to_bf16(v);
+        }
+        for (long j = 0; j < K / 2; j++) {
+            xe[j] = xf[2 * j];
+            xo[j] = xf[2 * j + 1];
+            xeb[j] = xb[2 * j];
+            xob[j] = xb[2 * j + 1];
+        }
+    }
+    /* 16 weight rows per scheduling unit; activation rows in groups of up to 4 that share each weight load */
+#pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
+    for (long n0 = 0; n0 < N; n0 += 16) {
+        for (long n = n0; n < n0 + 16 && n < N; n++) {
+            float s = scale ? load_as_f32(scale, skind, n) : 1.0f, b = bias ? load_as_f32(bias, bkind, n) : 0.0f;
+            long m = 0;
+#ifdef MULTI_ROWS
+            const void *wrow = wkind == W_BF16 ? (const void *)((const uint16_t *)w + n * K)
+                             : wkind == W_INT8 ? (const void *)((const int8_t *)w + n * K)
+                                               : (const void *)((const int8_t *)w + n * (K / 2));
+            for (; M - m >= 2; m += 4) {
+                int R = M - m >= 4 ? 4 : (int)(M - m);
+                float *xf[4];
+                uint16_t *xb[4];
+                float out[4];
+                for (int r = 0; r < R; r++) {
+                    xf[r] = buf + (m + r) * per_row;
+                    xb[r] = xbuf + (m + r) * 2 * K;
+                }
+                /* constant R: each variant compiled with its loops over rows unrolled */
+                if (R == 4) dot_rows(wkind, wrow, K, 4, xf, xb, out);
+                else if (R == 3) dot_rows(wkind, wrow, K, 3, xf, xb, out);
+                else dot_rows(wkind, wrow, K, 2, xf, xb, out);
+                for (int r = 0; r < R; r++) store_from_f32(y, ykind, (m + r) * N + n, out[r] * s + b);
+            }
+#endif
+            for (; m < M; m++) {
+                float *xf = buf + m * per_row, *xe = xf + K, *xo = xe + K / 2;
+                store_from_f32(y, ykind, m * N + n, dot_row(wkind, w, n, K, xf, xe, xo, xbuf + m * 2 * K) * s + b);
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- the rest of a decode step: fused so that each is one call instead of 3-15 torch ops ------------------
+ * Each computes in fp32 and rounds once, where the torch code it replaces rounds (glmapp/models/chatglm.py). */
+
+/* RMSNorm over rows of H: y = x * rsqrt(mean(x^2) + eps) * w, all in fp32, cast once (spec §3.4). */
+void glm_rmsnorm(const void *x, int xkind, const void *w, int wkind, void *y, int ykind, long M, long H, float eps) {
+    for (long m = 0; m < M; m++) {
+        float ss = 0.0f;
+        for (long i = 0; i < H; i++) {
+            float v = load_as_f32(x, xkind, m * H + i);
+            ss += v * v;
+        }
+        float r = 1.0f / sqrtf(ss / (float)H + eps);
+        for (long i = 0; i < H; i++)
+            store_from_f32(y, ykind, m * H + i, load_as_f32(x, xkind, m * H + i) * r * load_as_f32(w, wkind, i));
+    }
+}
+
+/* SwiGLU of rows [gate | up] of 2F: y = silu(gate) * up, silu rounded to the dtype first as torch does. */
+void glm_swiglu(const void *x, int kind, void *y, long M, long F) {
+    for (long m = 0; m < M; m++)
+        for (long i = 0; i < F; i++) {
+            float g = load_as_f32(x, kind, m * 2 * F + i), u = load_as_f32(x, kind, m * 2 * F + F + i);
+            float s = g / (1.0f + expf(-g));
+            if (kind == BF16) s = bf16_to_f32(f32_to_bf16(s));
+            else if (kind == F16) s = f16_to_f32(f32_to_f16(s));
+            store_from_f32(y, kind, m * F + i, s * u);
+        }
+}
+
+/* Rotary embedding of T rows of `heads` heads of D (row stride ld elements), interleaved pairs (2i, 2i+1) of the
+ * first 2*R2 dims rotated by rot [T, R2, 2] (cos, sin; fp32), the rest copied: y [T, heads, D] (spec §3a). */
+void glm_rope(const void *x, int kind, long ld, void *y, const float *rot, long T, long heads, long D, long R2) {
+    for (long t = 0; t < T; t++)
+        for (long h = 0; h < heads; h++) {
+            long src = t * ld + h * D, dst = (t * heads + h) * D;
+            for (long i = 0; i < R2; i++) {
+                float e = load_as_f32(x, kind, src + 2 * i), o = load_as_f32(x, kind, src + 2 * i + 1);
+                float c = rot[(t * R2 + i) * 2], s = rot[(t * R2 + i) * 2 + 1];
+                float a = e * c, b = o * s, p = o * c, q = e * s;  /* as torch: each product rounded, then the sum */
+                store_from_f32(y, kind, dst + 2 * i, a - b);
+                store_from_f32(y, kind, dst + 2 * i + 1, p + q);
+            }
+            for (long i = 2 * R2; i < D; i++) store_from_f32(y, kind, dst + i, load_as_f32(x, kind, src + i));
+        }
+}
+
+static inline void to_f32(const void *p, int kind, long n, float *out) {
+#ifdef __AVX512F__
+    if (kind == BF16 && n % 16 == 0) {
+        for (long i = 0; i < n; i += 16)
+            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16)));
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) out[i] = load_as_f32(p, kind, i);
+}
+
+static inline float dot_f32(const float *a, const float *b, long n) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Decode attention of B rows, each one query token over its own context slots (slots[offsets[b]..offsets[b+1]),
+ * in order) of a paged cache [slots, G, D]: q [B, H, D] -> out [B, H, D]; query head h reads group h / (H / G).
+ * fp32 scores, softmax and sums, as the torch path (paged_attention.paged_decode_rows). 0, or -2 (memory). */
+static int attend(const void *q, int qkind, long q_stride, const void *kc, const void *vc, int ckind,
+                  const int64_t *slots, const int64_t *offsets, void *out, long B, long H, long G, long D, float scale) {
+    long per = H / G, maxlen = 0;
+    for (long b = 0; b < B; b++)
+        if (offsets[b + 1] - offsets[b] > maxlen) maxlen = offsets[b + 1] - offsets[b];
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (B * G * maxlen * D * per >= PARALLEL_MIN) reduction(|| : failed)
+    for (long bg = 0; bg < B * G; bg++) {
+        long b = bg / G, g = bg % G, L = offsets[b + 1] - offsets[b];
+        const int64_t *sl = slots + offsets[b];
+        float *work = (float *)malloc(sizeof(float) * (size_t)(per * L + 2 * per * D + D));
+        if (!work) { failed = 1; continue; }
+        float *scores = work, *acc = work + per * L, *qs = acc + per * D, *row = qs + per * D;
+        for (long j = 0; j < per; j++)
+            to_f32((const char *)q + (b * q_stride + (g * per + j) * D) * (qkind == F32 ? 4 : 2), qkind, D, qs + j * D);
+        for (long l = 0; l < L; l++) {
+            to_f32((const char *)kc + ((sl[l] * G + g) * D) * (ckind == F32 ? 4 : 2), ckind, D, row);
+            for (long j = 0; j < per; j++) scores[j * L + l] = dot_f32(qs + j * D, row, D) * scale;
+        }
+        for (long j = 0; j < per; j++) {
+            float *s = scores + j * L, mx = s[0], sum = 0.0f;
+            for (long l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+            for (long l = 0; l < L; l++) { s[l] = expf(s[l] - mx); sum += s[l]; }
+            for (long l = 0; l < L; l++) s[l] /= sum;
+            for (long i = 0; i < D; i++) acc[j * D + i] = 0.0f;
+        }
+        for (long l = 0; l < L; l++) {
+            to_f32((const char *)vc + ((sl[l] * G + g) * D) * (ckind == F32 ? 4 : 2), ckind, D, row);
+            for (long j = 0; j < per; j++) {
+                float p = scores[j * L + l];
+                float *a = acc + j * D;
+                for (long i = 0; i < D; i++) a[i] += p * row[i];
+            }
+        }
+        for (long j = 0; j < per; j++)
+            for (long i = 0; i < D; i++) store_from_f32(out, qkind, (b * H + g * per + j) * D + i, acc[j * D + i]);
+        free(work);
+    }
+    return failed ? -2 : 0;
+}
+
+int glm_attend(const void *q, int qkind, const void *kc, const void *vc, int ckind, const int64_t *slots,
+               const int64_t *offsets, void *out, long B, long H, long G, long D, float scale) {
+    return attend(q, qkind, H * D, kc, vc, ckind, slots, offsets, out, B, H, G, D, scale);
+}
+
+/* ---- a whole decode step's layers in one call ---------------------------------------------------------------
+ * ChatGLM2/3 layers (pre-norm RMSNorm, QKV with optional bias, rotary, grouped attention over the paged cache,
+ * dense, SwiGLU MLP; spec §3) for M rows that each add one token. Every intermediate is held in the model's
+ * dtype and rounded where the torch layer rounds, through the same functions as the per-op path, so both paths
+ * give the same numbers. x [M, H] (in: embeddings, out: the last layer's output) is updated in place. */
+typedef struct {
+    int kind;
+    const void *w, *scale, *bias;
+    int skind, bkind;
+    long N, K;
+} glm_linear;
+
+typedef struct {
+    const void *norm1, *norm2;
+    int nkind;
+    glm_linear qkv, dense, up, down;
+    void *kc, *vc;
+} glm_layer;
+
+static int run_linear(const glm_linear *l, const void *x, void *y, int kind, long M) {
+    if (l->kind == W_BF16 || !l->bias)
+        return glm_gemv(l->kind, l->w, l->scale, l->skind, l->bias, l->bkind, x, kind, y, kind, M, l->N, l->K);
+    /* a quantized linear's bias is added after the rounded product, as QuantizedLinear.forward adds it */
+    int rc = glm_gemv(l->kind, l->w, l->scale, l->skind, NULL, 0, x, kind, y, kind, M, l->N, l->K);
+    for (long m = 0; m < M && rc == 0; m++)
+        for (long n = 0; n < l->N; n++)
+            store_from_f32(y, kind, m * l->N + n,
+                           load_as_f32(y, kind, m * l->N + n) + load_as_f32(l->bias, l->bkind, n));
+    return rc;
+}
+
+static void add_into(void *x, const void *y, int kind, long n) {
+    for (long i = 0; i < n; i++) store_from_f32(x, kind, i, load_as_f32(x, kind, i) + load_as_f32(y, kind, i));
+}
+
+int glm_decode_layers(const glm_layer *layers, long n_layers, void *x, int kind, long M, long H, long heads,
+                      long groups, long D, long R2, const float *rot, const int64_t *write_slots,
+                      const int64_t *slots, const int64_t *offsets, int ckind, float eps, float scale) {
+    long es = kind == F32 ? 4 : 2, ces = ckind == F32 ? 4 : 2, nqkv = (heads + 2 * groups) * D;
+    long ff = layers[0].up.N, biggest = nqkv > ff ? nqkv : ff;
+    char *mem = (char *)malloc((size_t)(M * es * (2 * H + biggest + (heads + groups) * D + heads * D + ff / 2) + 64));
+    if (!mem) return -2;
+    char *h = mem, *tmp = h + M * H * es, *wide = tmp + M * H * es, *qk = wide + M * biggest * es;
+    char *att = qk + M * (heads + groups) * D * es, *act = att + M * heads * D * es;
+    int rc = 0;
+    for (long i = 0; i < n_layers && rc == 0; i++) {
+        const glm_layer *L = layers + i;
+        glm_rmsnorm(x, kind, L->norm1, L->nkind, h, kind, M, H, eps);
+        if ((rc = run_linear(&L->qkv, h, wide, kind, M))) break;
+        glm_rope(wide, kind, nqkv, qk, rot, M, heads + groups, D, R2);
+        for (long m = 0; m < M; m++) /* this token's key (rotated) and value into its cache slot */
+            for (long j = 0; j < groups * D; j++) {
+                store_from_f32(L->kc, ckind, write_slots[m] * groups * D + j,
+                               load_as_f32(qk, kind, (m * (heads + groups) + heads) * D + j));
+                store_from_f32(L->vc, ckind, write_slots[m] * groups * D + j,
+                               load_as_f32(wide, kind, m * nqkv + (heads + groups) * D + j));
+            }
+        (void)ces;
+        if ((rc = attend(qk, kind, (heads + groups) * D, L->kc, L->vc, ckind, slots, offsets, att, M, heads, groups, D,
+                         scale))) break;
+        if ((rc = run_linear(&L->dense, att, tmp, kind, M))) break;
+        add_into(x, tmp, kind, M * H);
+        glm_rmsnorm(x, kind, L->norm2, L->nkind, h, kind, M, H, eps);
+        if ((rc = run_linear(&L->up, h, wide, kind, M))) break;
+        glm_swiglu(wide, kind, act, M, ff / 2);
+        if ((rc = run_linear(&L->down, act, tmp, kind, M))) break;
+        add_into(x, tmp, kind, M * H);
+    }
+    free(mem);
+    return rc;
+}
