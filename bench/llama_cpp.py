@@ -24,8 +24,15 @@ submit-to-first-token; llama.cpp: eval of the prompt and the first argmax).
 `--output same` (default): the output layer is quantized like the other weights on both sides (llama.cpp's
 file as `--type`, ours through the engine's `output_quant`); `--output full`: both keep it in bf16.
 llama.cpp runs in a process of its own (its OpenMP threads stay out of our engine's way)
-with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine
-(prepacked linears, int4 in ATen's kernel layout) on the same number of threads.
+with `--threads` threads, default flash attention (off) and f16 KV cache; ours with its engine on the same
+number of threads (glmapp's CPU kernels when they build, see glmapp/cpu_kernels.py; GLMAPP_CPU_KERNELS=torch
+for ATen's).
+
+Bound: a decode step reads every weight it multiplies once (all linears and the output layer; the embedding
+only one row), so tok/s <= read bandwidth / those bytes. Read bandwidth: the best of 5 sums of a 512 MiB tensor
+with `--threads` threads, in a process of its own. Each side's share of its own bound is printed (ours: the
+linears' tensors as the engine holds them, the output layer as it reads it; llama.cpp: the GGUF's tensors but
+token_embd). KV reads and activations are left out (under 1 MiB per token at these lengths).
 """
 
 from __future__ import annotations
@@ -166,6 +173,35 @@ class LlamaCppProcess:
         self.process.join(timeout=30)
 
 
+def read_bandwidth(threads: int) -> float:
+    """Bytes/s read by a sum over 512 MiB with `threads` threads (in a child process: no OpenMP team here)."""
+    import subprocess
+
+    code = ("import time, torch\n"
+            f"torch.set_num_threads({threads})\n"
+            "x = torch.ones(128 << 20)\n"
+            "best = min((lambda t: (x.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))\n"
+            "print(x.numel() * 4 / best)\n")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def ours_bytes_per_token(model, output_quant: str) -> int:
+    """Weight bytes one decode step of ours reads: the linears as held, the output layer as the engine reads it."""
+    from glmapp.quant import linear_weight_bytes
+
+    out = model.transformer.output_layer.weight
+    n, k = out.shape
+    output = {"none": out.numel() * out.element_size(), "int8": n * k + 2 * n, "int4": n * k // 2 + 2 * n}
+    return linear_weight_bytes(model) + output[output_quant]
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of the GGUF's tensors a decode step reads (all but the token embedding)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
 def agree(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -198,6 +234,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, llama-cpp-python {version('llama-cpp-python')}, threads {args.threads}, "
           f"load average {os.getloadavg()}", flush=True)
     rows, failed = [], False
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth with {args.threads} threads: {bandwidth / 1e9:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="glmapp-bench-llama-") as tmp:
         tmp = Path(tmp)
         with single_threaded():
@@ -209,7 +247,10 @@ def main(argv=None) -> int:
             with single_threaded():  # parallel torch work here would give this thread an OpenMP team of its
                 # own beside the engine thread's, and the engine then decoded 35% slower on 2 threads
                 gguf_path = export_gguf(path, tmp / f"{type_}.gguf", type_, output_type=output_type).path
-            ours = Ours(path, dtype, quant, args.threads, quant if args.output == "same" and quantized else "none")
+            output_quant = quant if args.output == "same" and quantized else "none"
+            ours = Ours(path, dtype, quant, args.threads, output_quant)
+            bytes_ours = ours_bytes_per_token(ours.model, output_quant)
+            bytes_theirs = gguf_bytes_per_token(gguf_path)
             ids = prompt_ids(ours.tok, args.prompt_tokens)
             longest = max(args.prompt_tokens, args.prefill_tokens)
             theirs = LlamaCppProcess(gguf_path, args.threads, n_ctx=longest + args.new_tokens + 16)
@@ -253,21 +294,24 @@ def main(argv=None) -> int:
                 print(f"  {type_} round {r + 1}: ours {speeds['ours'][-1]:.1f}, llama.cpp "
                       f"{speeds['llama.cpp'][-1]:.1f} tok/s{extra}, load average {os.getloadavg()[0]:.2f}", flush=True)
             rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same,
-                         max(prefill["ours"], default=0.0), max(prefill["llama.cpp"], default=0.0)))
+                         max(prefill["ours"], default=0.0), max(prefill["llama.cpp"], default=0.0),
+                         bandwidth / bytes_ours, bandwidth / bytes_theirs))
             theirs.close()
             del ours
     if rows:
         print(f"\nbest of {args.rounds} alternating rounds, {args.new_tokens} new tokens after {args.prompt_tokens} "
               f"prompt tokens, batch 1, {args.threads} threads")
-        head = "| llama.cpp type / ours | glmapp tok/s | llama.cpp tok/s | ratio | greedy tokens equal |"
-        rule = "|---|---|---|---|---|"
+        head = ("| llama.cpp type / ours | glmapp tok/s | llama.cpp tok/s | ratio | greedy tokens equal | "
+                "glmapp bound tok/s (share) | llama.cpp bound tok/s (share) |")
+        rule = "|---|---|---|---|---|---|---|"
         if args.prefill_tokens:
             head += f" prefill {args.prefill_tokens}: glmapp tok/s | llama.cpp tok/s | ratio |"
             rule += "---|---|---|"
         print(head + "\n" + rule)
-        for type_, quant, o, t, same, po, pt in rows:
+        for type_, quant, o, t, same, po, pt, bound_o, bound_t in rows:
             ours_name = OURS[type_][0] if quant == "none" else f"{quant} (bf16 act.)"
-            line = f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} |"
+            line = (f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} | "
+                    f"{bound_o:.0f} ({o / bound_o:.0%}) | {bound_t:.0f} ({t / bound_t:.0%}) |")
             if args.prefill_tokens:
                 line += f" {po:.0f} | {pt:.0f} | {po / pt:.2f}× |"
             print(line)

@@ -85,7 +85,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == w.dtype and cpu_kernels.usable(cpu_kernels.W_BF16, x, w):
+        if x.dtype == w.dtype and cpu_kernels.usable(cpu_kernels.W_BF16, x, w, self.bias):
             y = cpu_kernels.linear(cpu_kernels.W_BF16, x, w, None, self.bias)
             if y is not None:
                 return y

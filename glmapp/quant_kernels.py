@@ -378,7 +378,7 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if kernel == "gemv":
         return (device.type == "cpu" and not in_kernel_layout(m) and m.weight.is_contiguous()
-                and m.in_features % (64 if m.bits == 4 else 32) == 0 and cpu_kernels.available())
+                and cpu_kernels.available())
     if kernel.startswith("int8pack") and m.in_features % INT8PACK_K_MULTIPLE:
         return False
     if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:

@@ -350,7 +350,7 @@ def test_cpu_dispatch_takes_glmapps_kernel_for_few_rows(fresh_kernels, bits, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_glmapps_kernel_matches_the_dequantized_weight_at_any_row_count(bits, dtype, rows):
-    for out_features, in_features in ((256, 512), (37, 192), (1, 64 if bits == 4 else 32)):
+    for out_features, in_features in ((256, 512), (37, 192), (1, 64), (5, 98)):
         m = quantized(bits, dtype, out_features, in_features, seed=rows)
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
         reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
@@ -361,12 +361,13 @@ def test_glmapps_kernel_matches_the_dequantized_weight_at_any_row_count(bits, dt
 
 
 @needs_cpu_kernels
-def test_glmapps_kernel_is_not_chosen_for_shapes_it_refuses(fresh_kernels):
-    m = quantized(4, torch.bfloat16, 64, 160)  # int4 needs K % 64
-    x = torch.randn(1, 160, dtype=torch.bfloat16)
-    assert quant_kernels.choose(m, x) != "gemv"
-    with pytest.raises(RuntimeError, match="refused"):
-        quant_kernels.KERNELS["gemv"](m, x)
+def test_glmapps_kernel_takes_any_k_but_not_atens_int4_layout(fresh_kernels):
+    for bits, k in ((4, 160), (4, 46), (8, 24), (8, 7)):  # vector steps while whole ones fit, then a scalar tail
+        m = quantized(bits, torch.bfloat16, 64, k)
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        assert quant_kernels.choose(m, x) == "gemv"
+        reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
+        assert relative_error(m(x), reference) <= TOLERANCE[torch.bfloat16], (bits, k)
     quant_kernels.to_kernel_layout(big := quantized(4, torch.bfloat16))  # ATen's layout: not what it reads
     assert quant_kernels.choose(big, torch.randn(1, 512, dtype=torch.bfloat16)) == "tinygemm"
 

@@ -56,10 +56,9 @@ def _linear(module, dtype: torch.dtype) -> tuple[_Linear, tuple] | None:
     if type(module) is LoraLinear:  # fused steps have no adapter rows: the wrapper would only call its base
         module = module.base
     k = module.in_features
-    if type(module) is GemvLinear and module.weight.dtype == dtype == torch.bfloat16 and k % 32 == 0:
+    if type(module) is GemvLinear and module.weight.dtype == dtype == torch.bfloat16:
         w, scale, kind = module.weight, None, cpu_kernels.W_BF16
-    elif (type(module) is QuantizedLinear and module.weight.dtype == torch.int8 and module.weight.device.type == "cpu"
-          and k % (64 if module.bits == 4 else 32) == 0):
+    elif type(module) is QuantizedLinear and module.weight.dtype == torch.int8 and module.weight.device.type == "cpu":
         w, scale = module.weight, module.weight_scale
         kind = cpu_kernels.W_INT8 if module.bits == 8 else cpu_kernels.W_INT4
     else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmapp import cpu_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.engine.cpu_decode import FusedDecode
 from glmapp.engine.kv_cache import PagedKVCache
@@ -198,6 +199,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, seqs) -> list[int]:
         states = [s.payload.sampling for s in seqs]
         if all(st.greedy and not st.penalised for st in states):
+            if cpu_kernels.fused_usable(logits):
+                return cpu_kernels.argmax(logits).tolist()
             return logits.argmax(-1).tolist()
         dev = self.device
         seen = torch.stack([st.seen_mask(self.vocab, dev) for st in states])

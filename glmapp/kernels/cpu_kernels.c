@@ -1,6 +1,7 @@
 /* Few-row linears for CPU decoding: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n].
  *
- * Built by glmapp/cpu_kernels.py on the user's machine (cc -O3 -march=native -fopenmp -ffp-contract=off), loaded with ctypes.
+ * Built by glmapp/cpu_kernels.py on the user's machine (cc -O3 -march=native -fopenmp -ffp-contract=off),
+ * loaded with ctypes.
  * Weights are read as the model holds them, no second copy: bf16 [N, K]; int8 [N, K] with a scale per row;
  * int4 in ChatGLM's official packing [N, K/2] (column 2j in the high nibble, 2j+1 in the low one, both
  * signed) with a scale per row. Decoding reads every weight once per token, so these loops are written to
@@ -92,10 +93,56 @@ static inline void store_from_f32(void *p, int kind, long i, float v) {
     else ((uint16_t *)p)[i] = f32_to_f16(v);
 }
 
+/* n values of dtype `kind` at p -> fp32 */
+static inline void to_f32(const void *p, int kind, long n, float *out) {
+    if (kind == F32) {
+        memcpy(out, p, (size_t)n * 4);
+        return;
+    }
+#ifdef __AVX512F__
+    if (kind == BF16 && n % 16 == 0) {
+        for (long i = 0; i < n; i += 16)
+            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16)));
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) out[i] = load_as_f32(p, kind, i);
+}
+
+/* n fp32 values -> dtype `kind` at p, rounded to nearest even */
+static inline void from_f32(const float *in, int kind, long n, void *p) {
+    long i = 0;
+    if (kind == F32) {
+        memcpy(p, in, (size_t)n * 4);
+        return;
+    }
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (kind == BF16)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+#endif
+#ifdef __AVX512F__
+    if (kind == F16)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)p + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(in + i),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) store_from_f32(p, kind, i, in[i]);
+}
+
+/* dtype `kind` rounding of an fp32 value, as a cast there and back */
+static inline float round_to(float v, int kind) {
+    if (kind == BF16) return bf16_to_f32(f32_to_bf16(v));
+    if (kind == F16) return f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
 /* One weight row's dot product with one activation row. Rows are read front to back, one at a time: a single
  * forward stream is what the hardware prefetcher serves best (interleaving 4 rows read 30% slower), and 4
  * accumulators hide the FMA latency. xf: the activation row in fp32; xe/xo: its even/odd columns (int4);
- * xb: in bf16 (bf16 weights). K is a multiple of 32 (64 for int4). */
+ * xb: in bf16 (bf16 weights). Vector steps while whole ones fit, then a scalar tail. */
 #ifdef __AVX512F__
 #define SUM4(a) _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])))
 #define ZERO4(a) __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}
@@ -110,21 +157,26 @@ static inline float dot_bf16(const uint16_t *w, const float *xf, const uint16_t 
         for (int u = 0; u < 4; u++)
             a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_loadu_si512(xb + k + 32 * u),
                                     (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
-    for (; k < K; k += 32)
+    for (; k + 32 <= K; k += 32)
         a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(w + k));
-    return SUM4(a);
+    float tail = 0.0f;
+    for (; k < K; k++) tail += bf16_to_f32(w[k]) * bf16_to_f32(xb[k]);
+    return SUM4(a) + tail;
 #elif defined(__AVX512F__)
     (void)xb;
-#define BF16X16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define BF16X16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
     ZERO4(a);
     long k = 0;
     for (; k + 64 <= K; k += 64)
         for (int u = 0; u < 4; u++)
             a[u] = _mm512_fmadd_ps(BF16X16(w + k + 16 * u), _mm512_loadu_ps(xf + k + 16 * u), a[u]);
-    for (; k < K; k += 16)
+    for (; k + 16 <= K; k += 16)
         a[0] = _mm512_fmadd_ps(BF16X16(w + k), _mm512_loadu_ps(xf + k), a[0]);
 #undef BF16X16
-    return SUM4(a);
+    float tail = 0.0f;
+    for (; k < K; k++) tail += bf16_to_f32(w[k]) * xf[k];
+    return SUM4(a) + tail;
 #else
     (void)xb;
     float acc = 0.0f;
@@ -141,10 +193,12 @@ static inline float dot_int8(const int8_t *w, const float *xf, long K) {
     for (; k + 64 <= K; k += 64)
         for (int u = 0; u < 4; u++)
             a[u] = _mm512_fmadd_ps(I8X16(w + k + 16 * u), _mm512_loadu_ps(xf + k + 16 * u), a[u]);
-    for (; k < K; k += 16)
+    for (; k + 16 <= K; k += 16)
         a[0] = _mm512_fmadd_ps(I8X16(w + k), _mm512_loadu_ps(xf + k), a[0]);
 #undef I8X16
-    return SUM4(a);
+    float tail = 0.0f;
+    for (; k < K; k++) tail += (float)w[k] * xf[k];
+    return SUM4(a) + tail;
 #else
     float acc = 0.0f;
     for (long k = 0; k < K; k++) acc += (float)w[k] * xf[k];
@@ -176,9 +230,14 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
     long j = 0;
     for (; j + 128 <= half; j += 128)
         for (int u = 0; u < 4; u++) I4STEP(j + 32 * u, a[u]);
-    for (; j < half; j += 32) I4STEP(j, a[0]);
+    for (; j + 32 <= half; j += 32) I4STEP(j, a[0]);
 #undef I4STEP
-    return SUM4(a);
+    float tail = 0.0f;
+    for (; j < half; j++) {
+        int b = w[j];
+        tail += (float)(b >> 4) * bf16_to_f32(xeb[j]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xob[j]);
+    }
+    return SUM4(a) + tail;
 #elif defined(__AVX512F__)
     (void)xeb, (void)xob;
     /* each byte sign-extended to 32 bits: >> 4 is the high nibble (even column), (<< 28) >> 28 the low one */
@@ -193,9 +252,14 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
     long j = 0;
     for (; j + 64 <= half; j += 64)
         for (int u = 0; u < 4; u++) I4STEP(j + 16 * u, a[u]);
-    for (; j < half; j += 16) I4STEP(j, a[0]);
+    for (; j + 16 <= half; j += 16) I4STEP(j, a[0]);
 #undef I4STEP
-    return SUM4(a);
+    float tail = 0.0f;
+    for (; j < half; j++) {
+        int b = w[j];
+        tail += (float)(b >> 4) * xe[j] + (float)(((b & 0xF) ^ 8) - 8) * xo[j];
+    }
+    return SUM4(a) + tail;
 #else
     (void)xeb, (void)xob;
     float acc = 0.0f;
@@ -223,22 +287,29 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
 static inline __attribute__((always_inline)) void dot_rows(int wkind, const void *wrow, long K, int R,
                                                            float *const *xf, uint16_t *const *xb, float *out) {
     __m512 acc[4][2];
+    float tails[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     if (wkind == W_BF16) {
         const uint16_t *w = (const uint16_t *)wrow;
-        for (long k = 0; k < K; k += 32) {
+        long k = 0;
+        for (; k + 32 <= K; k += 32) {
             int c = (k >> 5) & 1;
             __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
             for (int r = 0; r < R; r++)
                 acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + k), wv);
         }
+        for (; k < K; k++)
+            for (int r = 0; r < R; r++) tails[r] += bf16_to_f32(w[k]) * bf16_to_f32(xb[r][k]);
     } else if (wkind == W_INT8) {
         const int8_t *w = (const int8_t *)wrow;
-        for (long k = 0; k < K; k += 16) {
+        long k = 0;
+        for (; k + 16 <= K; k += 16) {
             int c = (k >> 4) & 1;
             __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
             for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][c]);
         }
+        for (; k < K; k++)
+            for (int r = 0; r < R; r++) tails[r] += (float)w[k] * xf[r][k];
     } else {
         const int8_t *w = (const int8_t *)wrow;
         const __m512i table = _mm512_set_epi16(
@@ -247,7 +318,8 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
             (short)0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
         const __m512i low4 = _mm512_set1_epi16(0x0f);
         long half = K / 2;
-        for (long j = 0; j < half; j += 32) {
+        long j = 0;
+        for (; j + 32 <= half; j += 32) {
             __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
             __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
             __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);
@@ -257,8 +329,14 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
                 acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(xob + j), lo);
             }
         }
+        for (; j < half; j++) {
+            int b = w[j];
+            float hi = (float)(b >> 4), lo = (float)(((b & 0xF) ^ 8) - 8);
+            for (int r = 0; r < R; r++)
+                tails[r] += hi * bf16_to_f32(xb[r][K + j]) + lo * bf16_to_f32(xb[r][K + half + j]);
+        }
     }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tails[r];
 }
 #endif
 
@@ -274,12 +352,12 @@ int glm_gemv_isa(void) {
 }
 
 /* y [M, N] (ykind) = x [M, K] (xkind) @ w.T * scale + bias. Rows of x and y are contiguous.
- * Returns 0, or -1 for a shape the loops do not take (K not a multiple of 32, of 64 for int4), -2 when out of
- * memory. */
+ * Returns 0, or -1 for a shape the loops do not take (an odd K for int4), -2 when out of memory. */
 int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void *bias, int bkind,
              const void *x, int xkind, void *y, int ykind, long M, long N, long K) {
-    if (K % 32 != 0 || (wkind == W_INT4 && K % 64 != 0) || M <= 0 || N <= 0) return -1;
-    /* activations in the forms the loops read: fp32, its even/odd halves (int4), bf16 (bf16 weights) */
+    if ((wkind == W_INT4 && K % 2 != 0) || M <= 0 || N <= 0 || K <= 0) return -1;
+    /* activations in the forms the loops read: fp32, its even/odd halves (int4), bf16 (bf16 weights), bf16
+     * even/odd halves (int4 with bf16 dot products) */
     long per_row = 2 * K;  /* floats: xf[K] + xe[K/2] + xo[K/2] */
     float *buf = (float *)aligned_alloc(64, (size_t)(M * per_row * sizeof(float) + M * K * 4 + 64));
     if (!buf) return -2;
@@ -287,17 +365,17 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
     for (long m = 0; m < M; m++) {
         float *xf = buf + m * per_row, *xe = xf + K, *xo = xe + K / 2;
         uint16_t *xb = xbuf + m * 2 * K, *xeb = xb + K, *xob = xeb + K / 2;
-        for (long k = 0; k < K; k++) {
-            float v = load_as_f32(x, xkind, m * K + k);
-            xf[k] = v;
-            xb[k] = xkind == BF16 ? ((const uint16_t *)x)[m * K + k] : f32_to_bf16(v);
-        }
-        for (long j = 0; j < K / 2; j++) {
-            xe[j] = xf[2 * j];
-            xo[j] = xf[2 * j + 1];
-            xeb[j] = xb[2 * j];
-            xob[j] = xb[2 * j + 1];
-        }
+        const char *row = (const char *)x + m * K * (xkind == F32 ? 4 : 2);
+        to_f32(row, xkind, K, xf);
+        if (xkind == BF16) memcpy(xb, row, (size_t)K * 2);
+        else from_f32(xf, BF16, K, xb);
+        if (wkind == W_INT4)
+            for (long j = 0; j < K / 2; j++) {
+                xe[j] = xf[2 * j];
+                xo[j] = xf[2 * j + 1];
+                xeb[j] = xb[2 * j];
+                xob[j] = xb[2 * j + 1];
+            }
     }
     /* 16 weight rows per scheduling unit; activation rows in groups of up to 4 that share each weight load */
 #pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
@@ -340,28 +418,72 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
 
 /* RMSNorm over rows of H: y = x * rsqrt(mean(x^2) + eps) * w, all in fp32, cast once (spec §3.4). */
 void glm_rmsnorm(const void *x, int xkind, const void *w, int wkind, void *y, int ykind, long M, long H, float eps) {
-    for (long m = 0; m < M; m++) {
-        float ss = 0.0f;
-        for (long i = 0; i < H; i++) {
-            float v = load_as_f32(x, xkind, m * H + i);
-            ss += v * v;
+    float *v = (float *)malloc(sizeof(float) * (size_t)(2 * H)), *wf = v + H;
+    if (!v) {  /* no memory for the row: the same sums element by element */
+        for (long m = 0; m < M; m++) {
+            float ss = 0.0f;
+            for (long i = 0; i < H; i++) ss += load_as_f32(x, xkind, m * H + i) * load_as_f32(x, xkind, m * H + i);
+            float r = 1.0f / sqrtf(ss / (float)H + eps);
+            for (long i = 0; i < H; i++)
+                store_from_f32(y, ykind, m * H + i, load_as_f32(x, xkind, m * H + i) * r * load_as_f32(w, wkind, i));
         }
-        float r = 1.0f / sqrtf(ss / (float)H + eps);
-        for (long i = 0; i < H; i++)
-            store_from_f32(y, ykind, m * H + i, load_as_f32(x, xkind, m * H + i) * r * load_as_f32(w, wkind, i));
+        return;
     }
+    to_f32(w, wkind, H, wf);
+    for (long m = 0; m < M; m++) {
+        to_f32((const char *)x + m * H * (xkind == F32 ? 4 : 2), xkind, H, v);
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < H; i++) ss += v[i] * v[i];
+        float r = 1.0f / sqrtf(ss / (float)H + eps);
+#pragma omp simd
+        for (long i = 0; i < H; i++) v[i] = v[i] * r * wf[i];
+        from_f32(v, ykind, H, (char *)y + m * H * (ykind == F32 ? 4 : 2));
+    }
+    free(v);
+}
+
+/* e^x for fp32 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (Cody-Waite split of ln2),
+ * scaled by 2^n through the exponent bits; within 2 ulp of expf, inputs clamped to [-87.3, 88.7]. */
+static inline float exp_approx(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float n = floorf(x * 1.44269504089f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f + r * (0.00833335985f
+                    + r * 0.00138888885f)))));
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
 }
 
 /* SwiGLU of rows [gate | up] of 2F: y = silu(gate) * up, silu rounded to the dtype first as torch does. */
 void glm_swiglu(const void *x, int kind, void *y, long M, long F) {
-    for (long m = 0; m < M; m++)
-        for (long i = 0; i < F; i++) {
-            float g = load_as_f32(x, kind, m * 2 * F + i), u = load_as_f32(x, kind, m * 2 * F + F + i);
-            float s = g / (1.0f + expf(-g));
-            if (kind == BF16) s = bf16_to_f32(f32_to_bf16(s));
-            else if (kind == F16) s = f16_to_f32(f32_to_f16(s));
-            store_from_f32(y, kind, m * F + i, s * u);
+    long es = kind == F32 ? 4 : 2;
+    float *g = (float *)malloc(sizeof(float) * (size_t)(2 * F)), *u = g + F;
+    if (!g) {
+        for (long m = 0; m < M; m++)
+            for (long i = 0; i < F; i++) {
+                float gv = load_as_f32(x, kind, m * 2 * F + i), uv = load_as_f32(x, kind, m * 2 * F + F + i);
+                store_from_f32(y, kind, m * F + i, round_to(gv / (1.0f + expf(-gv)), kind) * uv);
+            }
+        return;
+    }
+    for (long m = 0; m < M; m++) {
+        to_f32((const char *)x + m * 2 * F * es, kind, F, g);
+        to_f32((const char *)x + (m * 2 * F + F) * es, kind, F, u);
+#pragma omp simd
+        for (long i = 0; i < F; i++) g[i] = g[i] / (1.0f + exp_approx(-g[i]));
+        if (kind != F32) {  /* torch's silu gives a tensor of the dtype: round, then multiply */
+            from_f32(g, kind, F, (char *)y + m * F * es);
+            to_f32((const char *)y + m * F * es, kind, F, g);
         }
+#pragma omp simd
+        for (long i = 0; i < F; i++) g[i] *= u[i];
+        from_f32(g, kind, F, (char *)y + m * F * es);
+    }
+    free(g);
 }
 
 /* Rotary embedding of T rows of `heads` heads of D (row stride ld elements), interleaved pairs (2i, 2i+1) of the
@@ -381,18 +503,6 @@ void glm_rope(const void *x, int kind, long ld, void *y, const float *rot, long 
         }
 }
 
-static inline void to_f32(const void *p, int kind, long n, float *out) {
-#ifdef __AVX512F__
-    if (kind == BF16 && n % 16 == 0) {
-        for (long i = 0; i < n; i += 16)
-            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16)));
-        return;
-    }
-#endif
-    for (long i = 0; i < n; i++) out[i] = load_as_f32(p, kind, i);
-}
-
 static inline float dot_f32(const float *a, const float *b, long n) {
 #ifdef __AVX512F__
     if (n % 16 == 0) {
@@ -410,7 +520,8 @@ static inline float dot_f32(const float *a, const float *b, long n) {
  * in order) of a paged cache [slots, G, D]: q [B, H, D] -> out [B, H, D]; query head h reads group h / (H / G).
  * fp32 scores, softmax and sums, as the torch path (paged_attention.paged_decode_rows). 0, or -2 (memory). */
 static int attend(const void *q, int qkind, long q_stride, const void *kc, const void *vc, int ckind,
-                  const int64_t *slots, const int64_t *offsets, void *out, long B, long H, long G, long D, float scale) {
+                  const int64_t *slots, const int64_t *offsets, void *out, long B, long H, long G, long D,
+                  float scale) {
     long per = H / G, maxlen = 0;
     for (long b = 0; b < B; b++)
         if (offsets[b + 1] - offsets[b] > maxlen) maxlen = offsets[b + 1] - offsets[b];
@@ -487,7 +598,50 @@ static int run_linear(const glm_linear *l, const void *x, void *y, int kind, lon
 }
 
 static void add_into(void *x, const void *y, int kind, long n) {
-    for (long i = 0; i < n; i++) store_from_f32(x, kind, i, load_as_f32(x, kind, i) + load_as_f32(y, kind, i));
+    float a[256], b[256];
+    long es = kind == F32 ? 4 : 2;
+    for (long i = 0; i < n; i += 256) {
+        long c = n - i < 256 ? n - i : 256;
+        to_f32((char *)x + i * es, kind, c, a);
+        to_f32((const char *)y + i * es, kind, c, b);
+#pragma omp simd
+        for (long j = 0; j < c; j++) a[j] += b[j];
+        from_f32(a, kind, c, (char *)x + i * es);
+    }
+}
+
+/* index of the largest of each row of N (the first one on ties, as torch.argmax; the first NaN if any) */
+void glm_argmax(const void *x, int kind, long M, long N, int64_t *out) {
+    float buf[1024];
+    long es = kind == F32 ? 4 : 2;
+    for (long m = 0; m < M; m++) {
+        float best = -INFINITY;
+        long at = 0;
+        for (long i = 0; i < N; i += 1024) {
+            long c = N - i < 1024 ? N - i : 1024;
+            to_f32((const char *)x + (m * N + i) * es, kind, c, buf);
+            float mx = -INFINITY;
+            int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+            for (long j = 0; j < c; j++) {
+                mx = buf[j] > mx ? buf[j] : mx;
+                nan |= buf[j] != buf[j];
+            }
+            if (nan) {
+                long j = 0;
+                while (buf[j] == buf[j]) j++;
+                at = i + j;
+                break;
+            }
+            if (mx > best || (i == 0 && mx == best)) {
+                long j = 0;
+                while (buf[j] != mx) j++;
+                best = mx;
+                at = i + j;
+            }
+        }
+        out[m] = at;
+    }
 }
 
 int glm_decode_layers(const glm_layer *layers, long n_layers, void *x, int kind, long M, long H, long heads,
