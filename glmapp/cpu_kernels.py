@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from glmapp.cpu_threads import single_threaded
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
@@ -147,6 +149,13 @@ def _self_test(lib) -> str | None:
 @functools.cache
 def library():
     """The loaded kernels, or None (the reason logged once)."""
+    # Often first called from the thread that builds an engine: the self-test's torch ops must not give that
+    # thread an OpenMP team (a second team beside the engine thread's made 2-thread int4 decoding 25% slower).
+    with single_threaded():
+        return _load()
+
+
+def _load():
     if os.environ.get("GLMAPP_CPU_KERNELS", "auto").lower() == "torch":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
