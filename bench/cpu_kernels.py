@@ -68,8 +68,9 @@ def main():
                     for m in mods:
                         quant_kernels.to_kernel_layout(m)
                     packed = mods
-                    def aten(x, m):  # noqa: E306
-                        return m(x)
+                    aten_kernel = quant_kernels.KERNELS["int8pack" if bits == 8 else "tinygemm"]
+                    def aten(x, m, aten_kernel=aten_kernel):  # noqa: E306  (not m(x): that would dispatch to ours)
+                        return aten_kernel(m, x)
                 for rows in map(int, args.rows.split(",")):
                     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
                     with torch.inference_mode():

@@ -18,6 +18,9 @@ Notable choices:
   thread's torch thread count.
 - Weights are read as the model holds them (bf16 [N, K]; int8 [N, K]; int4 in the official packing [N, K/2]),
   so no second copy and no layout change: saving, merging and training see the same tensors.
+- Numerics: fp32 sums. bf16 weights and int4 take x in bf16 (as ATen's bf16 kernels did); int8 takes x as int16
+  with a power-of-two scale per row (AVX512-VNNI vpdpwssd: 32 products per instruction; x keeps 14-15
+  significant bits, finer than bf16's 8, and is exact for |x| >= max|x|/64 in bf16 models).
 - Callers decide when to use it (`MAX_ROWS`: past that a GEMM kernel re-reading weights from cache wins).
 - The rest of a decode step was as slow as its linears: ~60 small torch ops per layer at a few µs of dispatch
   each (6-7 ms of a 15 ms int4 step on the mid model). `rms_norm`, `rope`, `swiglu` and `attend` do one layer's
@@ -50,9 +53,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 W_BF16, W_INT8, W_INT4 = 0, 1, 2
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Most activation rows for which these loops beat ATen's kernels, by weight kind (bench/cpu_gemv.py on the mid
-# model's linears and the 65k output layer, 1 thread; bench/RESULTS.md "Session 8").
-MAX_ROWS = {W_BF16: 2, W_INT8: 1, W_INT4: 8}
+# Most activation rows for which these loops beat ATen's kernels, by weight kind (bench/cpu_kernels.py on the mid
+# model's linears and the 65k output layer, 1 thread; bench/RESULTS.md "Session 8"): bf16 1.2-1.9x at 1-2 rows,
+# oneDNN ahead from 4; int8 1.2-2.6x at 1-4 rows, even at 8; int4 1.3-1.5x at 1-8 rows, even at 16.
+MAX_ROWS = {W_BF16: 2, W_INT8: 4, W_INT4: 8}
 
 
 def cache_dir() -> Path:

@@ -191,9 +191,9 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         fused = FusedDecode(model, cache)
         assert fused.plan() is not None
         runner = ModelRunner(model, cache)
-        ids, positions = [5, 9, 13], [3, 0, 7]
-        rows = [torch.arange(16, 20), torch.arange(32, 33), torch.arange(48, 56)]  # ends: the new tokens' slots
-        writes = torch.tensor([19, 32, 55])
+        ids, positions = [5, 9], [3, 7]  # two rows: within every kind's row bound (cpu_kernels.MAX_ROWS)
+        rows = [torch.arange(16, 20), torch.arange(48, 56)]  # each ends with its new token's slot
+        writes = torch.tensor([19, 55])
         for r in rows:  # some context already in the cache
             cache.k[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
             cache.v[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
@@ -203,11 +203,13 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         cache.k.copy_(k0), cache.v.copy_(v0)
         from glmapp.engine.runner import StepContext
 
-        ctx = StepContext(cache, writes, torch.arange(3), None, None, [], decode_slots=rows)
+        ctx = StepContext(cache, writes, torch.arange(2), None, None, [], decode_slots=rows)
         with torch.inference_mode():
-            want = model.forward_cached(torch.tensor([ids]), torch.tensor([positions]), ctx, torch.arange(3))
+            want = model.forward_cached(torch.tensor([ids]), torch.tensor([positions]), ctx, torch.arange(2))
         assert torch.equal(got, want)
         assert torch.equal(cache.k, k1) and torch.equal(cache.v, v1)  # the same keys/values written
         assert fused.steps == 1 and runner.fused is not None
+        more = fused.max_rows + 1  # past the row bound: the per-op path, where each linear picks its kernel
+        assert fused.logits([5] * more, [3] * more, torch.arange(more), [torch.arange(1)] * more) is None
     finally:
         cpu_linear.unpack(model)

@@ -322,12 +322,12 @@ needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="glma
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("bits,dtype,rows,expected", [
-    (8, torch.float32, 1, "gemv"),  # glmapp's own kernel first, up to its measured row bound
-    (8, torch.float32, 2, "int8pack_bf16"),
-    (8, torch.bfloat16, 1, "gemv"),
-    (8, torch.bfloat16, 2, "int8pack"),
-    (8, torch.float16, 1, "gemv"),  # fp32 sums: no fp16 overflow
-    (8, torch.float16, 2, "dequantize"),
+    (8, torch.float32, 4, "gemv"),  # glmapp's own kernel first, up to its measured row bound
+    (8, torch.float32, 5, "int8pack_bf16"),
+    (8, torch.bfloat16, 4, "gemv"),
+    (8, torch.bfloat16, 5, "int8pack"),
+    (8, torch.float16, 4, "gemv"),  # fp32 sums: no fp16 overflow
+    (8, torch.float16, 5, "dequantize"),
     (4, torch.float32, 8, "gemv"),
     (4, torch.bfloat16, 8, "gemv"),
     (4, torch.bfloat16, 9, "nibbles_int8pack"),
@@ -356,7 +356,8 @@ def test_glmapps_kernel_matches_the_dequantized_weight_at_any_row_count(bits, dt
         reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
         y = quant_kernels.KERNELS["gemv"](m, x)
         assert y.dtype == dtype and y.shape == reference.shape
-        assert relative_error(y, reference) <= (TOLERANCE[dtype] if bits == 8 and dtype == torch.float32
+        # int8 sums x as int16 with a power-of-two scale (14-15 significant bits), int4 sums bf16 x
+        assert relative_error(y, reference) <= (1e-4 if bits == 8 and dtype == torch.float32
                                                 else TOLERANCE[torch.bfloat16]), (out_features, in_features)
 
 

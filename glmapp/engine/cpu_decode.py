@@ -81,6 +81,7 @@ class FusedDecode:
         self.model, self.cache = model, cache
         self._plan: ctypes.Array | None = None
         self._deps: list[tuple] = []
+        self.max_rows = 0  # rows up to which every linear of the plan is faster in glmapp's kernels
         self.off_reason: str | None = None
         self.steps = 0  # steps run here (tests and benchmarks read it)
 
@@ -135,6 +136,8 @@ class FusedDecode:
                      (layer.post_attention_layernorm, type(layer.post_attention_layernorm), n2)]
             plan[i] = _Layer(n1.data_ptr(), n2.data_ptr(), cpu_kernels.DTYPES[n1.dtype], *linears,
                              cache.k[i].data_ptr(), cache.v[i].data_ptr())
+        self.max_rows = min(cpu_kernels.MAX_ROWS[lin.kind] for layer in plan for lin in
+                            (layer.qkv, layer.dense, layer.up, layer.down))
         self._plan, self._deps = plan, deps
         return plan
 
@@ -148,9 +151,10 @@ class FusedDecode:
     def logits(self, ids: list[int], positions: list[int], write_slots: torch.Tensor,
                row_slots: list[torch.Tensor]) -> torch.Tensor | None:
         """Logits [rows, vocab] of one decode step (one new token per row), or None when the plan does not
-        cover the model now (the caller runs the per-op path)."""
+        cover the model now or there are more rows than its kernels are fast for (the caller runs the per-op
+        path, where each linear picks its kernel)."""
         plan = self.plan()
-        if plan is None:
+        if plan is None or len(ids) > self.max_rows:
             return None
         lib = cpu_kernels.library()
         _bind(lib)

@@ -206,6 +206,35 @@ static inline float dot_int8(const int8_t *w, const float *xf, long K) {
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT8_VNNI 1
+/* int8 weights against the activation row quantized to int16 (xq, a power-of-two scale per row, see glm_gemv):
+ * 32 products per vpdpwssd instead of 16 per converted FMA. Integer sums are moved to fp32 every 8192 columns,
+ * before they could overflow (|w| <= 128, |xq| <= 16384). Returns the sum in xq units. */
+#define INT8_CHUNK 8192
+static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
+    __m512 total = _mm512_setzero_ps();
+    long k = 0;
+    for (long c = 0; c < K; c += INT8_CHUNK) {
+        long end = c + INT8_CHUNK < K ? c + INT8_CHUNK : K;
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        for (k = c; k + 128 <= end; k += 128)
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm512_dpwssd_epi32(a[u], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32 * u))),
+                                           _mm512_loadu_si512(xq + k + 32 * u));
+        for (; k + 32 <= end; k += 32)
+            a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k))),
+                                       _mm512_loadu_si512(xq + k));
+        __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+        total = _mm512_add_ps(total, _mm512_cvtepi32_ps(sum));
+    }
+    float tail = 0.0f;
+    for (; k < K; k++) tail += (float)((int32_t)w[k] * (int32_t)xq[k]);
+    return _mm512_reduce_add_ps(total) + tail;
+}
+#endif
+
 static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, const uint16_t *xeb,
                              const uint16_t *xob, long K) {
     long half = K / 2;
@@ -274,7 +303,11 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
 static inline float dot_row(int wkind, const void *w, long n, long K, const float *xf, const float *xe,
                             const float *xo, const uint16_t *xb) {
     if (wkind == W_BF16) return dot_bf16((const uint16_t *)w + n * K, xf, xb, K);
+#ifdef INT8_VNNI
+    if (wkind == W_INT8) return dot_int8_q((const int8_t *)w + n * K, (const int16_t *)xb, K) * xf[2 * K];
+#else
     if (wkind == W_INT8) return dot_int8((const int8_t *)w + n * K, xf, K);
+#endif
     return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, xb + K, xb + K + K / 2, K);
 }
 
@@ -292,24 +325,60 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
     if (wkind == W_BF16) {
         const uint16_t *w = (const uint16_t *)wrow;
         long k = 0;
-        for (; k + 32 <= K; k += 32) {
-            int c = (k >> 5) & 1;
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-            for (int r = 0; r < R; r++)
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + k), wv);
+        /* two chunks per iteration into fixed accumulators: a runtime index would keep them in memory */
+#define BF16STEP(kk, c)                                                                                     \
+    do {                                                                                                    \
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (kk));                                               \
+        for (int r = 0; r < R; r++)                                                                         \
+            acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + (kk)), wv);         \
+    } while (0)
+        for (; k + 64 <= K; k += 64) {
+            BF16STEP(k, 0);
+            BF16STEP(k + 32, 1);
         }
+        for (; k + 32 <= K; k += 32) BF16STEP(k, 0);
+#undef BF16STEP
         for (; k < K; k++)
             for (int r = 0; r < R; r++) tails[r] += bf16_to_f32(w[k]) * bf16_to_f32(xb[r][k]);
     } else if (wkind == W_INT8) {
         const int8_t *w = (const int8_t *)wrow;
+#ifdef INT8_VNNI
+        long k = 0;
+        for (long c = 0; c < K; c += INT8_CHUNK) {
+            long end = c + INT8_CHUNK < K ? c + INT8_CHUNK : K;
+            __m512i a[4][2];
+            for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
+#define I8STEP(kk, h)                                                                                       \
+    do {                                                                                                    \
+        __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (kk))));                  \
+        for (int r = 0; r < R; r++)                                                                         \
+            a[r][h] = _mm512_dpwssd_epi32(a[r][h], wv, _mm512_loadu_si512((const int16_t *)xb[r] + (kk)));   \
+    } while (0)
+            for (k = c; k + 64 <= end; k += 64) {
+                I8STEP(k, 0);
+                I8STEP(k + 32, 1);
+            }
+            for (; k + 32 <= end; k += 32) I8STEP(k, 0);
+#undef I8STEP
+            for (int r = 0; r < R; r++)
+                acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_cvtepi32_ps(_mm512_add_epi32(a[r][0], a[r][1])));
+        }
+        for (; k < K; k++)
+            for (int r = 0; r < R; r++) tails[r] += (float)((int32_t)w[k] * (int32_t)((const int16_t *)xb[r])[k]);
+        for (int r = 0; r < R; r++) {  /* back to x units: the rows' own scales */
+            float sx = xf[r][2 * K];
+            acc[r][0] = _mm512_mul_ps(acc[r][0], _mm512_set1_ps(sx));
+            tails[r] *= sx;
+        }
+#else
         long k = 0;
         for (; k + 16 <= K; k += 16) {
-            int c = (k >> 4) & 1;
             __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][c]);
+            for (int r = 0; r < R; r++) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf[r] + k), acc[r][0]);
         }
         for (; k < K; k++)
             for (int r = 0; r < R; r++) tails[r] += (float)w[k] * xf[r][k];
+#endif
     } else {
         const int8_t *w = (const int8_t *)wrow;
         const __m512i table = _mm512_set_epi16(
@@ -358,7 +427,7 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
     if ((wkind == W_INT4 && K % 2 != 0) || M <= 0 || N <= 0 || K <= 0) return -1;
     /* activations in the forms the loops read: fp32, its even/odd halves (int4), bf16 (bf16 weights), bf16
      * even/odd halves (int4 with bf16 dot products) */
-    long per_row = 2 * K;  /* floats: xf[K] + xe[K/2] + xo[K/2] */
+    long per_row = 2 * K + 16;  /* floats: xf[K] + xe[K/2] + xo[K/2] + the int16 scale (int8) */
     float *buf = (float *)aligned_alloc(64, (size_t)(M * per_row * sizeof(float) + M * K * 4 + 64));
     if (!buf) return -2;
     uint16_t *xbuf = (uint16_t *)(buf + M * per_row);
@@ -367,6 +436,24 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
         uint16_t *xb = xbuf + m * 2 * K, *xeb = xb + K, *xob = xeb + K / 2;
         const char *row = (const char *)x + m * K * (xkind == F32 ? 4 : 2);
         to_f32(row, xkind, K, xf);
+#ifdef INT8_VNNI
+        if (wkind == W_INT8) {  /* x as int16 with a power-of-two scale: |xq| <= 2^14, exact for |x| >= max/2^6 */
+            float amax = 0.0f;
+            for (long k = 0; k < K; k++) amax = fabsf(xf[k]) > amax ? fabsf(xf[k]) : amax;
+            int e = 0;
+            frexpf(amax, &e);  /* amax < 2^e */
+            float sx = amax > 0.0f ? ldexpf(1.0f, e - 14) : 1.0f, inv = 1.0f / sx;
+            int16_t *xq = (int16_t *)xb;
+            long k = 0;
+            for (; k + 16 <= K; k += 16)
+                _mm256_storeu_si256((__m256i *)(xq + k),
+                                    _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xf + k),
+                                                                                            _mm512_set1_ps(inv)))));
+            for (; k < K; k++) xq[k] = (int16_t)lrintf(xf[k] * inv);
+            xf[2 * K] = sx;
+            continue;
+        }
+#endif
         if (xkind == BF16) memcpy(xb, row, (size_t)K * 2);
         else from_f32(xf, BF16, K, xb);
         if (wkind == W_INT4)
