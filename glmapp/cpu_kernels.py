@@ -57,6 +57,15 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # model's linears and the 65k output layer, 1 thread; bench/RESULTS.md "Session 8"): bf16 1.2-1.9x at 1-2 rows,
 # oneDNN ahead from 4; int8 1.2-2.6x at 1-4 rows, even at 8; int4 1.3-1.5x at 1-8 rows, even at 16.
 MAX_ROWS = {W_BF16: 2, W_INT8: 4, W_INT4: 8}
+# Longest rows (K) for which they win at one row: past ~8k columns the activation row fills L1 beside the streamed
+# weights, and oneDNN's bf16 / ATen's int8 kernels were ahead (0.77-0.95x at K = 13696, ChatGLM-6B's 4h -> h);
+# int4 still won there (1.2-1.7x).
+MAX_K = {W_BF16: 8192, W_INT8: 8192, W_INT4: None}
+
+
+def takes(kind: int, in_features: int) -> bool:
+    """Are these loops the faster choice for a weight of `kind` with `in_features` columns (at few rows)?"""
+    return (MAX_K[kind] is None or in_features <= MAX_K[kind]) and (kind != W_INT4 or in_features % 2 == 0)
 
 
 def cache_dir() -> Path:
@@ -247,7 +256,7 @@ def usable(kind: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if needs_grad and torch.is_grad_enabled():
         return False
     return (rows <= MAX_ROWS[kind] and x.device.type == "cpu" and x.dtype in DTYPES and weight.device.type == "cpu"
-            and (kind != W_INT4 or x.shape[-1] % 2 == 0) and weight.is_contiguous() and library() is not None)
+            and takes(kind, x.shape[-1]) and weight.is_contiguous() and library() is not None)
 
 
 def linear(kind: int, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,

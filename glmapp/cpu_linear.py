@@ -179,8 +179,9 @@ def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_feature
          output_bits: int | None = None, gemv: bool | None = None) -> int:
     """Prepare the CPU linears of `model` for serving, in place; -> how many linears were changed.
 
-    With glmapp's CPU kernels (`gemv`, default: when `cpu_kernels.available()`): bf16 linears become `GemvLinear`s
-    (same weight), int4 weights keep the official layout those kernels read. Without them: every plain CPU
+    With glmapp's CPU kernels (`gemv`, default: when `cpu_kernels.available()`): bf16 linears they take
+    (`cpu_kernels.takes`) become `GemvLinear`s (same weight), int4 weights keep the official layout those kernels
+    read; other bf16 linears are packed as below. Without them: every plain CPU
     fp32/bf16 `nn.Linear` whose weight is big enough for packing to pay (see `PACK_MIN_ELEMENTS`; tests lower the
     bounds to pack small ones) is oneDNN-packed, and CPU int4 weights are put in ATen's int4 kernel layout.
     fp32 linears are packed either way. With `output_bits` (8 or 4) the output layer gets a quantized copy that
@@ -197,7 +198,7 @@ def pack(model: nn.Module, min_elements: int = PACK_MIN_ELEMENTS, min_in_feature
         for m in _plain_linears(model):
             w = m.weight
             if gemv and w.device.type == "cpu" and w.dtype == torch.bfloat16 and (
-                    m.bias is None or m.bias.dtype == w.dtype):
+                    m.bias is None or m.bias.dtype == w.dtype) and cpu_kernels.takes(cpu_kernels.W_BF16, w.shape[1]):
                 m.__class__ = GemvLinear
                 count += 1
                 continue

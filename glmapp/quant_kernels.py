@@ -377,8 +377,9 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
     if (kernel, device.type) in _BROKEN:
         return False
     if kernel == "gemv":
+        kind = cpu_kernels.W_INT8 if m.bits == 8 else cpu_kernels.W_INT4
         return (device.type == "cpu" and not in_kernel_layout(m) and m.weight.is_contiguous()
-                and cpu_kernels.available())
+                and cpu_kernels.takes(kind, m.in_features) and cpu_kernels.available())
     if kernel.startswith("int8pack") and m.in_features % INT8PACK_K_MULTIPLE:
         return False
     if kernel.startswith("nibbles_int8pack") and (m.in_features // 2) % INT8PACK_K_MULTIPLE:

@@ -213,3 +213,26 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         assert fused.logits([5] * more, [3] * more, torch.arange(more), [torch.arange(1)] * more) is None
     finally:
         cpu_linear.unpack(model)
+
+
+def test_long_rows_stay_with_atens_kernels(fresh_kernel_state):
+    """Past MAX_K columns oneDNN's bf16 and ATen's int8 kernels were faster (ChatGLM-6B's 4h -> h, K = 13696)."""
+    from glmapp import quant_kernels
+    from glmapp.quant import QuantizedLinear
+
+    long_k = cpu_kernels.MAX_K[cpu_kernels.W_BF16] + 64
+    model = torch.nn.Sequential(torch.nn.Linear(long_k, 256), torch.nn.Linear(1024, 256)).to(torch.bfloat16)
+    cpu_linear.pack(model)
+    assert [type(m) for m in model] == [cpu_linear.PackedLinear, cpu_linear.GemvLinear]
+    x = randn(1, long_k, dtype=torch.bfloat16)
+    for bits, expected in ((8, "int8pack"), (4, "gemv")):  # int4 still wins at long rows
+        m = QuantizedLinear.from_float(torch.nn.Linear(long_k, 64).to(torch.bfloat16), bits)
+        assert quant_kernels.choose(m, x) == expected
+
+
+@pytest.fixture()
+def fresh_kernel_state(monkeypatch):
+    from glmapp import quant_kernels
+
+    monkeypatch.setattr(quant_kernels, "_PROVEN", set())
+    monkeypatch.setattr(quant_kernels, "_BROKEN", set())

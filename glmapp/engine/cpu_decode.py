@@ -61,6 +61,8 @@ def _linear(module, dtype: torch.dtype) -> tuple[_Linear, tuple] | None:
     elif type(module) is QuantizedLinear and module.weight.dtype == torch.int8 and module.weight.device.type == "cpu":
         w, scale = module.weight, module.weight_scale
         kind = cpu_kernels.W_INT8 if module.bits == 8 else cpu_kernels.W_INT4
+        if not cpu_kernels.takes(kind, k):  # ATen's kernel is faster for this one: the per-op path runs it
+            return None
     else:
         return None
     bias = module.bias

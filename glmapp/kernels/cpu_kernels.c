@@ -24,6 +24,10 @@
 enum { F32 = 0, BF16 = 1, F16 = 2 };      /* activation, scale, bias and output dtypes */
 enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };  /* weight kinds */
 #define PARALLEL_MIN (1L << 16)  /* smaller calls run on the calling thread alone (no OpenMP team) */
+/* Weights are prefetched this many bytes ahead: with long rows (K = 13696 in the 6B models) the activation
+ * row fills most of L1 and the hardware prefetcher alone fell to half speed (int4 8 -> 11-13 GB/s). */
+#define PF_BYTES 4096
+#define PF(p) _mm_prefetch((const char *)(p) + PF_BYTES, _MM_HINT_T0)
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -153,10 +157,12 @@ static inline float dot_bf16(const uint16_t *w, const float *xf, const uint16_t 
     (void)xf;
     ZERO4(a);
     long k = 0;
-    for (; k + 128 <= K; k += 128)
+    for (; k + 128 <= K; k += 128) {
+        PF(w + k), PF(w + k + 32), PF(w + k + 64), PF(w + k + 96);
         for (int u = 0; u < 4; u++)
             a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_loadu_si512(xb + k + 32 * u),
                                     (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
+    }
     for (; k + 32 <= K; k += 32)
         a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(w + k));
     float tail = 0.0f;
@@ -219,10 +225,13 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
         long end = c + INT8_CHUNK < K ? c + INT8_CHUNK : K;
         __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                         _mm512_setzero_si512()};
-        for (k = c; k + 128 <= end; k += 128)
+        for (k = c; k + 128 <= end; k += 128) {
+            PF(w + k), PF(w + k + 64);
             for (int u = 0; u < 4; u++)
-                a[u] = _mm512_dpwssd_epi32(a[u], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32 * u))),
+                a[u] = _mm512_dpwssd_epi32(a[u],
+                                           _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32 * u))),
                                            _mm512_loadu_si512(xq + k + 32 * u));
+        }
         for (; k + 32 <= end; k += 32)
             a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k))),
                                        _mm512_loadu_si512(xq + k));
@@ -232,6 +241,43 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
     float tail = 0.0f;
     for (; k < K; k++) tail += (float)((int32_t)w[k] * (int32_t)xq[k]);
     return _mm512_reduce_add_ps(total) + tail;
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define INT4_PLANES 1
+/* int4 as bf16 without a table: each 16-bit word of the packed row holds 4 nibbles (the even byte's low and high,
+ * the odd byte's low and high: columns 4g+1, 4g, 4g+3, 4g+2 of word g). One ternary-logic op per nibble turns it
+ * into the bf16 number 136 + s (s the signed nibble: 0x4300 is 128, the nibble's top bit flipped adds 8), so
+ * a 64-byte chunk gives 4 vectors of 32 bf16 weights for 4 dot products with the matching planes of x; the sum
+ * is corrected by 136 * sum(x) at the end (int4_correction). No cross-lane shuffles: ~16 ops per 128 weights. */
+#define NIB_MASK 0x000F000F
+#define NIB_CONST 0x43084308
+#define NIB_TERNLOG 0x6A  /* (mask, const) = (1,0): v, (1,1): ~v, (0,1): 1, (0,0): 0 */
+#define NIBBLES(v, shift)                                                                                   \
+    _mm512_ternarylogic_epi32((shift) ? _mm512_srli_epi16(v, shift) : (v), _mm512_set1_epi32(NIB_MASK),   \
+                              _mm512_set1_epi32(NIB_CONST), NIB_TERNLOG)
+static inline float dot_int4_planes(const int8_t *w, const uint16_t *planes, long K, float sumx) {
+    long half = K / 2, quarter = K / 4;
+    const uint16_t *pa = planes, *pb = pa + quarter, *pc = pb + quarter, *pd = pc + quarter;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    long j = 0;
+    for (; j + 64 <= half; j += 64) {
+        PF(w + j);
+        __m512i v = _mm512_loadu_si512(w + j);
+        long g = j / 2;
+        a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(pa + g), (__m512bh)NIBBLES(v, 0));
+        a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)_mm512_loadu_si512(pb + g), (__m512bh)NIBBLES(v, 4));
+        a[2] = _mm512_dpbf16_ps(a[2], (__m512bh)_mm512_loadu_si512(pc + g), (__m512bh)NIBBLES(v, 8));
+        a[3] = _mm512_dpbf16_ps(a[3], (__m512bh)_mm512_loadu_si512(pd + g), (__m512bh)NIBBLES(v, 12));
+    }
+    float total = SUM4(a) - 136.0f * sumx, tail = 0.0f;
+    const uint16_t *xb = planes - K;  /* the row itself in bf16 (see glm_gemv) */
+    for (; j < half; j++) {
+        int b = w[j];
+        tail += (float)(b >> 4) * bf16_to_f32(xb[2 * j]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xb[2 * j + 1]);
+    }
+    return total + tail;
 }
 #endif
 
@@ -308,7 +354,12 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
 #else
     if (wkind == W_INT8) return dot_int8((const int8_t *)w + n * K, xf, K);
 #endif
+#ifdef INT4_PLANES
+    (void)xe, (void)xo;
+    return dot_int4_planes((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1]);
+#else
     return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, xb + K, xb + K + K / 2, K);
+#endif
 }
 
 
@@ -328,6 +379,7 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
         /* two chunks per iteration into fixed accumulators: a runtime index would keep them in memory */
 #define BF16STEP(kk, c)                                                                                     \
     do {                                                                                                    \
+        PF(w + (kk));                                                                                       \
         __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (kk));                                               \
         for (int r = 0; r < R; r++)                                                                         \
             acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + (kk)), wv);         \
@@ -350,6 +402,7 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
             for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
 #define I8STEP(kk, h)                                                                                       \
     do {                                                                                                    \
+        if (!(h)) PF(w + (kk));                                                                             \
         __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (kk))));                  \
         for (int r = 0; r < R; r++)                                                                         \
             a[r][h] = _mm512_dpwssd_epi32(a[r][h], wv, _mm512_loadu_si512((const int16_t *)xb[r] + (kk)));   \
@@ -381,28 +434,27 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
 #endif
     } else {
         const int8_t *w = (const int8_t *)wrow;
-        const __m512i table = _mm512_set_epi16(
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0, (short)0xc0e0,
-            (short)0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
-        const __m512i low4 = _mm512_set1_epi16(0x0f);
-        long half = K / 2;
-        long j = 0;
-        for (; j + 32 <= half; j += 32) {
-            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + j)));
-            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
-            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);
+        long half = K / 2, quarter = K / 4, j = 0;
+        for (; j + 64 <= half; j += 64) {
+            PF(w + j);
+            __m512i v = _mm512_loadu_si512(w + j);
+            __m512bh n0 = (__m512bh)NIBBLES(v, 0), n1 = (__m512bh)NIBBLES(v, 4), n2 = (__m512bh)NIBBLES(v, 8),
+                     n3 = (__m512bh)NIBBLES(v, 12);
+            long g = j / 2;
             for (int r = 0; r < R; r++) {
-                const uint16_t *xeb = xb[r] + K, *xob = xeb + half;
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(xeb + j), hi);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(xob + j), lo);
+                const uint16_t *pa = xb[r] + K;
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(pa + g), n0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(pa + quarter + g), n1);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(pa + 2 * quarter + g), n2);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(pa + 3 * quarter + g), n3);
             }
         }
+        for (int r = 0; r < R; r++) tails[r] -= 136.0f * xf[r][2 * K + 1];
         for (; j < half; j++) {
             int b = w[j];
             float hi = (float)(b >> 4), lo = (float)(((b & 0xF) ^ 8) - 8);
             for (int r = 0; r < R; r++)
-                tails[r] += hi * bf16_to_f32(xb[r][K + j]) + lo * bf16_to_f32(xb[r][K + half + j]);
+                tails[r] += hi * bf16_to_f32(xb[r][2 * j]) + lo * bf16_to_f32(xb[r][2 * j + 1]);
         }
     }
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tails[r];
@@ -456,6 +508,22 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
 #endif
         if (xkind == BF16) memcpy(xb, row, (size_t)K * 2);
         else from_f32(xf, BF16, K, xb);
+#ifdef INT4_PLANES
+        if (wkind == W_INT4) {  /* x's bf16 columns in the planes dot_int4_planes reads, and their sum */
+            long quarter = K / 4, vec_cols = (K / 2 / 64) * 64 * 2;
+            uint16_t *pa = xb + K, *pb = pa + quarter, *pc = pb + quarter, *pd = pc + quarter;
+            for (long g = 0; g < quarter; g++) {
+                pa[g] = xb[4 * g + 1];
+                pb[g] = xb[4 * g];
+                pc[g] = xb[4 * g + 3];
+                pd[g] = xb[4 * g + 2];
+            }
+            float sum = 0.0f;
+            for (long k = 0; k < vec_cols; k++) sum += bf16_to_f32(xb[k]);
+            xf[2 * K + 1] = sum;
+            (void)xe, (void)xo, (void)xeb, (void)xob;
+        }
+#else
         if (wkind == W_INT4)
             for (long j = 0; j < K / 2; j++) {
                 xe[j] = xf[2 * j];
@@ -463,6 +531,7 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
                 xeb[j] = xb[2 * j];
                 xob[j] = xb[2 * j + 1];
             }
+#endif
     }
     /* 16 weight rows per scheduling unit; activation rows in groups of up to 4 that share each weight load */
 #pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
