@@ -25,7 +25,10 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };      /* activation, scale, bias and output 
 enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };  /* weight kinds */
 #define PARALLEL_MIN (1L << 16)  /* smaller calls run on the calling thread alone (no OpenMP team) */
 /* Weights are prefetched this many bytes ahead: with long rows (K = 13696 in the 6B models) the activation
- * row fills most of L1 and the hardware prefetcher alone fell to half speed (int4 8 -> 11-13 GB/s). */
+ * row fills most of L1 and the hardware prefetcher alone fell to half speed (int4 8 -> 11-13 GB/s), and int4 on
+ * 2 threads decoded 10% faster with them; on 1 thread with short rows they cost 8% (`prefetch` decides). They
+ * slowed bf16 and int8 at 1 thread (mid model decode 79 -> 59 tok/s int8): those are left to the hardware, their
+ * long rows go to ATen's kernels instead (cpu_kernels.MAX_K). */
 #define PF_BYTES 4096
 #define PF(p) _mm_prefetch((const char *)(p) + PF_BYTES, _MM_HINT_T0)
 
@@ -158,7 +161,6 @@ static inline float dot_bf16(const uint16_t *w, const float *xf, const uint16_t 
     ZERO4(a);
     long k = 0;
     for (; k + 128 <= K; k += 128) {
-        PF(w + k), PF(w + k + 32), PF(w + k + 64), PF(w + k + 96);
         for (int u = 0; u < 4; u++)
             a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_loadu_si512(xb + k + 32 * u),
                                     (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
@@ -226,7 +228,6 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
         __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                         _mm512_setzero_si512()};
         for (k = c; k + 128 <= end; k += 128) {
-            PF(w + k), PF(w + k + 64);
             for (int u = 0; u < 4; u++)
                 a[u] = _mm512_dpwssd_epi32(a[u],
                                            _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32 * u))),
@@ -257,13 +258,13 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
 #define NIBBLES(v, shift)                                                                                   \
     _mm512_ternarylogic_epi32((shift) ? _mm512_srli_epi16(v, shift) : (v), _mm512_set1_epi32(NIB_MASK),   \
                               _mm512_set1_epi32(NIB_CONST), NIB_TERNLOG)
-static inline float dot_int4_planes(const int8_t *w, const uint16_t *planes, long K, float sumx) {
+static inline float dot_int4_planes(const int8_t *w, const uint16_t *planes, long K, float sumx, int prefetch) {
     long half = K / 2, quarter = K / 4;
     const uint16_t *pa = planes, *pb = pa + quarter, *pc = pb + quarter, *pd = pc + quarter;
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     long j = 0;
     for (; j + 64 <= half; j += 64) {
-        PF(w + j);
+        if (prefetch) PF(w + j);
         __m512i v = _mm512_loadu_si512(w + j);
         long g = j / 2;
         a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(pa + g), (__m512bh)NIBBLES(v, 0));
@@ -347,7 +348,7 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
 }
 
 static inline float dot_row(int wkind, const void *w, long n, long K, const float *xf, const float *xe,
-                            const float *xo, const uint16_t *xb) {
+                            const float *xo, const uint16_t *xb, int prefetch) {
     if (wkind == W_BF16) return dot_bf16((const uint16_t *)w + n * K, xf, xb, K);
 #ifdef INT8_VNNI
     if (wkind == W_INT8) return dot_int8_q((const int8_t *)w + n * K, (const int16_t *)xb, K) * xf[2 * K];
@@ -356,7 +357,7 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
 #endif
 #ifdef INT4_PLANES
     (void)xe, (void)xo;
-    return dot_int4_planes((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1]);
+    return dot_int4_planes((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1], prefetch);
 #else
     return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, xb + K, xb + K + K / 2, K);
 #endif
@@ -369,7 +370,8 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define MULTI_ROWS 1
 static inline __attribute__((always_inline)) void dot_rows(int wkind, const void *wrow, long K, int R,
-                                                           float *const *xf, uint16_t *const *xb, float *out) {
+                                                           float *const *xf, uint16_t *const *xb, float *out,
+                                                           int prefetch) {
     __m512 acc[4][2];
     float tails[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -379,7 +381,6 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
         /* two chunks per iteration into fixed accumulators: a runtime index would keep them in memory */
 #define BF16STEP(kk, c)                                                                                     \
     do {                                                                                                    \
-        PF(w + (kk));                                                                                       \
         __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (kk));                                               \
         for (int r = 0; r < R; r++)                                                                         \
             acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(xb[r] + (kk)), wv);         \
@@ -402,7 +403,6 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
             for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
 #define I8STEP(kk, h)                                                                                       \
     do {                                                                                                    \
-        if (!(h)) PF(w + (kk));                                                                             \
         __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (kk))));                  \
         for (int r = 0; r < R; r++)                                                                         \
             a[r][h] = _mm512_dpwssd_epi32(a[r][h], wv, _mm512_loadu_si512((const int16_t *)xb[r] + (kk)));   \
@@ -436,7 +436,7 @@ static inline __attribute__((always_inline)) void dot_rows(int wkind, const void
         const int8_t *w = (const int8_t *)wrow;
         long half = K / 2, quarter = K / 4, j = 0;
         for (; j + 64 <= half; j += 64) {
-            PF(w + j);
+            if (prefetch) PF(w + j);
             __m512i v = _mm512_loadu_si512(w + j);
             __m512bh n0 = (__m512bh)NIBBLES(v, 0), n1 = (__m512bh)NIBBLES(v, 4), n2 = (__m512bh)NIBBLES(v, 8),
                      n3 = (__m512bh)NIBBLES(v, 12);
@@ -533,6 +533,7 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
             }
 #endif
     }
+    int prefetch = omp_get_max_threads() > 1 || K > 4096;  /* see PF_BYTES */
     /* 16 weight rows per scheduling unit; activation rows in groups of up to 4 that share each weight load */
 #pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
     for (long n0 = 0; n0 < N; n0 += 16) {
@@ -553,15 +554,16 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
                     xb[r] = xbuf + (m + r) * 2 * K;
                 }
                 /* constant R: each variant compiled with its loops over rows unrolled */
-                if (R == 4) dot_rows(wkind, wrow, K, 4, xf, xb, out);
-                else if (R == 3) dot_rows(wkind, wrow, K, 3, xf, xb, out);
-                else dot_rows(wkind, wrow, K, 2, xf, xb, out);
+                if (R == 4) dot_rows(wkind, wrow, K, 4, xf, xb, out, prefetch);
+                else if (R == 3) dot_rows(wkind, wrow, K, 3, xf, xb, out, prefetch);
+                else dot_rows(wkind, wrow, K, 2, xf, xb, out, prefetch);
                 for (int r = 0; r < R; r++) store_from_f32(y, ykind, (m + r) * N + n, out[r] * s + b);
             }
 #endif
             for (; m < M; m++) {
                 float *xf = buf + m * per_row, *xe = xf + K, *xo = xe + K / 2;
-                store_from_f32(y, ykind, m * N + n, dot_row(wkind, w, n, K, xf, xe, xo, xbuf + m * 2 * K) * s + b);
+                float v = dot_row(wkind, w, n, K, xf, xe, xo, xbuf + m * 2 * K, prefetch);
+                store_from_f32(y, ykind, m * N + n, v * s + b);
             }
         }
     }
