@@ -53,14 +53,17 @@ DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, run
 # "gemv" (glmapp's own few-row kernels, `cpu_kernels`) comes first on CPU where it is built; it reads the official
 # layout, so `cpu_linear.pack` leaves int4 weights official then and tinygemm/layout_dense are not usable.
 _GEMV8, _GEMV4 = (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT8], "gemv"), (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT4], "gemv")
+# "dense_c" (many rows: the weight dequantized by glmapp's kernel in one parallel pass, then one GEMM) replaces the
+# torch-op dequantizations there, whose passes over the weight cost prefill ~25% at int4.
 DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("cpu", 8, torch.float32): (_GEMV8, (16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
-    ("cpu", 8, torch.bfloat16): (_GEMV8, (32, "int8pack"), (None, "rowscale")),
+    ("cpu", 8, torch.float32): (_GEMV8, (16, "int8pack_bf16"), (None, "dense_c"), (None, "rowscale_bf16"),
+                                (None, "rowscale")),
+    ("cpu", 8, torch.bfloat16): (_GEMV8, (32, "int8pack"), (None, "dense_c"), (None, "rowscale")),
     ("cpu", 8, torch.float16): (_GEMV8,),
     ("cpu", 4, torch.float32): (_GEMV4, (32, "tinygemm_bf16"), (None, "layout_dense"), (32, "nibbles_int8pack_bf16"),
-                                (None, "split_bf16"), (None, "split")),
+                                (None, "dense_c"), (None, "split_bf16"), (None, "split")),
     ("cpu", 4, torch.bfloat16): (_GEMV4, (32, "tinygemm"), (None, "layout_dense"), (16, "nibbles_int8pack"),
-                                 (None, "split")),
+                                 (None, "dense_c"), (None, "split")),
     ("cpu", 4, torch.float16): (_GEMV4,),
     ("cuda", 8, torch.bfloat16): ((8, "int8pack"),),
     ("cuda", 8, torch.float16): ((8, "int8pack"),),
@@ -140,6 +143,12 @@ def gemv(m, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def dense_c(m, x: torch.Tensor) -> torch.Tensor:
+    """Many rows: the official weight dequantized by glmapp's CPU kernel in x's dtype, then one GEMM."""
+    kind = cpu_kernels.W_INT8 if m.bits == 8 else cpu_kernels.W_INT4
+    return F.linear(x, cpu_kernels.dequantize(kind, m.weight, m.weight_scale, x.dtype))
+
+
 def in_bf16(kernel):
     """`kernel` run on x rounded to bf16, the result back in x's dtype: for fp32 activations on CPU, where
     ATen's packed kernels are fast in bf16 only. bf16 keeps 8 mantissa bits: its rounding (2^-9 relative)
@@ -156,7 +165,7 @@ KERNELS = {DEQUANTIZE: dequantize_linear, "rowscale": rowscale, "split": split, 
            "nibbles_int8pack": nibbles_int8pack, "tinygemm": tinygemm,
            "int8pack_bf16": in_bf16(int8pack), "nibbles_int8pack_bf16": in_bf16(nibbles_int8pack),
            "tinygemm_bf16": in_bf16(tinygemm), "layout_dense": layout_dense,
-           "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split), "gemv": gemv}
+           "rowscale_bf16": in_bf16(rowscale), "split_bf16": in_bf16(split), "gemv": gemv, "dense_c": dense_c}
 
 
 # ---- tinygemm's copy of an int4 weight ---------------------------------------------------------------
@@ -376,6 +385,9 @@ def _usable(kernel: str, m, device: torch.device, dtype: torch.dtype) -> bool:
     """May `kernel` run this module's weight on this device, for activations of `dtype`?"""
     if (kernel, device.type) in _BROKEN:
         return False
+    if kernel == "dense_c":
+        return (device.type == "cpu" and not in_kernel_layout(m) and m.weight.is_contiguous()
+                and cpu_kernels.available())
     if kernel == "gemv":
         kind = cpu_kernels.W_INT8 if m.bits == 8 else cpu_kernels.W_INT4
         return (device.type == "cpu" and not in_kernel_layout(m) and m.weight.is_contiguous()

@@ -333,6 +333,10 @@ needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="glma
     (4, torch.bfloat16, 9, "nibbles_int8pack"),
     (4, torch.float16, 8, "gemv"),
     (4, torch.float16, 9, "dequantize"),
+    (8, torch.bfloat16, 33, "dense_c"),  # many rows: dequantized in one pass by glmapp's kernel, one GEMM
+    (8, torch.float32, 17, "dense_c"),
+    (4, torch.bfloat16, 17, "dense_c"),
+    (4, torch.float32, 33, "dense_c"),
 ])
 def test_cpu_dispatch_takes_glmapps_kernel_for_few_rows(fresh_kernels, bits, dtype, rows, expected):
     m = quantized(bits, dtype, bias=True)
@@ -356,6 +360,8 @@ def test_glmapps_kernel_matches_the_dequantized_weight_at_any_row_count(bits, dt
         reference = F.linear(x.float(), m.dequantized_weight(torch.float32))
         y = quant_kernels.KERNELS["gemv"](m, x)
         assert y.dtype == dtype and y.shape == reference.shape
+        dense = quant_kernels.KERNELS["dense_c"](m, x)  # the many-row kernel, on the same weight
+        assert torch.equal(dense, F.linear(x, m.dequantized_weight(dtype)))
         # int8 sums x as int16 with a power-of-two scale (14-15 significant bits), int4 sums bf16 x
         assert relative_error(y, reference) <= (1e-4 if bits == 8 and dtype == torch.float32
                                                 else TOLERANCE[torch.bfloat16]), (out_features, in_features)

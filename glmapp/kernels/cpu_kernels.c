@@ -838,3 +838,29 @@ int glm_decode_layers(const glm_layer *layers, long n_layers, void *x, int kind,
     free(mem);
     return rc;
 }
+
+/* The weight as dense numbers of dtype okind: q * scale per row, rounded once (as torch's q.to(dtype) * scale
+ * in that dtype). For prefill chunks, which then run one GEMM; N x K, int4 in the official packing. */
+void glm_dequant(int wkind, const void *w, const void *scale, int skind, void *out, int okind, long N, long K) {
+    long es = okind == F32 ? 4 : 2;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
+    for (long n = 0; n < N; n++) {
+        float row[256];
+        float s = load_as_f32(scale, skind, n);
+        for (long k0 = 0; k0 < K; k0 += 256) {
+            long c = K - k0 < 256 ? K - k0 : 256;
+            if (wkind == W_INT8) {
+                const int8_t *q = (const int8_t *)w + n * K + k0;
+                for (long i = 0; i < c; i++) row[i] = round_to((float)q[i], okind) * s;
+            } else {  /* c is even: K is, and so is k0 */
+                const int8_t *q = (const int8_t *)w + n * (K / 2) + k0 / 2;
+                for (long i = 0; i < c / 2; i++) {
+                    int b = q[i];
+                    row[2 * i] = (float)(b >> 4) * s;
+                    row[2 * i + 1] = (float)(((b & 0xF) ^ 8) - 8) * s;
+                }
+            }
+            from_f32(row, okind, c, (char *)out + (n * K + k0) * es);
+        }
+    }
+}
