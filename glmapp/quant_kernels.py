@@ -53,12 +53,12 @@ DEQUANTIZE = "dequantize"  # F.linear(x, dequantize(weight)): the reference, run
 # "gemv" (glmapp's own few-row kernels, `cpu_kernels`) comes first on CPU where it is built; it reads the official
 # layout, so `cpu_linear.pack` leaves int4 weights official then and tinygemm/layout_dense are not usable.
 _GEMV8, _GEMV4 = (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT8], "gemv"), (cpu_kernels.MAX_ROWS[cpu_kernels.W_INT4], "gemv")
-# "dense_c" (many rows: the weight dequantized by glmapp's kernel in one parallel pass, then one GEMM) replaces the
-# torch-op dequantizations there, whose passes over the weight cost prefill ~25% at int4.
+# "dense_c" (many rows: the weight dequantized by glmapp's kernel in one parallel pass, then one GEMM) comes before
+# int4's torch-op dequantizations (0.83-0.90x their time on the mid model's linears at 512 rows, 2 threads; int4
+# prefill 1.00 -> 1.15x llama.cpp); int8's rowscale (cast, GEMM, scale the output) stayed faster than it.
 DISPATCH: dict[tuple[str, int, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("cpu", 8, torch.float32): (_GEMV8, (16, "int8pack_bf16"), (None, "dense_c"), (None, "rowscale_bf16"),
-                                (None, "rowscale")),
-    ("cpu", 8, torch.bfloat16): (_GEMV8, (32, "int8pack"), (None, "dense_c"), (None, "rowscale")),
+    ("cpu", 8, torch.float32): (_GEMV8, (16, "int8pack_bf16"), (None, "rowscale_bf16"), (None, "rowscale")),
+    ("cpu", 8, torch.bfloat16): (_GEMV8, (32, "int8pack"), (None, "rowscale")),
     ("cpu", 8, torch.float16): (_GEMV8,),
     ("cpu", 4, torch.float32): (_GEMV4, (32, "tinygemm_bf16"), (None, "layout_dense"), (32, "nibbles_int8pack_bf16"),
                                 (None, "dense_c"), (None, "split_bf16"), (None, "split")),

@@ -333,9 +333,9 @@ needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="glma
     (4, torch.bfloat16, 9, "nibbles_int8pack"),
     (4, torch.float16, 8, "gemv"),
     (4, torch.float16, 9, "dequantize"),
-    (8, torch.bfloat16, 33, "dense_c"),  # many rows: dequantized in one pass by glmapp's kernel, one GEMM
-    (8, torch.float32, 17, "dense_c"),
-    (4, torch.bfloat16, 17, "dense_c"),
+    (8, torch.bfloat16, 33, "rowscale"),
+    (8, torch.float32, 17, "rowscale_bf16"),
+    (4, torch.bfloat16, 17, "dense_c"),  # many rows: dequantized in one pass by glmapp's kernel, one GEMM
     (4, torch.float32, 33, "dense_c"),
 ])
 def test_cpu_dispatch_takes_glmapps_kernel_for_few_rows(fresh_kernels, bits, dtype, rows, expected):
