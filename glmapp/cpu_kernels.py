@@ -145,7 +145,8 @@ def _self_test(lib) -> str | None:
     gen = torch.Generator().manual_seed(0)
     for kind, bits in ((W_BF16, None), (W_INT8, 8), (W_INT4, 4)):
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
-            for rows, n, k in ((1, 37, 192), (3, 8, 320), (6, 5, 128), (1, 3, 50), (5, 4, 170)):
+            for rows, n, k in ((1, 37, 192), (3, 8, 320), (6, 5, 128), (1, 3, 50), (5, 4, 170), (1, 3, 4226),
+                              (3, 2, 4160)):  # the last two: int4's long-row (VNNI) loops
                 w = torch.randn(n, k, generator=gen).to(torch.bfloat16 if kind == W_BF16 else dtype)
                 x = torch.randn(rows, k, generator=gen).to(dtype)
                 bias = torch.randn(n, generator=gen).to(dtype)
