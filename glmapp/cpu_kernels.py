@@ -86,9 +86,10 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile `kernels/gemv.c` for this machine (or find the cached build); -> the shared library's path.
-    Raises RuntimeError with the compiler's message when it cannot be built."""
+def build(out_dir: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile `kernels/cpu_kernels.c` for this machine (or find the cached build); -> the shared library's path.
+    Raises RuntimeError with the compiler's message when it cannot be built. (Tests pass other `flags` to build the
+    loops of older CPUs: AVX-512 without BF16/VNNI, or none.)"""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
@@ -97,7 +98,7 @@ def build(out_dir: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C compiler {cc} does not run ({e})") from e
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()]))
     out_dir = out_dir or cache_dir()
     target = out_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
@@ -106,7 +107,7 @@ def build(out_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # each builder its own file; the rename is atomic
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-800:]}")
@@ -157,7 +158,8 @@ def _self_test(lib) -> str | None:
                     ref_w = dequantize(weight, scale, bits, torch.float32)
                 ref = x.to(torch.bfloat16 if kind != W_INT8 else dtype).float() @ ref_w.T + bias.float()
                 got = _call(lib, kind, x, weight, scale, bias)
-                if got is None or not torch.allclose(got.float(), ref, atol=0.05, rtol=0.02):
+                # within 2% of the largest output: the CPU's loops may take x in bf16 (AVX512-BF16) or exactly
+                if got is None or (got.float() - ref).abs().max() > 0.02 * ref.abs().max() + 0.05:
                     return f"the built kernels disagree with torch ({kind=}, {dtype}, {rows} rows)"
                 if bits is not None and not torch.equal(_dequantize(lib, kind, weight, scale, dtype),
                                                         dequantize(weight, scale, bits, dtype)):

@@ -236,3 +236,14 @@ def fresh_kernel_state(monkeypatch):
 
     monkeypatch.setattr(quant_kernels, "_PROVEN", set())
     monkeypatch.setattr(quant_kernels, "_BROKEN", set())
+
+
+@pytest.mark.parametrize("arch", [("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"), ("-march=x86-64-v2",)])
+def test_the_loops_of_older_cpus_agree_with_torch_too(tmp_path, arch):
+    """Built for AVX-512 without BF16/VNNI (Skylake-class servers: fp32 FMA loops) and for no AVX-512 (scalar C),
+    and run here, where both instruction sets exist: the self-tests that guard a user's first load pass."""
+    flags = tuple(f for f in cpu_kernels.FLAGS if f != "-march=native") + arch
+    lib = cpu_kernels._bind(cpu_kernels.build(tmp_path, flags))
+    assert lib.glm_gemv_isa() == (512 if "-mavx512f" in arch else 0)
+    assert cpu_kernels._self_test(lib) is None
+    assert cpu_kernels._self_test_fused(lib) is None

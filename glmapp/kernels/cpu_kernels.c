@@ -328,40 +328,10 @@ static inline double dot_int4_vnni(const int8_t *w, const int8_t *planes, const 
 }
 #endif
 
-static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, const uint16_t *xeb,
-                             const uint16_t *xob, long K) {
+/* int4 on CPUs without AVX512-BF16 (with it, dot_int4_planes / dot_int4_vnni run): fp32 FMAs on the nibbles. */
+static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, long K) {
     long half = K / 2;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    /* 32 bytes -> 32 words (one byte each) -> high and low nibbles (0..15) -> their signed values as bf16 through
-     * a 16-entry table (vpermw) -> bf16 dot products with the even and odd columns of x */
-    (void)xe, (void)xo;
-    const __m512i table = _mm512_set_epi16(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        (short)0xbf80, (short)0xc000, (short)0xc040, (short)0xc080, (short)0xc0a0, (short)0xc0c0, (short)0xc0e0,
-        (short)0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
-    const __m512i low4 = _mm512_set1_epi16(0x0f);
-#define I4STEP(j, acc)                                                                                      \
-    do {                                                                                                    \
-        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + (j))));                    \
-        __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);                              \
-        __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);                            \
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xeb + (j)), (__m512bh)hi);                  \
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xob + (j)), (__m512bh)lo);                  \
-    } while (0)
-    ZERO4(a);
-    long j = 0;
-    for (; j + 128 <= half; j += 128)
-        for (int u = 0; u < 4; u++) I4STEP(j + 32 * u, a[u]);
-    for (; j + 32 <= half; j += 32) I4STEP(j, a[0]);
-#undef I4STEP
-    float tail = 0.0f;
-    for (; j < half; j++) {
-        int b = w[j];
-        tail += (float)(b >> 4) * bf16_to_f32(xeb[j]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xob[j]);
-    }
-    return SUM4(a) + tail;
-#elif defined(__AVX512F__)
-    (void)xeb, (void)xob;
+#if defined(__AVX512F__)
     /* each byte sign-extended to 32 bits: >> 4 is the high nibble (even column), (<< 28) >> 28 the low one */
 #define I4STEP(j, acc)                                                                                  \
     do {                                                                                                \
@@ -383,7 +353,6 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
     }
     return SUM4(a) + tail;
 #else
-    (void)xeb, (void)xob;
     float acc = 0.0f;
     for (long j = 0; j < half; j++) {
         int b = w[j];
@@ -395,6 +364,7 @@ static inline float dot_int4(const int8_t *w, const float *xe, const float *xo, 
 
 static inline float dot_row(int wkind, const void *w, long n, long K, const float *xf, const float *xe,
                             const float *xo, const uint16_t *xb, int prefetch) {
+    (void)prefetch;
     if (wkind == W_BF16) return dot_bf16((const uint16_t *)w + n * K, xf, xb, K);
 #ifdef INT8_VNNI
     if (wkind == W_INT8) return dot_int8_q((const int8_t *)w + n * K, (const int16_t *)xb, K) * xf[2 * K];
@@ -413,7 +383,7 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
     (void)xe, (void)xo;
     return dot_int4_planes((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1], prefetch);
 #else
-    return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, xb + K, xb + K + K / 2, K);
+    return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, K);
 #endif
 }
 
@@ -605,7 +575,7 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
     uint16_t *xbuf = (uint16_t *)(buf + M * per_row);
     for (long m = 0; m < M; m++) {
         float *xf = buf + m * per_row, *xe = xf + K, *xo = xe + K / 2;
-        uint16_t *xb = xbuf + m * 2 * K, *xeb = xb + K, *xob = xeb + K / 2;
+        uint16_t *xb = xbuf + m * 2 * K;
         const char *row = (const char *)x + m * K * (xkind == F32 ? 4 : 2);
         to_f32(row, xkind, K, xf);
 #ifdef INT8_VNNI
@@ -667,15 +637,13 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
             float sum = 0.0f;
             for (long k = 0; k < vec_cols; k++) sum += bf16_to_f32(xb[k]);
             xf[2 * K + 1] = sum;
-            (void)xe, (void)xo, (void)xeb, (void)xob;
+            (void)xe, (void)xo;
         }
 #else
         if (wkind == W_INT4)
             for (long j = 0; j < K / 2; j++) {
                 xe[j] = xf[2 * j];
                 xo[j] = xf[2 * j + 1];
-                xeb[j] = xb[2 * j];
-                xob[j] = xb[2 * j + 1];
             }
 #endif
     }
