@@ -2,6 +2,7 @@
 step (glmapp/engine/cpu_decode.py): built and cached, the same numbers as the torch code they replace, one
 OpenMP runtime, and the engine's fused steps equal to its per-op steps."""
 
+import copy
 import logging
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
             cache.k[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
             cache.v[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
         k0, v0 = cache.k.clone(), cache.v.clone()
-        got = fused.logits(ids, positions, writes, rows)
+        got = first = fused.logits(ids, positions, writes, rows)
         k1, v1 = cache.k.clone(), cache.v.clone()
         cache.k.copy_(k0), cache.v.copy_(v0)
         from glmapp.engine.runner import StepContext
@@ -211,6 +212,24 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         assert fused.steps == 1 and runner.fused is not None
         more = fused.max_rows + 1  # past the row bound: the per-op path, where each linear picks its kernel
         assert fused.logits([5] * more, [3] * more, torch.arange(more), [torch.arange(1)] * more) is None
+
+        # a module replaced under the plan (as a reload or a quantization switch would): the plan follows it
+        mlp = model.transformer.encoder.layers[1].mlp
+        old = mlp.dense_4h_to_h
+        new = copy.deepcopy(old)
+        with torch.no_grad():
+            for t in (new.weight, getattr(new, "weight_scale", None)):
+                if t is not None and t.dtype.is_floating_point:
+                    t.mul_(-1)  # a different layer of the same kind (the bf16 weight, or a quantized one's scales)
+        mlp.dense_4h_to_h = new
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        got = fused.logits(ids, positions, writes, rows)
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        with torch.inference_mode():
+            want = model.forward_cached(torch.tensor([ids]), torch.tensor([positions]), ctx, torch.arange(2))
+        assert torch.equal(got, want) and fused.steps == 2
+        assert not torch.equal(got, first)  # the replaced layer did change the result
+        mlp.dense_4h_to_h = old
     finally:
         cpu_linear.unpack(model)
 

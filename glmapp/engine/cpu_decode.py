@@ -21,6 +21,7 @@ import logging
 import torch
 
 from glmapp import cpu_kernels
+from glmapp.adapters import LoraLinear
 from glmapp.cpu_linear import GemvLinear
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,15 @@ def _bind(lib) -> None:
     lib._decode_bound = True
 
 
+def _unwrapped(module):
+    # fused steps have no adapter rows: a LoRA wrapper would only call its base
+    return module.base if type(module) is LoraLinear else module
+
+
 def _linear(module, dtype: torch.dtype) -> tuple[_Linear, tuple] | None:
-    """The C description of a linear and the (module, tensors) it depends on, or None when the kernels do not
-    take it."""
-    from glmapp.adapters import LoraLinear
+    """The C description of a linear and the tensors it reads, or None when the kernels do not take it."""
     from glmapp.quant import QuantizedLinear
 
-    if type(module) is LoraLinear:  # fused steps have no adapter rows: the wrapper would only call its base
-        module = module.base
     k = module.in_features
     if type(module) is GemvLinear and module.weight.dtype == dtype == torch.bfloat16:
         w, scale, kind = module.weight, None, cpu_kernels.W_BF16
@@ -73,7 +75,7 @@ def _linear(module, dtype: torch.dtype) -> tuple[_Linear, tuple] | None:
     desc = _Linear(kind, w.data_ptr(), 0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
                    0 if scale is None else dt[scale.dtype], 0 if bias is None else dt[bias.dtype],
                    module.out_features, k)
-    return desc, (module, type(module)) + tensors
+    return desc, tensors
 
 
 class FusedDecode:
@@ -105,13 +107,13 @@ class FusedDecode:
         return None
 
     def _valid(self) -> bool:
-        for dep in self._deps:
-            module, cls = dep[0], dep[1]
-            if type(module) is not cls:
+        """Does every module the plan read still sit where it was, with the same class and tensors?"""
+        for owner, name, module, cls, tensors in self._deps:
+            if _unwrapped(getattr(owner, name)) is not module or type(module) is not cls:
                 return False
             current = (getattr(module, "weight", None), getattr(module, "weight_scale", None),
                        getattr(module, "bias", None))
-            if any(all(t is not c for c in current) for t in dep[2:]):
+            if any(all(t is not c for c in current) for t in tensors):
                 return False
         return True
 
@@ -120,22 +122,27 @@ class FusedDecode:
         dtype = model.dtype
         layers = model.transformer.encoder.layers
         plan = (_Layer * len(layers))()
-        deps = []
+        deps = []  # (owner, attribute, module found there, its class, tensors read): checked at every step
+        self._plan, self._deps = None, []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attention, layer.mlp
+            deps += [(layers, str(i), layer, type(layer), ()), (layer, "self_attention", attn, type(attn), ()),
+                     (layer, "mlp", mlp, type(mlp), ())]
             linears = []
-            for module in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h):
+            for owner, name in ((attn, "query_key_value"), (attn, "dense"), (mlp, "dense_h_to_4h"),
+                                (mlp, "dense_4h_to_h")):
+                module = _unwrapped(getattr(owner, name))
                 described = _linear(module, dtype)
                 if described is None:
-                    self._plan, self._deps = None, []
                     return None
                 linears.append(described[0])
-                deps.append(described[1])
+                deps.append((owner, name, module, type(module), described[1]))
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             if n1.dtype != n2.dtype or not (n1.is_contiguous() and n2.is_contiguous()):
                 return None
-            deps += [(layer.input_layernorm, type(layer.input_layernorm), n1),
-                     (layer.post_attention_layernorm, type(layer.post_attention_layernorm), n2)]
+            deps += [(layer, "input_layernorm", layer.input_layernorm, type(layer.input_layernorm), (n1,)),
+                     (layer, "post_attention_layernorm", layer.post_attention_layernorm,
+                      type(layer.post_attention_layernorm), (n2,))]
             plan[i] = _Layer(n1.data_ptr(), n2.data_ptr(), cpu_kernels.DTYPES[n1.dtype], *linears,
                              cache.k[i].data_ptr(), cache.v[i].data_ptr())
         self.max_rows = min(cpu_kernels.MAX_ROWS[lin.kind] for layer in plan for lin in
