@@ -5,8 +5,10 @@ Decoding reads every weight once per token, so its speed is the speed at which t
 weights from memory. ATen's kernels did not get near it at one row (bench/RESULTS.md, "Session 8"): on the
 [65024, 1024] output layer, one thread, oneDNN's packed bf16 read 14 GB/s, `_weight_int8pack_mm` 9 GB/s and
 the int4 tinygemm kernel 10 GB/s, where a plain read of the same bytes runs at ~20 GB/s. The C loops here read
-each weight row front to back (one stream per thread), keep 4 accumulators, and decode int4 nibbles to bf16 with
-a table lookup feeding AVX512-BF16 dot products.
+each weight row front to back with 4 accumulators (bf16/int8: each thread's rows as 4 interleaved streams, for
+more reads in flight), decode int4 nibbles into bf16 with one ternary-logic op each (or, for rows past 4096
+columns, multiply them as bytes on AVX512-VNNI), and run the whole decode step's layers in one call
+(`glm_decode_layers`, used by glmapp/engine/cpu_decode.py).
 
 Notable choices:
 - Built on the user's machine at first use (`cc -O3 -march=native -fopenmp`, under a second), cached in the
@@ -18,10 +20,11 @@ Notable choices:
   thread's torch thread count.
 - Weights are read as the model holds them (bf16 [N, K]; int8 [N, K]; int4 in the official packing [N, K/2]),
   so no second copy and no layout change: saving, merging and training see the same tensors.
-- Numerics: fp32 sums. bf16 weights and int4 take x in bf16 (as ATen's bf16 kernels did); int8 takes x as int16
-  with a power-of-two scale per row (AVX512-VNNI vpdpwssd: 32 products per instruction; x keeps 14-15
-  significant bits, finer than bf16's 8, and is exact for |x| >= max|x|/64 in bf16 models).
-- Callers decide when to use it (`MAX_ROWS`: past that a GEMM kernel re-reading weights from cache wins).
+- Numerics: fp32 sums. bf16 weights and int4 on short rows take x in bf16 (as ATen's bf16 kernels did); int8 and
+  int4 on long rows take x as int16 with a power-of-two scale per row (AVX512-VNNI: x keeps 14-15 significant
+  bits, finer than bf16's 8, and is exact for |x| >= max|x|/64 in bf16 models). CPUs with AVX-512 but without
+  BF16/VNNI get fp32 FMA loops on x as it is; others scalar C (both built and self-tested in the test suite).
+- Callers decide when to use it (`MAX_ROWS`, `MAX_K`, `takes`: past those ATen's kernels were faster).
 - The rest of a decode step was as slow as its linears: ~60 small torch ops per layer at a few µs of dispatch
   each (6-7 ms of a 15 ms int4 step on the mid model). `rms_norm`, `rope`, `swiglu` and `attend` do one layer's
   norm, rotary, activation and attention in one call each, in fp32, rounding where the torch code rounds

@@ -5,11 +5,11 @@
  * Weights are read as the model holds them, no second copy: bf16 [N, K]; int8 [N, K] with a scale per row;
  * int4 in ChatGLM's official packing [N, K/2] (column 2j in the high nibble, 2j+1 in the low one, both
  * signed) with a scale per row. Decoding reads every weight once per token, so these loops are written to
- * stream weights at memory speed: rows are taken 4 at a time (one load of x serves 4 rows), and for
- * several activation rows the weight tile is reused from L1/L2 instead of being read from memory again.
- * Accumulation is fp32; the scale is applied once per output, then the bias, then the cast to y's dtype.
+ * stream weights at memory speed: each row front to back (see dot_bf16), a few activation rows sharing each
+ * weight load (dot_rows). Accumulation is fp32; the scale is applied once per output, then the bias, then the
+ * cast to y's dtype. Below the linears: the other parts of a decode step fused, and all its layers in one call.
  *
- * Threads: OpenMP over tiles of output rows. The library links libgomp by soname, so in a process that
+ * Threads: OpenMP over ranges of output rows. The library links libgomp by soname, so in a process that
  * imported torch it shares torch's OpenMP runtime (and the calling thread's team and thread count).
  */
 #include <stdint.h>
