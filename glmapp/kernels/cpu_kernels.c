@@ -607,14 +607,13 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
             long half = K / 2, vec_cols = (half / 64) * 64 * 2;
             int8_t *p_hl = (int8_t *)(xb + K), *p_hh = p_hl + half, *p_ll = p_hh + half, *p_lh = p_ll + half;
             int64_t sum = 0;
-            for (long k = 0; k < K; k++) {
-                int v = (int)lrintf(xf[k] * inv), lo = ((v + 128) & 0xFF) - 128, hi = (v - lo) >> 8;
-                x16[k] = (int16_t)v;
-                if (k < vec_cols) sum += v;
-                if (k < 2 * half) {
-                    if (k % 2 == 0) p_hl[k / 2] = (int8_t)lo, p_hh[k / 2] = (int8_t)hi;
-                    else p_ll[k / 2] = (int8_t)lo, p_lh[k / 2] = (int8_t)hi;
-                }
+            for (long j = 0; j < half; j++) {  /* columns 2j (high nibble) and 2j + 1 (low nibble) */
+                int a = (int)lrintf(xf[2 * j] * inv), b = (int)lrintf(xf[2 * j + 1] * inv);
+                int al = ((a + 128) & 0xFF) - 128, bl = ((b + 128) & 0xFF) - 128;
+                x16[2 * j] = (int16_t)a, x16[2 * j + 1] = (int16_t)b;
+                p_hl[j] = (int8_t)al, p_hh[j] = (int8_t)((a - al) >> 8);
+                p_ll[j] = (int8_t)bl, p_lh[j] = (int8_t)((b - bl) >> 8);
+                sum += 2 * j < vec_cols ? a + b : 0;
             }
             double s16 = (double)sum;
             xf[2 * K] = sx;
