@@ -249,6 +249,31 @@ def test_long_rows_stay_with_atens_kernels(fresh_kernel_state):
         assert quant_kernels.choose(m, x) == expected
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("in_features", [64, 1024, 2816, 6144, 9000])  # blocks of 4, 2, 2, rows alone, 4 (long)
+def test_int4_rows_in_blocks_equal_the_same_rows_alone_and_the_dequantized_weight(in_features, threads):
+    """One activation row, int4: weight rows are multiplied a block at a time (glm_gemv). A row's output must not
+    depend on whether it fell in a block or in the remainder, nor on the thread count, and must match the
+    dequantized weight."""
+    from glmapp.quant import dequantize, quantize_weight
+
+    n = 4 * 9 + 3  # whole blocks and a remainder on either thread
+    q, scale = quantize_weight(randn(n, in_features) * 0.05, 4)
+    scale = scale.to(torch.bfloat16)
+    x = randn(1, in_features, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = cpu_kernels.linear(cpu_kernels.W_INT4, x, q, scale)
+        alone = torch.cat([cpu_kernels.linear(cpu_kernels.W_INT4, x, q[i:i + 1].contiguous(), scale[i:i + 1])
+                           for i in range(n)], dim=-1)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, alone)
+    want = x.float() @ dequantize(q, scale, 4).T
+    assert close(y, want, 0.02)
+
+
 @pytest.fixture()
 def fresh_kernel_state(monkeypatch):
     from glmapp import quant_kernels

@@ -258,27 +258,46 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
 #define NIBBLES(v, shift)                                                                                   \
     _mm512_ternarylogic_epi32((shift) ? _mm512_srli_epi16(v, shift) : (v), _mm512_set1_epi32(NIB_MASK),   \
                               _mm512_set1_epi32(NIB_CONST), NIB_TERNLOG)
-static inline float dot_int4_planes(const int8_t *w, const uint16_t *planes, long K, float sumx, int prefetch) {
+/* R weight rows (consecutive, `half` bytes apart) against one activation row: each chunk of x's planes is loaded
+ * once for all R rows, the R rows' dependency chains interleave, and the per-row reductions come R at a time.
+ * Short rows gained most (the mid model's K = 1024: 8 chunks per row, so a row's reduction and call overhead
+ * cost as much as its chunks). Each row's sums run in the same order for every R (same results). */
+static inline __attribute__((always_inline)) void dot_int4_planes_n(const int8_t *w, const uint16_t *planes, long K,
+                                                                    float sumx, int prefetch, int R, float *out) {
     long half = K / 2, quarter = K / 4;
     const uint16_t *pa = planes, *pb = pa + quarter, *pc = pb + quarter, *pd = pc + quarter;
-    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 a[4][4];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
     long j = 0;
     for (; j + 64 <= half; j += 64) {
-        if (prefetch) PF(w + j);
-        __m512i v = _mm512_loadu_si512(w + j);
         long g = j / 2;
-        a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(pa + g), (__m512bh)NIBBLES(v, 0));
-        a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)_mm512_loadu_si512(pb + g), (__m512bh)NIBBLES(v, 4));
-        a[2] = _mm512_dpbf16_ps(a[2], (__m512bh)_mm512_loadu_si512(pc + g), (__m512bh)NIBBLES(v, 8));
-        a[3] = _mm512_dpbf16_ps(a[3], (__m512bh)_mm512_loadu_si512(pd + g), (__m512bh)NIBBLES(v, 12));
+        __m512bh xa = (__m512bh)_mm512_loadu_si512(pa + g), xb2 = (__m512bh)_mm512_loadu_si512(pb + g),
+                 xc = (__m512bh)_mm512_loadu_si512(pc + g), xd = (__m512bh)_mm512_loadu_si512(pd + g);
+        /* prefetch 1: the block's R rows are one contiguous range read R lines at a time, out of order, prefetched
+         * as one stream moving at that rate (the hardware prefetcher fell to half speed on the interleaved reads);
+         * that covers whole blocks ahead while a block fits in PF_BYTES. 2: each row ahead on its own (long rows) */
+        if (prefetch == 1)
+            for (int r = 0; r < R; r++) PF(w + j * R + 64 * r);
+        for (int r = 0; r < R; r++) {
+            const int8_t *wr = w + r * half;
+            if (prefetch == 2) _mm_prefetch((const char *)(wr + j) + PF_BYTES / R, _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512(wr + j);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], xa, (__m512bh)NIBBLES(v, 0));
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], xb2, (__m512bh)NIBBLES(v, 4));
+            a[r][2] = _mm512_dpbf16_ps(a[r][2], xc, (__m512bh)NIBBLES(v, 8));
+            a[r][3] = _mm512_dpbf16_ps(a[r][3], xd, (__m512bh)NIBBLES(v, 12));
+        }
     }
-    float total = SUM4(a) - 136.0f * sumx, tail = 0.0f;
-    const uint16_t *xb = planes - K;  /* the row itself in bf16 (see glm_gemv) */
-    for (; j < half; j++) {
-        int b = w[j];
-        tail += (float)(b >> 4) * bf16_to_f32(xb[2 * j]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xb[2 * j + 1]);
+    const uint16_t *xrow = planes - K;  /* the row itself in bf16 (see glm_gemv) */
+    for (int r = 0; r < R; r++) {
+        const int8_t *wr = w + r * half;
+        float total = SUM4(a[r]) - 136.0f * sumx, tail = 0.0f;
+        for (long t = j; t < half; t++) {
+            int b = wr[t];
+            tail += (float)(b >> 4) * bf16_to_f32(xrow[2 * t]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xrow[2 * t + 1]);
+        }
+        out[r] = total + tail;
     }
-    return total + tail;
 }
 #endif
 
@@ -301,30 +320,45 @@ static inline float dot_int4_planes(const int8_t *w, const uint16_t *planes, lon
 #define USE_VNNI4(K) 1
 #endif
 #define NIB8(v) _mm512_ternarylogic_epi32((v), _mm512_set1_epi32(NIB8_MASK), _mm512_set1_epi32(NIB8_FLIP), NIB8_TERNLOG)
-static inline double dot_int4_vnni(const int8_t *w, const int8_t *planes, const int16_t *x16, long K, double s16,
-                                   int prefetch) {
+static inline __attribute__((always_inline)) void dot_int4_vnni_n(const int8_t *w, const int8_t *planes,
+                                                                  const int16_t *x16, long K, double s16,
+                                                                  int prefetch, int R, double *out) {
     long half = K / 2;
     const int8_t *p_hl = planes, *p_hh = p_hl + half, *p_ll = p_hh + half, *p_lh = p_ll + half;
-    __m512i lo_acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    __m512i hi_acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i lo_acc[4][2], hi_acc[4][2];
+    for (int r = 0; r < R; r++)
+        lo_acc[r][0] = lo_acc[r][1] = hi_acc[r][0] = hi_acc[r][1] = _mm512_setzero_si512();
     long j = 0;
     for (; j + 64 <= half; j += 64) {
-        if (prefetch) PF(w + j);
-        __m512i v = _mm512_loadu_si512(w + j);
-        __m512i lo = NIB8(v), hi = NIB8(_mm512_srli_epi16(v, 4));  /* odd columns, even columns */
-        lo_acc[0] = _mm512_dpbusd_epi32(lo_acc[0], hi, _mm512_loadu_si512(p_hl + j));
-        hi_acc[0] = _mm512_dpbusd_epi32(hi_acc[0], hi, _mm512_loadu_si512(p_hh + j));
-        lo_acc[1] = _mm512_dpbusd_epi32(lo_acc[1], lo, _mm512_loadu_si512(p_ll + j));
-        hi_acc[1] = _mm512_dpbusd_epi32(hi_acc[1], lo, _mm512_loadu_si512(p_lh + j));
+        __m512i xhl = _mm512_loadu_si512(p_hl + j), xhh = _mm512_loadu_si512(p_hh + j),
+                xll = _mm512_loadu_si512(p_ll + j), xlh = _mm512_loadu_si512(p_lh + j);
+        /* prefetch 1: the block's R rows are one contiguous range read R lines at a time, out of order, prefetched
+         * as one stream moving at that rate (the hardware prefetcher fell to half speed on the interleaved reads);
+         * that covers whole blocks ahead while a block fits in PF_BYTES. 2: each row ahead on its own (long rows) */
+        if (prefetch == 1)
+            for (int r = 0; r < R; r++) PF(w + j * R + 64 * r);
+        for (int r = 0; r < R; r++) {
+            const int8_t *wr = w + r * half;
+            if (prefetch == 2) _mm_prefetch((const char *)(wr + j) + PF_BYTES / R, _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512(wr + j);
+            __m512i lo = NIB8(v), hi = NIB8(_mm512_srli_epi16(v, 4));  /* odd columns, even columns */
+            lo_acc[r][0] = _mm512_dpbusd_epi32(lo_acc[r][0], hi, xhl);
+            hi_acc[r][0] = _mm512_dpbusd_epi32(hi_acc[r][0], hi, xhh);
+            lo_acc[r][1] = _mm512_dpbusd_epi32(lo_acc[r][1], lo, xll);
+            hi_acc[r][1] = _mm512_dpbusd_epi32(hi_acc[r][1], lo, xlh);
+        }
     }
-    double total = 256.0 * (double)_mm512_reduce_add_epi32(_mm512_add_epi32(hi_acc[0], hi_acc[1]))
-                   + (double)_mm512_reduce_add_epi32(_mm512_add_epi32(lo_acc[0], lo_acc[1])) - 8.0 * s16;
-    long tail = 0;
-    for (; j < half; j++) {
-        int b = w[j];
-        tail += (long)(b >> 4) * x16[2 * j] + (long)(((b & 0xF) ^ 8) - 8) * x16[2 * j + 1];
+    for (int r = 0; r < R; r++) {
+        const int8_t *wr = w + r * half;
+        double total = 256.0 * (double)_mm512_reduce_add_epi32(_mm512_add_epi32(hi_acc[r][0], hi_acc[r][1]))
+                       + (double)_mm512_reduce_add_epi32(_mm512_add_epi32(lo_acc[r][0], lo_acc[r][1])) - 8.0 * s16;
+        long tail = 0;
+        for (long t = j; t < half; t++) {
+            int b = wr[t];
+            tail += (long)(b >> 4) * x16[2 * t] + (long)(((b & 0xF) ^ 8) - 8) * x16[2 * t + 1];
+        }
+        out[r] = total + (double)tail;
     }
-    return total + (double)tail;
 }
 #endif
 
@@ -373,15 +407,18 @@ static inline float dot_row(int wkind, const void *w, long n, long K, const floa
 #endif
 #if defined(INT4_VNNI)
     if (USE_VNNI4(K)) {
-        double s16;
+        double s16, out;
         memcpy(&s16, xf + 2 * K + 2, sizeof s16);
-        return (float)(dot_int4_vnni((const int8_t *)w + n * (K / 2), (const int8_t *)(xb + K), (const int16_t *)xb,
-                                     K, s16, prefetch) * xf[2 * K]);
+        dot_int4_vnni_n((const int8_t *)w + n * (K / 2), (const int8_t *)(xb + K), (const int16_t *)xb, K, s16,
+                        prefetch, 1, &out);
+        return (float)(out * xf[2 * K]);
     }
 #endif
 #if defined(INT4_PLANES)
     (void)xe, (void)xo;
-    return dot_int4_planes((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1], prefetch);
+    float out;
+    dot_int4_planes_n((const int8_t *)w + n * (K / 2), xb + K, K, xf[2 * K + 1], prefetch, 1, &out);
+    return out;
 #else
     return dot_int4((const int8_t *)w + n * (K / 2), xe, xo, K);
 #endif
@@ -562,6 +599,32 @@ static inline void gemv_row(int wkind, const void *w, const void *scale, int ski
     }
 }
 
+#if defined(INT4_PLANES)
+#define INT4_BLOCK 4
+/* Output rows n .. n + R - 1 of a single activation row, int4 (R = 2 or INT4_BLOCK): the block loops above, with
+ * the same sums as dot_row's, so a row's output does not depend on whether it fell in a block. */
+static inline void gemv_int4_block(const void *w, const void *scale, int skind, const void *bias, int bkind, void *y,
+                                   int ykind, long K, long n, int R, const float *xf, const uint16_t *xb, int pf) {
+    const int8_t *wr = (const int8_t *)w + n * (K / 2);
+    float v[INT4_BLOCK];
+#ifdef INT4_VNNI
+    if (USE_VNNI4(K)) {
+        double s16, o[INT4_BLOCK];
+        memcpy(&s16, xf + 2 * K + 2, sizeof s16);
+        if (R == INT4_BLOCK) dot_int4_vnni_n(wr, (const int8_t *)(xb + K), (const int16_t *)xb, K, s16, pf, INT4_BLOCK, o);
+        else dot_int4_vnni_n(wr, (const int8_t *)(xb + K), (const int16_t *)xb, K, s16, pf, 2, o);
+        for (int r = 0; r < R; r++) v[r] = (float)(o[r] * xf[2 * K]);
+    } else
+#endif
+    if (R == INT4_BLOCK) dot_int4_planes_n(wr, xb + K, K, xf[2 * K + 1], pf, INT4_BLOCK, v);
+    else dot_int4_planes_n(wr, xb + K, K, xf[2 * K + 1], pf, 2, v);
+    for (int r = 0; r < R; r++) {
+        float s = scale ? load_as_f32(scale, skind, n + r) : 1.0f, b = bias ? load_as_f32(bias, bkind, n + r) : 0.0f;
+        store_from_f32(y, ykind, n + r, v[r] * s + b);
+    }
+}
+#endif
+
 /* y [M, N] (ykind) = x [M, K] (xkind) @ w.T * scale + bias. Rows of x and y are contiguous.
  * Returns 0, or -1 for a shape the loops do not take (an odd K for int4), -2 when out of memory. */
 int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void *bias, int bkind,
@@ -656,6 +719,19 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
     {
         long nth = omp_get_num_threads(), tid = omp_get_thread_num();
         long lo = N * tid / nth, hi = N * (tid + 1) / nth, per = (hi - lo + streams - 1) / streams;
+#ifdef INT4_BLOCK
+        /* int4, one activation row: weight rows a block at a time (the remainder alone below). Rows read from
+         * memory at one thread, GB/s, one row at a time -> blocks: K = 1024 11.6 -> 21 (4 rows), 2816 ~12 -> 19
+         * (2), 4096 13.9 -> 16-17 (2), 13696 9.8 -> 13.7 (4, each row prefetched on its own); 5-8k: one by one
+         * (a block would not fit PF_BYTES, a row not long enough to pay for its own prefetch stream). */
+        int block = K / 2 * INT4_BLOCK <= PF_BYTES ? INT4_BLOCK : K <= PF_BYTES ? 2 : K / 2 > PF_BYTES ? INT4_BLOCK : 1;
+        if (wkind == W_INT4 && M == 1 && block > 1) {
+            int pf = K / 2 > PF_BYTES ? 2 : 1;
+            for (; lo + block <= hi; lo += block)
+                gemv_int4_block(w, scale, skind, bias, bkind, y, ykind, K, lo, block, buf, xbuf, pf);
+            per = hi - lo;
+        }
+#endif
         for (long i = 0; i < per; i++)
             for (long st = 0; st < streams; st++) {
                 long n = lo + st * per + i;
