@@ -234,6 +234,25 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         cpu_linear.unpack(model)
 
 
+def test_the_plan_notices_weights_moved_under_the_same_tensor(make_checkpoint):
+    """Module.to(dtype) swaps each parameter's data but keeps the Parameter object: the plan's pointers would then
+    address freed memory, so its per-step check compares addresses too, and the step rebuilds the plan."""
+    from glmapp.engine.kv_cache import PagedKVCache
+
+    model, _ = glmapp.load(str(make_checkpoint("chatglm2")), dtype="bfloat16", quant="int4")
+    c = model.config
+    cache = PagedKVCache(c.num_layers, 8, 16, c.num_kv_groups, c.kv_channels, torch.bfloat16, "cpu")
+    fused = FusedDecode(model, cache)
+    first = fused.plan()
+    assert first is not None and fused._valid()
+    norm = model.transformer.encoder.layers[0].input_layernorm.weight
+    model.to(torch.float16)
+    assert model.transformer.encoder.layers[0].input_layernorm.weight is norm  # the same object, new data
+    assert not fused._valid()
+    again = fused.plan()
+    assert again is not first and again[0].norm1 == norm.data_ptr() and fused._valid()
+
+
 def test_long_rows_stay_with_atens_kernels(fresh_kernel_state):
     """Past MAX_K columns oneDNN's bf16 and ATen's int8 kernels were faster (ChatGLM-6B's 4h -> h, K = 13696)."""
     from glmapp import quant_kernels
