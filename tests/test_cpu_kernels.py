@@ -177,29 +177,33 @@ def test_the_engine_decodes_through_fused_steps_with_the_per_op_tokens(make_chec
     assert tokens[:2] == tokens[2:] and len(tokens[0]) == 20
 
 
+@pytest.mark.parametrize("output_bits", [None, "same"])
 @pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
-def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant):
+def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant, output_bits):
     from glmapp.engine.kv_cache import PagedKVCache
     from glmapp.engine.runner import ModelRunner
 
     path = make_checkpoint("chatglm2")
     model, tok = glmapp.load(str(path), dtype="bfloat16", quant=None if quant == "bf16" else quant)
     c = model.config
-    cpu_linear.pack(model)
+    bits = {"bf16": 8, "int8": 8, "int4": 4}[quant] if output_bits else None
+    cpu_linear.pack(model, output_bits=bits)
     try:
         cache = PagedKVCache(c.num_layers, 8, 16, c.num_kv_groups, c.kv_channels, torch.bfloat16, "cpu")
         assert FusedDecode.supported(model, cache) is None
         fused = FusedDecode(model, cache)
         assert fused.plan() is not None
+        assert fused._output is not None  # the output layer (bf16, or its int8/int4 copy) runs in the C step
         runner = ModelRunner(model, cache)
-        ids, positions = [5, 9], [3, 7]  # two rows: within every kind's row bound (cpu_kernels.MAX_ROWS)
+        # two rows: within every kind's row bound (cpu_kernels.MAX_ROWS); 1500 is past the first rotation table
+        ids, positions = [5, 9], [3, 1500]
         rows = [torch.arange(16, 20), torch.arange(48, 56)]  # each ends with its new token's slot
         writes = torch.tensor([19, 55])
         for r in rows:  # some context already in the cache
             cache.k[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
             cache.v[:, r] = randn(c.num_layers, len(r), c.num_kv_groups, c.kv_channels, dtype=torch.bfloat16)
         k0, v0 = cache.k.clone(), cache.v.clone()
-        got = first = fused.logits(ids, positions, writes, rows)
+        got = first = fused.logits(ids, positions, rows)
         k1, v1 = cache.k.clone(), cache.v.clone()
         cache.k.copy_(k0), cache.v.copy_(v0)
         from glmapp.engine.runner import StepContext
@@ -210,8 +214,11 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
         assert torch.equal(got, want)
         assert torch.equal(cache.k, k1) and torch.equal(cache.v, v1)  # the same keys/values written
         assert fused.steps == 1 and runner.fused is not None
+        with pytest.raises(ValueError, match="outside"):  # checked in C before anything is read or written
+            fused.logits([c.padded_vocab_size], [3], [torch.arange(16, 20)])
+        assert torch.equal(cache.k, k1)
         more = fused.max_rows + 1  # past the row bound: the per-op path, where each linear picks its kernel
-        assert fused.logits([5] * more, [3] * more, torch.arange(more), [torch.arange(1)] * more) is None
+        assert fused.logits([5] * more, [3] * more, [torch.arange(1)] * more) is None
 
         # a module replaced under the plan (as a reload or a quantization switch would): the plan follows it
         mlp = model.transformer.encoder.layers[1].mlp
@@ -223,13 +230,29 @@ def test_fused_steps_give_the_per_op_steps_logits_exactly(make_checkpoint, quant
                     t.mul_(-1)  # a different layer of the same kind (the bf16 weight, or a quantized one's scales)
         mlp.dense_4h_to_h = new
         cache.k.copy_(k0), cache.v.copy_(v0)
-        got = fused.logits(ids, positions, writes, rows)
+        got = fused.logits(ids, positions, rows)
         cache.k.copy_(k0), cache.v.copy_(v0)
         with torch.inference_mode():
             want = model.forward_cached(torch.tensor([ids]), torch.tensor([positions]), ctx, torch.arange(2))
         assert torch.equal(got, want) and fused.steps == 2
         assert not torch.equal(got, first)  # the replaced layer did change the result
         mlp.dense_4h_to_h = old
+
+        # an output layer the C step does not take (a plain nn.Linear): its module runs after the call
+        top = model.transformer
+        head = top.output_layer
+        plain = torch.nn.Linear(c.hidden_size, head.out_features, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            plain.weight.copy_(head.weight)
+        top.output_layer = plain
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        got = fused.logits(ids, positions, rows)
+        assert fused._output is None
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        with torch.inference_mode():
+            want = model.forward_cached(torch.tensor([ids]), torch.tensor([positions]), ctx, torch.arange(2))
+        assert torch.equal(got, want) and fused.steps == 3
+        top.output_layer = head
     finally:
         cpu_linear.unpack(model)
 

@@ -22,7 +22,7 @@ import torch
 
 from glmapp import cpu_kernels
 from glmapp.adapters import LoraLinear
-from glmapp.cpu_linear import GemvLinear
+from glmapp.cpu_linear import GemvLinear, QuantizedOutputLinear
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,19 @@ class _Layer(ctypes.Structure):
                 ("up", _Linear), ("down", _Linear), ("kc", _VP), ("vc", _VP)]
 
 
+class _Model(ctypes.Structure):
+    _fields_ = [("layers", ctypes.POINTER(_Layer)), ("n_layers", _LONG), ("H", _LONG), ("heads", _LONG),
+                ("groups", _LONG), ("D", _LONG), ("R2", _LONG), ("vocab", _LONG), ("rot_rows", _LONG),
+                ("kind", _INT), ("ckind", _INT), ("ekind", _INT), ("fnkind", _INT), ("embed", _VP),
+                ("final_norm", _VP), ("rot", _VP), ("output", ctypes.POINTER(_Linear)), ("eps", ctypes.c_float),
+                ("final_eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
 def _bind(lib) -> None:
     if getattr(lib, "_decode_bound", False):
         return
-    lib.glm_decode_layers.restype = ctypes.c_int
-    lib.glm_decode_layers.argtypes = [ctypes.POINTER(_Layer), _LONG, _VP, _INT, _LONG, _LONG, _LONG, _LONG, _LONG,
-                                      _LONG, _VP, _VP, _VP, _VP, _INT, ctypes.c_float, ctypes.c_float]
+    lib.glm_decode_step.restype = ctypes.c_int
+    lib.glm_decode_step.argtypes = [ctypes.POINTER(_Model), _LONG, _VP, _VP, _VP, _VP, _VP, _LONG, _VP, _VP]
     lib._decode_bound = True
 
 
@@ -87,6 +94,10 @@ class FusedDecode:
         self._slots: list[tuple] = []  # (dict, key, object that must still be there): checked at every step
         self._classes: list[tuple] = []  # (object, the class it must still have)
         self._pointers: list[tuple] = []  # (tensor, the address its data had)
+        self._check: tuple | None = None
+        self._output: _Linear | None = None
+        self._model: _Model | None = None
+        self._rot, self._rot_rows = None, 0
         self.max_rows = 0  # rows up to which every linear of the plan is faster in glmapp's kernels
         self.off_reason: str | None = None
         self.steps = 0  # steps run here (tests and benchmarks read it)
@@ -111,19 +122,28 @@ class FusedDecode:
     def _valid(self) -> bool:
         """Does every module and tensor the plan read still sit where it was, with the same class? One dict
         lookup per slot (nn.Module attribute access cost 0.6 ms a step on the mid model, 10% of an int4 step)."""
-        return (all(d.get(key) is obj for d, key, obj in self._slots)
-                and all(type(obj) is cls for obj, cls in self._classes)
-                and all(t.data_ptr() == ptr for t, ptr in self._pointers))  # `.data =` (as Module.to) keeps t
+        if self._check is None:
+            return False
+        where, ids, objects, classes, tensors, pointers = self._check  # (the objects are held in self._slots)
+        return ([id(d.get(key)) for d, key in where] == ids and [type(o) for o in objects] == classes
+                and [t.data_ptr() for t in tensors] == pointers)  # `.data =` (as Module.to does) keeps the tensor
 
-    def _watch(self, owner, name: str, module) -> None:
-        """Check at every step that owner.name is still `module`, or a LoRA wrapper whose base is `module`, of
-        the same class, holding the same weight, weight_scale and bias tensors."""
-        found = owner._modules[name]
-        self._slots.append((owner._modules, name, found))
+    def _freeze(self) -> None:
+        """The checks `_valid` runs, as lists compared in one go (37 -> ~15 us a step)."""
+        self._check = ([(d, key) for d, key, _ in self._slots], [id(obj) for _, _, obj in self._slots],
+                       [obj for obj, _ in self._classes], [cls for _, cls in self._classes],
+                       [t for t, _ in self._pointers], [ptr for _, ptr in self._pointers])
+
+    def _watch(self, owner, name: str, module, where: dict | None = None) -> None:
+        """Check at every step that owner.name (a submodule, or a key of `where`) is still `module`, or a LoRA
+        wrapper whose base is `module`, of the same class, holding the same weight, weight_scale and bias."""
+        d = owner._modules if where is None else where
+        found = d[name]
+        self._slots.append((d, name, found))
         if found is not module:  # the wrapper, and its base
             self._slots.append((found._modules, "base", module))
         self._classes += [(found, type(found)), (module, type(module))]
-        for attr in ("weight", "weight_scale", "bias"):
+        for attr in ("weight", "weight_scale", "bias", "quantized"):
             for d in (module._parameters, module._buffers, module.__dict__):
                 if attr in d:
                     self._slots.append((d, attr, d[attr]))
@@ -132,11 +152,21 @@ class FusedDecode:
                     break
 
     def _build(self) -> ctypes.Array | None:
-        model, cache = self.model, self.cache
-        dtype = model.dtype
-        layers = model.transformer.encoder.layers
-        plan = (_Layer * len(layers))()
+        """Describe the model for the C step; the checks watch what was read, also when a part is not taken
+        (so an unchanged model is not described again at every step)."""
         self._plan, self._slots, self._classes, self._pointers = None, [], [], []
+        self._plan = self._describe()
+        self._freeze()
+        return self._plan
+
+    def _describe(self) -> ctypes.Array | None:
+        model, cache = self.model, self.cache
+        dtype, c, top = model.dtype, model.config, model.transformer
+        layers = top.encoder.layers
+        plan = (_Layer * len(layers))()
+        self._watch(model, "transformer", top)
+        self._watch(top, "encoder", top.encoder)
+        self._watch(top.encoder, "layers", layers)
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attention, layer.mlp
             self._watch(layers, str(i), layer)
@@ -146,52 +176,102 @@ class FusedDecode:
             for owner, name in ((attn, "query_key_value"), (attn, "dense"), (mlp, "dense_h_to_4h"),
                                 (mlp, "dense_4h_to_h")):
                 module = _unwrapped(getattr(owner, name))
+                self._watch(owner, name, module)
                 described = _linear(module, dtype)
                 if described is None:
                     return None
                 linears.append(described[0])
-                self._watch(owner, name, module)
+            self._watch(layer, "input_layernorm", layer.input_layernorm)
+            self._watch(layer, "post_attention_layernorm", layer.post_attention_layernorm)
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             if n1.dtype != n2.dtype or not (n1.is_contiguous() and n2.is_contiguous()):
                 return None
-            self._watch(layer, "input_layernorm", layer.input_layernorm)
-            self._watch(layer, "post_attention_layernorm", layer.post_attention_layernorm)
             plan[i] = _Layer(n1.data_ptr(), n2.data_ptr(), cpu_kernels.DTYPES[n1.dtype], *linears,
                              cache.k[i].data_ptr(), cache.v[i].data_ptr())
-        self.max_rows = min(cpu_kernels.MAX_ROWS[lin.kind] for layer in plan for lin in
-                            (layer.qkv, layer.dense, layer.up, layer.down))
-        self._plan = plan
+        embed, final = top.embedding.word_embeddings, top.encoder.final_layernorm
+        self._watch(top, "embedding", top.embedding)
+        self._watch(top.embedding, "word_embeddings", embed)
+        self._watch(top.encoder, "final_layernorm", final)
+        self._watch(top, "output_layer", top.output_layer)
+        if (embed.weight.dtype != dtype or not embed.weight.is_contiguous() or final.weight.dtype not in cpu_kernels.DTYPES
+                or not final.weight.is_contiguous()):
+            return None
+        kinds = [lin.kind for layer in plan for lin in (layer.qkv, layer.dense, layer.up, layer.down)]
+        self._output = None  # the output layer in C when the loops take it, else its module runs after the call
+        out = top.output_layer
+        inner = out.__dict__.get("quantized") if type(out) is QuantizedOutputLinear else out
+        described = None if inner is None else _linear(inner, dtype)
+        if described is not None:
+            if inner is not out:
+                self._watch(out, "quantized", inner, where=out.__dict__)
+            self._output = described[0]
+            kinds.append(described[0].kind)
+        self.max_rows = min(cpu_kernels.MAX_ROWS[k] for k in kinds)
+        rot = self._rotations(max(self._rot_rows, 1024))
+        self._model = _Model(ctypes.cast(plan, ctypes.POINTER(_Layer)), len(plan), c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.kv_channels,
+                             rot.shape[1], embed.weight.shape[0], rot.shape[0], cpu_kernels.DTYPES[dtype],
+                             cpu_kernels.DTYPES[cache.k.dtype], cpu_kernels.DTYPES[dtype],
+                             cpu_kernels.DTYPES[final.weight.dtype], embed.weight.data_ptr(), final.weight.data_ptr(),
+                             rot.data_ptr(), None if self._output is None else ctypes.pointer(self._output),
+                             c.layernorm_epsilon, final.eps, c.kv_channels ** -0.5)
         return plan
+
+    def _rotations(self, rows: int) -> torch.Tensor:
+        """The model's rotations (cos, sin) of positions 0..rows-1, fp32 [rows, R2, 2]: computed by its own
+        module (each position's row is what the module gives for that position alone)."""
+        top = self.model.transformer
+        with torch.inference_mode():
+            rot = top.rotary_pos_emb(torch.arange(rows)[None], self.model.dtype)[0, :, 0].contiguous()
+        self._rot, self._rot_rows = rot, rows
+        return rot
 
     def plan(self) -> ctypes.Array | None:
         """The current plan, rebuilt when the model's modules or tensors changed; None when a layer is not fused."""
-        if self._plan is None or not self._valid():
+        if not self._valid():
             self._build()
         return self._plan
 
-    @torch.inference_mode()
-    def logits(self, ids: list[int], positions: list[int], write_slots: torch.Tensor,
-               row_slots: list[torch.Tensor]) -> torch.Tensor | None:
+    def logits(self, ids: list[int], positions: list[int], row_slots: list[torch.Tensor]) -> torch.Tensor | None:
+        """`step` with each row's context slots listed (its last one receives the new token's key and value)."""
+        tables = [int(v) for s in row_slots for v in s]
+        return self.step(ids, positions, tables, [len(s) for s in row_slots], [len(s) for s in row_slots], 1)
+
+    def step(self, ids: list[int], positions: list[int], tables: list[int], table_lengths: list[int],
+             lengths: list[int], block_size: int) -> torch.Tensor | None:
         """Logits [rows, vocab] of one decode step (one new token per row), or None when the plan does not
         cover the model now or there are more rows than its kernels are fast for (the caller runs the per-op
-        path, where each linear picks its kernel)."""
+        path, where each linear picks its kernel). Row m: token ids[m] at rotary position positions[m], its
+        context of lengths[m] cache slots (its new token's last) given by the block table that fills the next
+        table_lengths[m] entries of `tables`."""
         plan = self.plan()
-        if plan is None or len(ids) > self.max_rows:
+        m = len(ids)
+        if plan is None or m > self.max_rows:
             return None
+        if max(positions) >= self._rot_rows:  # a longer context than the table: grow it
+            rows = self._rot_rows
+            while rows <= max(positions):
+                rows *= 2
+            self._model.rot = self._rotations(rows).data_ptr()
+            self._model.rot_rows = rows
         lib = cpu_kernels.library()
         _bind(lib)
-        model, c = self.model.transformer, self.model.config
-        x = model.embedding(torch.tensor([ids])).contiguous()  # [1, M, H], updated in place by the layers
-        rotations = model.rotary_pos_emb(torch.tensor([positions]), x.dtype).contiguous()
-        slots = torch.cat(row_slots).to(torch.int64).contiguous()
-        offsets = torch.tensor([0] + [len(s) for s in row_slots], dtype=torch.int64).cumsum(0)
-        write = write_slots.to(torch.int64).contiguous()
-        heads, groups, d = c.num_attention_heads, c.num_kv_groups, c.kv_channels
-        rc = lib.glm_decode_layers(plan, len(plan), x.data_ptr(), cpu_kernels.DTYPES[x.dtype], len(ids), x.shape[-1],
-                                   heads, groups, d, rotations.shape[-2], rotations.data_ptr(), write.data_ptr(),
-                                   slots.data_ptr(), offsets.data_ptr(), cpu_kernels.DTYPES[self.cache.k.dtype],
-                                   c.layernorm_epsilon, d ** -0.5)
+        top = self.model.transformer
+        dtype = self.model.dtype
+        offsets = [0]
+        for n in table_lengths:
+            offsets.append(offsets[-1] + n)
+        i64 = ctypes.c_int64
+        h = torch.empty(m, self.model.config.hidden_size, dtype=dtype)
+        logits = torch.empty(m, self._model.vocab, dtype=dtype) if self._output is not None else None
+        rc = lib.glm_decode_step(ctypes.byref(self._model), m, (i64 * m)(*ids), (i64 * m)(*positions),
+                                 (i64 * len(tables))(*tables), (i64 * (m + 1))(*offsets), (i64 * m)(*lengths),
+                                 block_size, h.data_ptr(), None if logits is None else logits.data_ptr())
+        if rc == -1:
+            raise ValueError("a token id, position or cache slot outside the model's tables")
         if rc != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
         self.steps += 1
-        return model.output_layer(model.encoder.final_layernorm(x[0]))
+        if logits is None:
+            with torch.inference_mode():
+                logits = top.output_layer(h)
+        return logits

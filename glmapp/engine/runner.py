@@ -166,16 +166,19 @@ class ModelRunner:
 
     def _fused_step(self, work) -> torch.Tensor | None:
         """Logits of a decode-only step without adapter rows through `FusedDecode`, or None (not covered now)."""
-        ids, positions, writes, rows = [], [], [], []
+        ids, positions, tables, table_lengths, lengths = [], [], [], [], []
+        bs = self.cache.block_size
         for w in work:
             seq, start = w.seq, w.seq.num_computed
-            p = seq.prefix_len  # token i is at KV position p + i; its rotary position stays i
+            n = seq.prefix_len + start + 1  # token i is at KV position prefix_len + i; its rotary position stays i
+            used = -(-n // bs)
             ids.append(seq.token_slice(start, start + 1)[0])
             positions.append(start)
-            writes.append(self._slots(seq.block_table, p + start, p + start + 1))
-            rows.append(self._slots(seq.block_table, 0, p + start + 1))
+            tables.extend(seq.block_table[:used])
+            table_lengths.append(used)
+            lengths.append(n)
         with self.adapters.rows([]):  # base rows only; holds adapter installs off until the step is done
-            return self.fused.logits(ids, positions, torch.cat(writes), rows)
+            return self.fused.step(ids, positions, tables, table_lengths, lengths, bs)
 
     def _place_prefixes(self, work) -> None:
         """Fill new prefix blocks from the adapter's keys/values; copy a partial last one into a new sequence."""
