@@ -268,6 +268,13 @@ def test_the_plan_notices_weights_moved_under_the_same_tensor(make_checkpoint):
     fused = FusedDecode(model, cache)
     first = fused.plan()
     assert first is not None and fused._valid()
+    # classes swapped in place (no registration): the output layer given, then relieved of, a quantized copy
+    cpu_linear.pack(model, output_bits=4)
+    assert not fused._valid()
+    assert fused.plan() is not None and fused._output is not None and fused._valid()
+    cpu_linear.unpack(model)
+    assert not fused._valid()
+    first = fused.plan()
     norm = model.transformer.encoder.layers[0].input_layernorm.weight
     model.to(torch.float16)
     assert model.transformer.encoder.layers[0].input_layernorm.weight is norm  # the same object, new data

@@ -19,6 +19,7 @@ import ctypes
 import logging
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from glmapp import cpu_kernels
 from glmapp.adapters import LoraLinear
@@ -53,6 +54,19 @@ def _bind(lib) -> None:
     lib.glm_decode_step.restype = ctypes.c_int
     lib.glm_decode_step.argtypes = [ctypes.POINTER(_Model), _LONG, _VP, _VP, _VP, _VP, _VP, _LONG, _VP, _VP]
     lib._decode_bound = True
+
+
+_REGISTRATIONS = [0]  # modules, parameters and buffers assigned anywhere in the process (see FusedDecode._valid)
+
+
+def _note_registration(*_):
+    _REGISTRATIONS[0] += 1  # returns None: the assigned object is kept as it is
+
+
+for _register in (nn_module.register_module_module_registration_hook,
+                  nn_module.register_module_parameter_registration_hook,
+                  nn_module.register_module_buffer_registration_hook):
+    _register(_note_registration)
 
 
 def _unwrapped(module):
@@ -95,6 +109,8 @@ class FusedDecode:
         self._classes: list[tuple] = []  # (object, the class it must still have)
         self._pointers: list[tuple] = []  # (tensor, the address its data had)
         self._check: tuple | None = None
+        self._held: list = []  # every object the plan read (kept alive, so its memory stays valid)
+        self._registrations = -1
         self._output: _Linear | None = None
         self._model: _Model | None = None
         self._rot, self._rot_rows = None, 0
@@ -120,41 +136,52 @@ class FusedDecode:
         return None
 
     def _valid(self) -> bool:
-        """Does every module and tensor the plan read still sit where it was, with the same class? One dict
-        lookup per slot (nn.Module attribute access cost 0.6 ms a step on the mid model, 10% of an int4 step)."""
-        if self._check is None:
+        """Does every module and tensor the plan read still sit where it was, with the same class and data?
+        Checked before every step, so it has to be cheap (a step of the mid model in int4 takes ~4 ms; attribute
+        walks took 0.6 ms, then per-slot dict lookups 0.24 ms with the caches cold from streaming weights):
+        - any module, parameter or buffer assigned anywhere (an adapter wrapping a linear, a reloaded weight)
+          bumps a global count through torch's registration hooks (`_note_registration`);
+        - class swaps in place (cpu_linear's pack/unpack, the output layer's quantized copy) and entries of a
+          module's __dict__ (that copy) are compared here;
+        - each tensor's data address: `.data =` (as Module.to does) swaps the memory under the same tensor.
+        The plan holds every object it read, so none of its memory is freed while it exists otherwise."""
+        if self._check is None or self._registrations != _REGISTRATIONS[0]:
             return False
-        where, ids, objects, classes, tensors, pointers = self._check  # (the objects are held in self._slots)
-        return ([id(d.get(key)) for d, key in where] == ids and [type(o) for o in objects] == classes
-                and [t.data_ptr() for t in tensors] == pointers)  # `.data =` (as Module.to does) keeps the tensor
+        where, ids, objects, classes, tensors, pointers = self._check
+        return ([type(o) for o in objects] == classes and [id(d.get(key)) for d, key in where] == ids
+                and [t.data_ptr() for t in tensors] == pointers)
 
     def _freeze(self) -> None:
-        """The checks `_valid` runs, as lists compared in one go (37 -> ~15 us a step)."""
+        """The checks `_valid` runs, as lists compared in one go."""
+        classes = {id(obj): (obj, cls) for obj, cls in self._classes}.values()  # each object once
         self._check = ([(d, key) for d, key, _ in self._slots], [id(obj) for _, _, obj in self._slots],
-                       [obj for obj, _ in self._classes], [cls for _, cls in self._classes],
+                       [obj for obj, _ in classes], [cls for _, cls in classes],
                        [t for t, _ in self._pointers], [ptr for _, ptr in self._pointers])
 
     def _watch(self, owner, name: str, module, where: dict | None = None) -> None:
-        """Check at every step that owner.name (a submodule, or a key of `where`) is still `module`, or a LoRA
-        wrapper whose base is `module`, of the same class, holding the same weight, weight_scale and bias."""
-        d = owner._modules if where is None else where
-        found = d[name]
-        self._slots.append((d, name, found))
-        if found is not module:  # the wrapper, and its base
-            self._slots.append((found._modules, "base", module))
+        """Watch owner.name (a submodule, or a key of the __dict__ `where`) being `module`, or a LoRA wrapper
+        whose base is `module`, of the same class, with the same weight, weight_scale, bias (and quantized copy)."""
+        found = owner._modules[name] if where is None else where[name]
+        self._held.append(found)
+        if where is not None:  # not a registration: compared at every step
+            self._slots.append((where, name, found))
         self._classes += [(found, type(found)), (module, type(module))]
         for attr in ("weight", "weight_scale", "bias", "quantized"):
             for d in (module._parameters, module._buffers, module.__dict__):
                 if attr in d:
-                    self._slots.append((d, attr, d[attr]))
-                    if isinstance(d[attr], torch.Tensor):
-                        self._pointers.append((d[attr], d[attr].data_ptr()))
+                    value = d[attr]
+                    self._held.append(value)
+                    if d is module.__dict__:
+                        self._slots.append((d, attr, value))
+                    if isinstance(value, torch.Tensor):
+                        self._pointers.append((value, value.data_ptr()))
                     break
 
     def _build(self) -> ctypes.Array | None:
         """Describe the model for the C step; the checks watch what was read, also when a part is not taken
         (so an unchanged model is not described again at every step)."""
-        self._plan, self._slots, self._classes, self._pointers = None, [], [], []
+        self._plan, self._slots, self._classes, self._pointers, self._held = None, [], [], [], []
+        self._registrations = _REGISTRATIONS[0]  # read first: a registration while describing rebuilds again
         self._plan = self._describe()
         self._freeze()
         return self._plan
