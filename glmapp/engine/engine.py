@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmapp import cpu_linear, quant_kernels
+from glmapp import cpu_linear, hugepages, quant_kernels
 from glmapp.adapters import AdapterManager
 from glmapp.cpu_threads import claim_compute_threads, single_threaded
 from glmapp.engine.kv_cache import BlockAllocator, PagedKVCache
@@ -262,10 +262,12 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------------------------
     def _pack(self) -> int:
         cfg = self.config
-        use = cfg.prepack if cfg.prepack is not None else not cfg.compile
-        if not use or self.cache.k.device.type != "cpu":
+        if self.cache.k.device.type != "cpu":
             return 0
-        return cpu_linear.pack(self.model, output_bits=OUTPUT_QUANT[cfg.output_quant])
+        use = cfg.prepack if cfg.prepack is not None else not cfg.compile
+        packed = cpu_linear.pack(self.model, output_bits=OUTPUT_QUANT[cfg.output_quant]) if use else 0
+        hugepages.back_model(self.model, self.cache.k, self.cache.v)  # decoding streams them: fewer TLB misses
+        return packed
 
     def _loop(self) -> None:
         died: BaseException | None = None
