@@ -30,7 +30,9 @@ for ATen's).
 
 Bound: a decode step reads every weight it multiplies once (all linears and the output layer; the embedding
 only one row), so tok/s <= read bandwidth / those bytes. Read bandwidth: the best of 5 sums of a 512 MiB tensor
-with `--threads` threads, in a process of its own. Each side's share of its own bound is printed (ours: the
+in 2 MiB pages with `--threads` threads, in a process of its own, measured before the first type and after each
+one; the highest is used (this host's bandwidth drifts by 20-40% within minutes, and the speeds are best-of
+rounds too). Each side's share of its own bound is printed (ours: the
 linears' tensors as the engine holds them, the output layer as it reads it; llama.cpp: the GGUF's tensors but
 token_embd). KV reads and activations are left out (under 1 MiB per token at these lengths).
 """
@@ -174,12 +176,15 @@ class LlamaCppProcess:
 
 
 def read_bandwidth(threads: int) -> float:
-    """Bytes/s read by a sum over 512 MiB with `threads` threads (in a child process: no OpenMP team here)."""
+    """Bytes/s read by a sum over 512 MiB (in 2 MiB pages where the kernel allows, as the engine's weights) with
+    `threads` threads (in a child process: no OpenMP team here)."""
     import subprocess
 
     code = ("import time, torch\n"
+            "from glmapp import hugepages\n"
             f"torch.set_num_threads({threads})\n"
             "x = torch.ones(128 << 20)\n"
+            "hugepages.back([x])\n"
             "best = min((lambda t: (x.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))\n"
             "print(x.numel() * 4 / best)\n")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -295,9 +300,10 @@ def main(argv=None) -> int:
                       f"{speeds['llama.cpp'][-1]:.1f} tok/s{extra}, load average {os.getloadavg()[0]:.2f}", flush=True)
             rows.append((type_, quant, max(speeds["ours"]), max(speeds["llama.cpp"]), same,
                          max(prefill["ours"], default=0.0), max(prefill["llama.cpp"], default=0.0),
-                         bandwidth / bytes_ours, bandwidth / bytes_theirs))
+                         bytes_ours, bytes_theirs))
             theirs.close()
             del ours
+            bandwidth = max(bandwidth, read_bandwidth(args.threads))
     if rows:
         print(f"\nbest of {args.rounds} alternating rounds, {args.new_tokens} new tokens after {args.prompt_tokens} "
               f"prompt tokens, batch 1, {args.threads} threads")
@@ -308,7 +314,9 @@ def main(argv=None) -> int:
             head += f" prefill {args.prefill_tokens}: glmapp tok/s | llama.cpp tok/s | ratio |"
             rule += "---|---|---|"
         print(head + "\n" + rule)
-        for type_, quant, o, t, same, po, pt, bound_o, bound_t in rows:
+        print(f"read bandwidth (the highest measured): {bandwidth / 1e9:.1f} GB/s")
+        for type_, quant, o, t, same, po, pt, bytes_o, bytes_t in rows:
+            bound_o, bound_t = bandwidth / bytes_o, bandwidth / bytes_t
             ours_name = OURS[type_][0] if quant == "none" else f"{quant} (bf16 act.)"
             line = (f"| {type_} / {ours_name} | {o:.1f} | {t:.1f} | {o / t:.2f}× | {same}/{args.check_tokens} | "
                     f"{bound_o:.0f} ({o / bound_o:.0%}) | {bound_t:.0f} ({t / bound_t:.0%}) |")
