@@ -714,7 +714,10 @@ int glm_gemv(int wkind, const void *w, const void *scale, int skind, const void 
      * more reads in flight over a few distant streams than over one (a plain read: 25 vs 21 GB/s over 4 streams;
      * the 65k output layer at one thread: bf16 20 -> 25 GB/s, int8 22-26 -> 29-32). int4, compute-bound and
      * prefetched, was slower that way (15 -> 13) and keeps one stream. */
-    long streams = wkind == W_INT4 ? 1 : 4;
+    long row_bytes = wkind == W_BF16 ? 2 * K : wkind == W_INT8 ? K : K / 2;
+    /* Rows of 4 KiB and more stream best one at a time (the mid model's bf16 [1024, 2816] at one thread:
+     * 20-21 GB/s over 4 streams, 26-27 over one; on two threads 33-37 vs 38-40). */
+    long streams = wkind == W_INT4 || row_bytes >= 4096 ? 1 : 4;
 #pragma omp parallel if (N * K * M >= PARALLEL_MIN)
     {
         long nth = omp_get_num_threads(), tid = omp_get_thread_num();
