@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from glmapp.cpu_threads import single_threaded
+from glmapp.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def takes(kind: int, in_features: int) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GLMAPP_CACHE", Path.home() / ".cache" / "glmapp")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

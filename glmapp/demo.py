@@ -19,6 +19,7 @@ import torch
 
 from glmapp.choices import DEMO_FORMATS
 from glmapp.checkpoint import write_weights
+from glmapp.paths import cache_root
 from glmapp.errors import CheckpointError
 from glmapp.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmapp.models.chatglm1 import RESIDUAL_ALPHA, ChatGLM1Config, ChatGLM1ForConditionalGeneration
@@ -187,8 +188,7 @@ def _make_demo_v1(out: Path, size: str, fmt: str, seed: int, dtype: torch.dtype)
 
 
 def default_demo_dir(family: str = "chatglm2") -> Path:
-    base = Path(os.environ.get("GLMAPP_CACHE", Path.home() / ".cache" / "glmapp"))
-    return base / f"{family}-demo-tiny"
+    return cache_root() / f"{family}-demo-tiny"
 
 
 def ensure_demo(family: str = "chatglm2") -> Path:
