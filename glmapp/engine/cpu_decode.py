@@ -109,7 +109,6 @@ class FusedDecode:
         self._classes: list[tuple] = []  # (object, the class it must still have)
         self._pointers: list[tuple] = []  # (tensor, the address its data had)
         self._check: tuple | None = None
-        self._held: list = []  # every object the plan read (kept alive, so its memory stays valid)
         self._registrations = -1
         self._output: _Linear | None = None
         self._model: _Model | None = None
@@ -144,7 +143,7 @@ class FusedDecode:
         - class swaps in place (cpu_linear's pack/unpack, the output layer's quantized copy) and entries of a
           module's __dict__ (that copy) are compared here;
         - each tensor's data address: `.data =` (as Module.to does) swaps the memory under the same tensor.
-        The plan holds every object it read, so none of its memory is freed while it exists otherwise."""
+        These lists hold every module and tensor the plan read, so none of that memory is freed under it."""
         if self._check is None or self._registrations != _REGISTRATIONS[0]:
             return False
         where, ids, objects, classes, tensors, pointers = self._check
@@ -162,7 +161,6 @@ class FusedDecode:
         """Watch owner.name (a submodule, or a key of the __dict__ `where`) being `module`, or a LoRA wrapper
         whose base is `module`, of the same class, with the same weight, weight_scale, bias (and quantized copy)."""
         found = owner._modules[name] if where is None else where[name]
-        self._held.append(found)
         if where is not None:  # not a registration: compared at every step
             self._slots.append((where, name, found))
         self._classes += [(found, type(found)), (module, type(module))]
@@ -170,7 +168,6 @@ class FusedDecode:
             for d in (module._parameters, module._buffers, module.__dict__):
                 if attr in d:
                     value = d[attr]
-                    self._held.append(value)
                     if d is module.__dict__:
                         self._slots.append((d, attr, value))
                     if isinstance(value, torch.Tensor):
@@ -180,7 +177,7 @@ class FusedDecode:
     def _build(self) -> ctypes.Array | None:
         """Describe the model for the C step; the checks watch what was read, also when a part is not taken
         (so an unchanged model is not described again at every step)."""
-        self._plan, self._slots, self._classes, self._pointers, self._held = None, [], [], [], []
+        self._plan, self._slots, self._classes, self._pointers = None, [], [], []
         self._registrations = _REGISTRATIONS[0]  # read first: a registration while describing rebuilds again
         self._plan = self._describe()
         self._freeze()
@@ -220,8 +217,8 @@ class FusedDecode:
         self._watch(top.embedding, "word_embeddings", embed)
         self._watch(top.encoder, "final_layernorm", final)
         self._watch(top, "output_layer", top.output_layer)
-        if (embed.weight.dtype != dtype or not embed.weight.is_contiguous() or final.weight.dtype not in cpu_kernels.DTYPES
-                or not final.weight.is_contiguous()):
+        if (embed.weight.dtype != dtype or not embed.weight.is_contiguous()
+                or final.weight.dtype not in cpu_kernels.DTYPES or not final.weight.is_contiguous()):
             return None
         kinds = [lin.kind for layer in plan for lin in (layer.qkv, layer.dense, layer.up, layer.down)]
         self._output = None  # the output layer in C when the loops take it, else its module runs after the call
@@ -235,8 +232,9 @@ class FusedDecode:
             kinds.append(described[0].kind)
         self.max_rows = min(cpu_kernels.MAX_ROWS[k] for k in kinds)
         rot = self._rotations(max(self._rot_rows, 1024))
-        self._model = _Model(ctypes.cast(plan, ctypes.POINTER(_Layer)), len(plan), c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.kv_channels,
-                             rot.shape[1], embed.weight.shape[0], rot.shape[0], cpu_kernels.DTYPES[dtype],
+        self._model = _Model(ctypes.cast(plan, ctypes.POINTER(_Layer)), len(plan), c.hidden_size,
+                             c.num_attention_heads, c.num_kv_groups, c.kv_channels, rot.shape[1],
+                             embed.weight.shape[0], rot.shape[0], cpu_kernels.DTYPES[dtype],
                              cpu_kernels.DTYPES[cache.k.dtype], cpu_kernels.DTYPES[dtype],
                              cpu_kernels.DTYPES[final.weight.dtype], embed.weight.data_ptr(), final.weight.data_ptr(),
                              rot.data_ptr(), None if self._output is None else ctypes.pointer(self._output),

@@ -294,7 +294,8 @@ static inline __attribute__((always_inline)) void dot_int4_planes_n(const int8_t
         float total = SUM4(a[r]) - 136.0f * sumx, tail = 0.0f;
         for (long t = j; t < half; t++) {
             int b = wr[t];
-            tail += (float)(b >> 4) * bf16_to_f32(xrow[2 * t]) + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xrow[2 * t + 1]);
+            tail += (float)(b >> 4) * bf16_to_f32(xrow[2 * t])
+                    + (float)(((b & 0xF) ^ 8) - 8) * bf16_to_f32(xrow[2 * t + 1]);
         }
         out[r] = total + tail;
     }
@@ -611,8 +612,9 @@ static inline void gemv_int4_block(const void *w, const void *scale, int skind, 
     if (USE_VNNI4(K)) {
         double s16, o[INT4_BLOCK];
         memcpy(&s16, xf + 2 * K + 2, sizeof s16);
-        if (R == INT4_BLOCK) dot_int4_vnni_n(wr, (const int8_t *)(xb + K), (const int16_t *)xb, K, s16, pf, INT4_BLOCK, o);
-        else dot_int4_vnni_n(wr, (const int8_t *)(xb + K), (const int16_t *)xb, K, s16, pf, 2, o);
+        const int8_t *planes = (const int8_t *)(xb + K);
+        if (R == INT4_BLOCK) dot_int4_vnni_n(wr, planes, (const int16_t *)xb, K, s16, pf, INT4_BLOCK, o);
+        else dot_int4_vnni_n(wr, planes, (const int16_t *)xb, K, s16, pf, 2, o);
         for (int r = 0; r < R; r++) v[r] = (float)(o[r] * xf[2 * K]);
     } else
 #endif
