@@ -68,3 +68,4 @@ def test_a_model_and_its_quantized_output_copy_are_covered(make_checkpoint, capl
     assert id(copy) in ids and id(cache) in ids and id(model.transformer.output_layer.weight) in ids
     assert done + refused >= 4 * hugepages.HUGE_PAGE  # at least the cache's whole pages
     assert "huge pages" in caplog.text
+

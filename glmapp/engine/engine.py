@@ -266,7 +266,10 @@ class Engine:
             return 0
         use = cfg.prepack if cfg.prepack is not None else not cfg.compile
         packed = cpu_linear.pack(self.model, output_bits=OUTPUT_QUANT[cfg.output_quant]) if use else 0
-        hugepages.back_model(self.model, self.cache.k, self.cache.v)  # decoding streams them: fewer TLB misses
+        # decoding streams the weights: fewer TLB misses. Not the KV cache: collapsing copies every page once
+        # (its default 512 MiB: 0.7 s at every engine start, far more on a busy machine), for a cache that
+        # decoding reads a few rows at a time.
+        hugepages.back_model(self.model)
         return packed
 
     def _loop(self) -> None:
