@@ -245,6 +245,19 @@ static inline float dot_int8_q(const int8_t *w, const int16_t *xq, long K) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* Prefetch for chunk j of a block of R int4 rows (`half` bytes each) read a chunk of every row at a time. Mode 1:
+ * the block's rows are one contiguous range read R lines at a time, out of order, prefetched as one stream moving at
+ * that rate (the hardware prefetcher fell to half speed on the interleaved reads); that covers whole blocks ahead
+ * while a block fits in PF_BYTES. Mode 2: each row ahead on its own (long rows). 0: none. */
+static inline __attribute__((always_inline)) void prefetch_rows(const int8_t *w, long j, long half, int R, int mode) {
+    for (int r = 0; r < R; r++) {
+        if (mode == 1) PF(w + j * R + 64 * r);
+        else if (mode == 2) _mm_prefetch((const char *)(w + r * half + j) + PF_BYTES / R, _MM_HINT_T0);
+    }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define INT4_PLANES 1
 /* int4 as bf16 without a table: each 16-bit word of the packed row holds 4 nibbles (the even byte's low and high,
@@ -273,14 +286,9 @@ static inline __attribute__((always_inline)) void dot_int4_planes_n(const int8_t
         long g = j / 2;
         __m512bh xa = (__m512bh)_mm512_loadu_si512(pa + g), xb2 = (__m512bh)_mm512_loadu_si512(pb + g),
                  xc = (__m512bh)_mm512_loadu_si512(pc + g), xd = (__m512bh)_mm512_loadu_si512(pd + g);
-        /* prefetch 1: the block's R rows are one contiguous range read R lines at a time, out of order, prefetched
-         * as one stream moving at that rate (the hardware prefetcher fell to half speed on the interleaved reads);
-         * that covers whole blocks ahead while a block fits in PF_BYTES. 2: each row ahead on its own (long rows) */
-        if (prefetch == 1)
-            for (int r = 0; r < R; r++) PF(w + j * R + 64 * r);
+        prefetch_rows(w, j, half, R, prefetch);
         for (int r = 0; r < R; r++) {
             const int8_t *wr = w + r * half;
-            if (prefetch == 2) _mm_prefetch((const char *)(wr + j) + PF_BYTES / R, _MM_HINT_T0);
             __m512i v = _mm512_loadu_si512(wr + j);
             a[r][0] = _mm512_dpbf16_ps(a[r][0], xa, (__m512bh)NIBBLES(v, 0));
             a[r][1] = _mm512_dpbf16_ps(a[r][1], xb2, (__m512bh)NIBBLES(v, 4));
@@ -333,14 +341,9 @@ static inline __attribute__((always_inline)) void dot_int4_vnni_n(const int8_t *
     for (; j + 64 <= half; j += 64) {
         __m512i xhl = _mm512_loadu_si512(p_hl + j), xhh = _mm512_loadu_si512(p_hh + j),
                 xll = _mm512_loadu_si512(p_ll + j), xlh = _mm512_loadu_si512(p_lh + j);
-        /* prefetch 1: the block's R rows are one contiguous range read R lines at a time, out of order, prefetched
-         * as one stream moving at that rate (the hardware prefetcher fell to half speed on the interleaved reads);
-         * that covers whole blocks ahead while a block fits in PF_BYTES. 2: each row ahead on its own (long rows) */
-        if (prefetch == 1)
-            for (int r = 0; r < R; r++) PF(w + j * R + 64 * r);
+        prefetch_rows(w, j, half, R, prefetch);
         for (int r = 0; r < R; r++) {
             const int8_t *wr = w + r * half;
-            if (prefetch == 2) _mm_prefetch((const char *)(wr + j) + PF_BYTES / R, _MM_HINT_T0);
             __m512i v = _mm512_loadu_si512(wr + j);
             __m512i lo = NIB8(v), hi = NIB8(_mm512_srli_epi16(v, 4));  /* odd columns, even columns */
             lo_acc[r][0] = _mm512_dpbusd_epi32(lo_acc[r][0], hi, xhl);
